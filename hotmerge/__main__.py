@@ -1,0 +1,3 @@
+from hotmerge.cli import main
+
+main()

@@ -1,0 +1,483 @@
+"""The evolve config file: mergekit-evolve's YAML schema plus a few hotmerge keys.
+
+The schema mirrors mergekit 0.1.5's `ModelGenomeDefinition` (genome) and
+`EvolMergeConfiguration` (top level), so a mergekit-evolve config loads unchanged.
+hotmerge adds `task_paths` (lm-eval include paths) and `seed`. Unknown keys are
+errors here (mergekit ignores them silently), so a misspelt key is caught.
+
+Every problem becomes a `ConfigError` with a one-line message: `load_config` checks
+the file and the schema, `validate_config` checks the model folders (headers only),
+all before any weights are loaded.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from hotmerge.engine.errors import ConfigError
+from hotmerge.engine.modelinfo import ModelInfo
+
+# mergekit-evolve's own five methods, then the task-arithmetic variants hotmerge adds.
+EVOLVE_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "slerp")
+EXTRA_METHODS = (
+    "dare_linear",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
+    "della_linear",
+)
+MERGE_METHODS = EVOLVE_METHODS + EXTRA_METHODS
+# Every method of the task-arithmetic family works on deltas from a base model.
+BASE_METHODS = tuple(m for m in MERGE_METHODS if m not in ("linear", "slerp"))
+
+_STRICT = ConfigDict(extra="forbid", frozen=True)
+
+
+def _resolve_path(value: str, info: ValidationInfo) -> str:
+    """Relative paths: against the config file's folder when that exists, else the CWD."""
+    if os.path.isabs(value):
+        return os.path.normpath(value)
+    base_dir = (info.context or {}).get("base_dir")
+    if base_dir is not None:
+        candidate = os.path.join(base_dir, value)
+        if os.path.exists(candidate):
+            return os.path.normpath(os.path.abspath(candidate))
+    return os.path.normpath(os.path.abspath(value))
+
+
+def _check_model_string(value: str) -> str:
+    # mergekit parses "path+lora" and "path@revision"; hotmerge reads local folders only.
+    if not value.strip():
+        raise ValueError("is empty: give the path of a model folder")
+    if "+" in value:
+        raise ValueError(
+            f"'{value}' is a LoRA reference (path+adapter), which is not supported: "
+            "merge the adapter into its model first and give that folder"
+        )
+    if "@" in value:
+        raise ValueError(
+            f"'{value}' names a revision (path@revision), which is not supported: "
+            "give the path of a local model folder"
+        )
+    return value
+
+
+class GenomeConfig(BaseModel):
+    """mergekit.evo.genome.ModelGenomeDefinition, with stricter checks."""
+
+    model_config = _STRICT
+
+    models: list[str]
+    merge_method: str
+    base_model: Optional[str] = None
+    tokenizer_source: Optional[str] = None
+    layer_granularity: int = 0
+    normalize: Optional[bool] = None
+    allow_negative_weights: bool = False
+    filters: Optional[list[str]] = None
+    smooth: bool = False
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        if not value:
+            raise ValueError("is empty: list at least one model folder")
+        out = []
+        for i, v in enumerate(value):
+            try:
+                out.append(_resolve_path(_check_model_string(v), info))
+            except ValueError as e:
+                raise ValueError(f"entry {i} {e}") from None
+        dup = sorted({p for p in out if out.count(p) > 1})
+        if dup:
+            raise ValueError(f"lists {dup[0]} twice: list each model once")
+        return out
+
+    @field_validator("base_model")
+    @classmethod
+    def _base_model(cls, value: Optional[str], info: ValidationInfo) -> Optional[str]:
+        if value is None:
+            return None
+        return _resolve_path(_check_model_string(value), info)
+
+    @field_validator("tokenizer_source")
+    @classmethod
+    def _tokenizer_source(cls, value: Optional[str], info: ValidationInfo) -> Optional[str]:
+        if value is None or value in ("base", "union"):
+            return value
+        return _resolve_path(_check_model_string(value), info)
+
+    @field_validator("merge_method")
+    @classmethod
+    def _merge_method(cls, value: str) -> str:
+        if value not in MERGE_METHODS:
+            raise ValueError(f"'{value}' is not supported: use one of {', '.join(MERGE_METHODS)}")
+        return value
+
+    @field_validator("layer_granularity")
+    @classmethod
+    def _granularity(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError(
+                f"is {value}: use a positive divisor of the layer count, or 0 for one group"
+            )
+        return value
+
+    @field_validator("filters")
+    @classmethod
+    def _filters(cls, value: Optional[list[str]]) -> Optional[list[str]]:
+        for i, f in enumerate(value or []):
+            if not f:
+                raise ValueError(
+                    f"entry {i} is empty: give a substring of tensor names, e.g. self_attn or mlp"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _method_rules(self) -> "GenomeConfig":
+        m = self.merge_method
+        if m in BASE_METHODS and self.base_model is None:
+            raise ValueError(
+                f"merge_method {m} needs base_model: add genome.base_model (the model the "
+                "others were fine-tuned from)"
+            )
+        if m == "slerp":
+            if self.smooth:
+                raise ValueError("slerp does not support smooth: set genome.smooth: false")
+            if self.filters:
+                raise ValueError("slerp does not support filters: remove genome.filters")
+            if len(self.models) < 2:
+                raise ValueError(
+                    f"slerp needs at least 2 models, got {len(self.models)}: add models "
+                    "to genome.models"
+                )
+        if self.base_model is not None and self.base_model not in self.models:
+            # mergekit-evolve then adds the base as an extra source without parameters;
+            # mergekit 0.1.5 rejects that for these two methods when merging.
+            if m == "linear":
+                raise ValueError(
+                    "linear with a base_model that is not in genome.models cannot be "
+                    "merged by mergekit (the base would need a weight): add base_model "
+                    "to genome.models, or remove base_model"
+                )
+            if m == "slerp":
+                raise ValueError(
+                    "slerp with a base_model that is not in genome.models gives 3 "
+                    "inputs, and slerp takes 2: remove base_model (each layer group "
+                    "picks its own base)"
+                )
+        return self
+
+
+class TaskConfig(BaseModel):
+    """mergekit.evo.config.TaskConfiguration: a bare string is a task name."""
+
+    model_config = _STRICT
+
+    name: str
+    weight: float = 1.0
+    metric: str = "acc,none"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"name": value}
+        return value
+
+    @field_validator("name", "metric")
+    @classmethod
+    def _not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("is empty: give an lm-eval task name / metric key like acc,none")
+        return value
+
+    @field_validator("weight")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError(f"is {value}: use a finite number")
+        return value
+
+
+class EvolveConfig(BaseModel):
+    """mergekit.evo.config.EvolMergeConfiguration plus hotmerge's task_paths and seed."""
+
+    model_config = _STRICT
+
+    genome: GenomeConfig
+    tasks: list[TaskConfig]
+    limit: Optional[int] = None
+    num_fewshot: Optional[int] = None
+    shuffle: bool = False
+    random_init: bool = False
+    apply_chat_template: bool = True
+    fewshot_as_multiturn: bool = True
+    # hotmerge additions
+    task_paths: list[str] = []
+    seed: int = 42
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, value: list[TaskConfig]) -> list[TaskConfig]:
+        if not value:
+            raise ValueError("is empty: list at least one lm-eval task")
+        return value
+
+    @field_validator("limit")
+    @classmethod
+    def _limit(cls, value: Optional[int]) -> Optional[int]:
+        if value is not None and value <= 0:
+            raise ValueError(f"is {value}: use a positive number of examples, or remove it")
+        return value
+
+    @field_validator("num_fewshot")
+    @classmethod
+    def _fewshot(cls, value: Optional[int]) -> Optional[int]:
+        if value is not None and value < 0:
+            raise ValueError(f"is {value}: use 0 or more, or remove it")
+        return value
+
+    @field_validator("task_paths")
+    @classmethod
+    def _task_paths(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        return [_resolve_path(v, info) for v in value]
+
+
+# ---------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path) -> EvolveConfig:
+    """Read and check a config file (schema only; see validate_config for the models)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist: check the path") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path} ({e.strerror}): check the path") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: malformed YAML{_yaml_where(e)}: fix the YAML syntax") from None
+    if data is None:
+        raise ConfigError(f"{path} is empty: write a genome: and a tasks: section")
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path} is not a YAML mapping: write top-level keys genome: and tasks:"
+        )
+    return parse_config(data, base_dir=path.resolve().parent, source=str(path))
+
+
+def parse_config(data: dict, base_dir=None, source: str = "config") -> EvolveConfig:
+    """Validate a config dict; relative paths resolve against base_dir when they exist there."""
+    try:
+        return EvolveConfig.model_validate(
+            data, context={"base_dir": str(base_dir) if base_dir is not None else None}
+        )
+    except ValidationError as e:
+        raise ConfigError(f"{source}: {format_validation_error(e)}") from None
+
+
+def _yaml_where(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return where + (f" ({problem})" if problem else "")
+
+
+# What a field should hold, for the "fix" half of a type error.
+_FIELD_HINTS = {
+    "genome": "a mapping with models, merge_method, ...",
+    "genome.models": "a list of model folder paths",
+    "genome.merge_method": "one of " + ", ".join(MERGE_METHODS),
+    "genome.base_model": "the path of the base model folder",
+    "genome.tokenizer_source": "base, union or a model folder path",
+    "genome.layer_granularity": "a whole number >= 0 (0 = one group for all layers)",
+    "genome.normalize": "true or false (or remove it for the method's default)",
+    "genome.allow_negative_weights": "true or false",
+    "genome.filters": "a list of tensor-name substrings, e.g. [self_attn, mlp]",
+    "genome.smooth": "true or false",
+    "tasks": "a list of task names or {name, weight, metric} entries",
+    "limit": "a positive whole number, or remove it",
+    "num_fewshot": "a whole number >= 0, or remove it",
+    "shuffle": "true or false",
+    "random_init": "true or false",
+    "apply_chat_template": "true or false",
+    "fewshot_as_multiturn": "true or false",
+    "task_paths": "a list of folders with lm-eval task YAML files",
+    "seed": "a whole number",
+}
+_ALLOWED_KEYS = {
+    "": list(EvolveConfig.model_fields),
+    "genome": list(GenomeConfig.model_fields),
+    "task": list(TaskConfig.model_fields),
+}
+
+
+def format_validation_error(e: ValidationError) -> str:
+    """One line for a pydantic ValidationError: field path, problem, fix."""
+    errors = e.errors()
+    err = errors[0]
+    loc = [str(p) for p in err["loc"]]
+    # tasks.0.name -> tasks[0].name
+    field = ""
+    for p in loc:
+        field += f"[{p}]" if p.isdigit() else (f".{p}" if field else p)
+    kind = err["type"]
+    msg = err["msg"]
+    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+
+    if kind == "extra_forbidden":
+        parent, _, key = field.rpartition(".")
+        scope = "task" if parent.startswith("tasks[") else parent
+        allowed = ", ".join(_ALLOWED_KEYS.get(scope, []))
+        where = f" in {parent}" if parent else ""
+        return f"unknown key '{key}'{where}: remove it or fix the spelling (allowed: {allowed}){more}"
+    if kind == "missing":
+        hint = _hint_for(field)
+        return f"{field} is missing: add it{f' ({hint})' if hint else ''}{more}"
+    if kind == "value_error":
+        # Our own validators: the message already names the problem and the fix.
+        text = msg.removeprefix("Value error, ")
+        return f"{field}: {text}{more}" if field else f"{text}{more}"
+    hint = _hint_for(field)
+    got = err.get("input")
+    got_txt = f" (got {_short(got)})" if not isinstance(got, dict) else ""
+    fix = f": use {hint}" if hint else ": fix the value"
+    return f"{field or 'config'}: {msg[0].lower() + msg[1:]}{got_txt}{fix}{more}"
+
+
+def _hint_for(field: str) -> str:
+    import re
+
+    if field in _FIELD_HINTS:
+        return _FIELD_HINTS[field]
+    generic = re.sub(r"\[\d+\]", "", field)
+    if generic.startswith("tasks."):
+        return {
+            "tasks.name": "an lm-eval task name",
+            "tasks.weight": "a finite number",
+            "tasks.metric": "a metric key like acc,none",
+        }.get(generic, "")
+    return _FIELD_HINTS.get(generic, "")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# ---------------------------------------------------------------------------
+# Checks against the model folders (config.json and safetensors headers only)
+
+
+@dataclass
+class ValidatedConfig:
+    config: EvolveConfig
+    models: list[ModelInfo]  # same order as genome.models
+    base: Optional[ModelInfo]  # genome.base_model, or None
+    num_layers: int
+
+    @property
+    def genome_config(self) -> GenomeConfig:
+        return self.config.genome
+
+    @property
+    def reference(self) -> ModelInfo:
+        """The model the others are checked against (and whose layout the merge has)."""
+        return self.base if self.base is not None else self.models[0]
+
+    def genome(self):
+        from hotmerge.engine.genome import Genome
+
+        return Genome(self.config.genome, self.num_layers)
+
+
+def validate_config(cfg: EvolveConfig) -> ValidatedConfig:
+    """Check that the models exist, match each other, and fit the genome; load no weights."""
+    g = cfg.genome
+    infos = {}
+    for i, p in enumerate(g.models):
+        infos[p] = _model_info(p, f"genome.models[{i}]")
+    base = None
+    if g.base_model is not None:
+        base = infos.get(g.base_model) or _model_info(g.base_model, "genome.base_model")
+    models = [infos[p] for p in g.models]
+
+    ref = base if base is not None else models[0]
+    ref_label = "base_model" if base is not None else "genome.models[0]"
+    for i, info in enumerate(models):
+        if info is not ref:
+            _check_same_layout(info, f"genome.models[{i}]", ref, ref_label)
+
+    n = ref.num_layers
+    if n < 1:
+        raise ConfigError(f"{ref.path} has num_hidden_layers={n}: the models need at least one layer")
+    k = g.layer_granularity
+    if k > 0 and n % k != 0:
+        divisors = [d for d in range(1, n + 1) if n % d == 0]
+        raise ConfigError(
+            f"genome.layer_granularity={k} does not divide num_hidden_layers={n} of "
+            f"{ref.path}: use a divisor of {n} ({', '.join(map(str, divisors))}), or 0 for one group"
+        )
+
+    ts = g.tokenizer_source
+    if ts is not None and ts not in ("base", "union") and not os.path.isdir(ts):
+        raise ConfigError(
+            f"genome.tokenizer_source {ts} is not base, union or an existing model folder: fix the path"
+        )
+    for i, p in enumerate(cfg.task_paths):
+        if not os.path.exists(p):
+            raise ConfigError(f"task_paths[{i}] {p} does not exist: fix the path or remove it")
+    return ValidatedConfig(config=cfg, models=models, base=base, num_layers=n)
+
+
+def _model_info(path: str, label: str) -> ModelInfo:
+    try:
+        return ModelInfo.from_path(path)
+    except ConfigError as e:
+        raise ConfigError(f"{label}: {e}") from None
+
+
+def _check_same_layout(info: ModelInfo, label: str, ref: ModelInfo, ref_label: str) -> None:
+    fix = "merge only models fine-tuned from the same base"
+    who = f"{label} ({info.path})"
+    refwho = f"{ref_label} ({ref.path})"
+    if info.architectures != ref.architectures:
+        raise ConfigError(
+            f"{who} has architectures {info.architectures} but {refwho} has "
+            f"{ref.architectures}: {fix}"
+        )
+    if info.num_layers != ref.num_layers:
+        raise ConfigError(
+            f"{who} has {info.num_layers} layers but {refwho} has {ref.num_layers}: {fix}"
+        )
+    for name in ref.tensors:
+        if name not in info.tensors:
+            raise ConfigError(f"{who} lacks tensor {name} that {refwho} has: {fix}")
+    for name in info.tensors:
+        if name not in ref.tensors:
+            raise ConfigError(f"{who} has tensor {name} that {refwho} lacks: {fix}")
+    for name, t in ref.tensors.items():
+        mine = info.tensors[name].shape
+        if mine != t.shape:
+            raise ConfigError(
+                f"{who} has tensor {name} with shape {list(mine)} but {refwho} has "
+                f"{list(t.shape)}: {fix}"
+            )

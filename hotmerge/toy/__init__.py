@@ -1,0 +1,1 @@
+"""The embedded toy model family and its lm-eval tasks (see world.py)."""
