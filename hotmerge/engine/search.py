@@ -1,0 +1,82 @@
+"""CMA-ES (pycma) with an explicit seed and a state that can be saved between generations.
+
+pycma draws candidates from numpy's global random generator, so the generator's
+state is kept beside the strategy and swapped in around every `ask`: the search
+is then reproducible from its seed whatever else in the process uses numpy, and
+a resumed run asks for exactly the candidates the killed run would have.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import cma
+import numpy as np
+
+# CMA-ES is rank-based: any cost worse than every real one marks a failed candidate.
+FAILED_COST = 1e9
+
+
+@dataclass
+class SearchState:
+    strategy: cma.CMAEvolutionStrategy
+    rng_state: tuple
+    generation: int = 0
+
+
+class Search:
+    """Minimises cost = -score."""
+
+    def __init__(self, x0: np.ndarray, sigma0: float, seed: int, max_fevals: int,
+                 popsize: int | None = None, timeout: float | None = None):
+        # pycma treats seed 0 as "seed from the clock"; shift so every user seed is fixed.
+        options = {"seed": seed + 1, "maxfevals": max_fevals, "verbose": -9}
+        if popsize is not None:
+            options["popsize"] = popsize
+        if timeout is not None:
+            options["timeout"] = timeout
+        saved = np.random.get_state()
+        np.random.seed(seed + 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            strategy = cma.CMAEvolutionStrategy(np.asarray(x0, dtype=float), sigma0, options)
+        self.state = SearchState(strategy, np.random.get_state())
+        np.random.set_state(saved)
+
+    @classmethod
+    def from_state(cls, state: SearchState) -> "Search":
+        search = cls.__new__(cls)
+        search.state = state
+        return search
+
+    @property
+    def popsize(self) -> int:
+        return self.state.strategy.popsize
+
+    @property
+    def generation(self) -> int:
+        return self.state.generation
+
+    def done(self, evaluations: int, max_fevals: int) -> bool:
+        if evaluations >= max_fevals:
+            return True
+        stop = {k: v for k, v in self.state.strategy.stop().items() if k != "maxfevals"}
+        return bool(stop)
+
+    def ask(self) -> list[np.ndarray]:
+        saved = np.random.get_state()
+        np.random.set_state(self.state.rng_state)
+        try:
+            candidates = self.state.strategy.ask()
+        finally:
+            self.state.rng_state = np.random.get_state()
+            np.random.set_state(saved)
+        return [np.asarray(x, dtype=float) for x in candidates]
+
+    def tell(self, candidates: list[np.ndarray], scores: list[float | None]) -> None:
+        costs = [FAILED_COST if s is None else -float(s) for s in scores]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.state.strategy.tell(candidates, costs)
+        self.state.generation += 1

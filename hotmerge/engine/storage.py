@@ -1,0 +1,104 @@
+"""The run directory: everything a run needs to be inspected or resumed.
+
+  run.json          versions, config, seed and options (written once, checked on resume)
+  history.jsonl     one line per finished evaluation, flushed and fsynced
+  search.pkl        CMA-ES state after the last completed generation (atomic)
+  best_config.yaml  mergekit merge config of the best candidate so far (atomic)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hotmerge.engine.errors import ConfigError
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write via a temporary file and rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.meta_file = self.path / "run.json"
+        self.history_file = self.path / "history.jsonl"
+        self.search_file = self.path / "search.pkl"
+        self.best_file = self.path / "best_config.yaml"
+
+    def exists(self) -> bool:
+        return self.meta_file.is_file()
+
+    def start(self, meta: dict[str, Any], resume_keys: tuple[str, ...]) -> bool:
+        """Create the run, or check that an existing one is the same run. True when resuming."""
+        if self.exists():
+            old = json.loads(self.meta_file.read_text())
+            for key in resume_keys:
+                if old.get(key) != meta.get(key):
+                    raise ConfigError(
+                        f"{self.path} holds a run with a different {key}: resume it with the same "
+                        "config and options, or pick a new --storage-path"
+                    )
+            return True
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.meta_file, json.dumps(meta, indent=2, default=str).encode())
+        return False
+
+    def append_history(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record, default=_jsonable) + "\n"
+        with open(self.history_file, "a") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read_history(self) -> list[dict[str, Any]]:
+        if not self.history_file.is_file():
+            return []
+        records = []
+        with open(self.history_file) as f:
+            for line in f:
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    # A line cut short by a kill: that evaluation did not finish.
+                    break
+        return records
+
+    def save_search(self, state: Any) -> None:
+        atomic_write(self.search_file, pickle.dumps(state))
+
+    def load_search(self) -> Any | None:
+        if not self.search_file.is_file():
+            return None
+        return pickle.loads(self.search_file.read_bytes())
+
+    def save_best(self, merge_config: dict[str, Any]) -> None:
+        atomic_write(self.best_file, yaml.safe_dump(merge_config, sort_keys=False).encode())
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)

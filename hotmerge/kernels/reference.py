@@ -1,0 +1,442 @@
+"""Per-tensor torch oracle: what one merge method does to one tensor.
+
+Straightforward float32 code, written to equal mergekit 0.1.5 (the parity target)
+and to be the definition that the fused engine (fused.py, triton_merge.py) must
+reproduce. Inputs are bf16 (or fp16) tensors; the result has the input dtype.
+
+Semantics, and where they knowingly differ from mergekit:
+
+* Task-arithmetic family (task_arithmetic, ties, dare_*, breadcrumbs*, della*):
+  delta_i = X_i - B rounded to the working dtype, exactly as mergekit computes it in
+  bf16. Everything after that is float32 with a single rounding at the end, where
+  mergekit rounds to bf16 after every step; per-model weights (and DARE's density)
+  are rounded to the working dtype first, because mergekit builds its weight tensor
+  in that dtype (a configured weight of 0.3 acts as 0.30078125).
+* Magnitude pruning (ties) keeps every element whose |delta| is >= the k-th largest
+  |delta|, k = max(1, int(density * numel)). mergekit keeps exactly k (argsort
+  order breaks ties), so the two differ only at elements whose |delta| equals the
+  threshold. magnitude_outliers (breadcrumbs) keeps the |delta| range between the
+  two order statistics that mergekit's sorted slice spans, with the same caveat at
+  both ends. Ranking uses the bit pattern of |delta| (|x| of a bf16/fp16 value
+  orders as its 15 low bits), so the fused engine can find the same cut points
+  from a per-tensor histogram instead of a sort.
+* Random masks (dare, della) come from a counter-based hash, not torch.bernoulli:
+  the bit for element e of model m in tensor k under seed s is a pure function of
+  (s, m, k, e), so the Triton kernel reproduces the mask bit for bit, nothing is
+  stored, and every candidate sees the same random numbers. See `random_u24`.
+  DARE's keep probability is density rounded to the working dtype (mergekit
+  draws torch.bernoulli from a bf16 tensor).
+* DELLA ranks |delta| within each row (mergekit argsorts along dim 1; a 1-D tensor
+  is one row; tensors with more than 2 dims are viewed as [shape[0], -1], where
+  mergekit's dim-1 ranking differs). The normalised rank (rank-1)/(C-1) is
+  quantised to 8 bits (`della_rank_codes`), so a keep probability is off by at
+  most epsilon/255; mergekit stores its ranks in bf16, whose spacing (16 at ranks
+  2049..4096) is of the same order. Stable argsort breaks rank ties by position.
+  A row of one element gets rank 0 (mergekit divides 0/0 there).
+* Rescale (dare, della by default): masked * ||delta||_1 / ||masked||_1 with both
+  L1 norms summed in float64, skipped when either is < 1e-7, as mergekit does.
+* slerp: whole tensor as one vector (`slerp_tensor`); norms and the dot product in
+  float64, the angle in float32 as mergekit does, result = s0*a + s1*b in float32.
+* linear: sum_i w_i X_i (/ sum_i w_i when normalize) in float32, as mergekit does.
+  The base is not an input of linear: pass it as a source if it should take part.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Optional, Sequence
+
+import torch
+
+# ---------------------------------------------------------------------------
+# Method table (mergekit 0.1.5 registry defaults)
+
+SPARSE_NONE = 0  # keep every delta
+SPARSE_RANGE = 1  # keep |delta| keys in [lo, hi] (ties magnitude, breadcrumbs outliers)
+SPARSE_RANDOM = 2  # keep with probability density (dare)
+SPARSE_RANKED = 3  # keep with a probability linear in the row rank of |delta| (della)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    combine: bool  # linear/slerp: weighted sum of the sources, no base, no delta
+    sparsify: Optional[str]  # mergekit SparsificationMethod name
+    sparse_mode: int
+    consensus: bool  # TIES 'sum' sign consensus
+    default_normalize: bool
+    default_rescale: bool
+    params: tuple  # per-model parameters, in genotype order
+
+
+def _gta(name, sparsify, mode, consensus, normalize, rescale, params):
+    return MethodSpec(name, False, sparsify, mode, consensus, normalize, rescale, params)
+
+
+METHODS: dict = {
+    m.name: m
+    for m in (
+        MethodSpec("linear", True, None, SPARSE_NONE, False, True, False, ("weight",)),
+        MethodSpec("slerp", True, None, SPARSE_NONE, False, False, False, ("t",)),
+        _gta("task_arithmetic", None, SPARSE_NONE, False, False, False, ("weight",)),
+        _gta("ties", "magnitude", SPARSE_RANGE, True, True, False, ("weight", "density")),
+        _gta("dare_ties", "random", SPARSE_RANDOM, True, False, True, ("weight", "density")),
+        _gta("dare_linear", "random", SPARSE_RANDOM, False, False, True, ("weight", "density")),
+        _gta("breadcrumbs", "magnitude_outliers", SPARSE_RANGE, False, False, False,
+             ("weight", "density", "gamma")),
+        _gta("breadcrumbs_ties", "magnitude_outliers", SPARSE_RANGE, True, False, False,
+             ("weight", "density", "gamma")),
+        _gta("della", "della_magprune", SPARSE_RANKED, True, True, True,
+             ("weight", "density", "epsilon")),
+        _gta("della_linear", "della_magprune", SPARSE_RANKED, False, False, True,
+             ("weight", "density", "epsilon")),
+    )
+}
+
+# mergekit's defaults for the per-model scalars of the outlier and della pruners
+DEFAULT_GAMMA = 0.01
+DEFAULT_EPSILON = 0.15
+RESCALE_EPS = 1e-7  # mergekit's rescaled_masked_tensor eps
+LINEAR_DIV_EPS = 1e-8  # mergekit: |sum of weights| below this divides by 1
+SLERP_DOT_THRESHOLD = 0.9995
+SLERP_EPS = 1e-8
+KEY_MAX = 0x7FFF  # largest |x| bit pattern of a 16-bit float (NaN patterns included)
+
+
+def get_method(name: str) -> MethodSpec:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown merge method {name!r}; known: {sorted(METHODS)}") from None
+
+
+# ---------------------------------------------------------------------------
+# Counter-based random bits
+#
+# u24(e) = mix32(mix32((e + k1) mod 2^32) XOR k2) >> 8, a 24-bit uniform integer.
+# mix32 is the "lowbias32" integer finalizer (xorshift-multiply, bijective on
+# 32-bit words, avalanche bias ~0.17%); two rounds with independent stream keys
+# decorrelate streams whose e + k1 happen to coincide. (k1, k2) are the two
+# halves of splitmix64 applied to (seed, model key, tensor key), computed on the
+# host. e is the element's flat index in its source tensor (< 2^32).
+# A keep test is `u24 < threshold` with an integer threshold round(p * 2^24),
+# so the torch and Triton paths agree bit for bit with no float comparisons.
+
+MASK32 = 0xFFFFFFFF
+MASK64 = 0xFFFFFFFFFFFFFFFF
+U24 = 1 << 24
+
+
+def _splitmix64(z: int) -> int:
+    z = (z + 0x9E3779B97F4A7C15) & MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    return z ^ (z >> 31)
+
+
+def stream_keys(seed: int, model_key: int, tensor_key: int) -> tuple:
+    """(k1, k2): the 32-bit keys of the random stream of one (seed, model, tensor)."""
+    z = _splitmix64(int(seed) & MASK64)
+    z = _splitmix64(z ^ (int(model_key) & MASK64))
+    z = _splitmix64(z ^ (int(tensor_key) & MASK64))
+    return z & MASK32, z >> 32
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    # (x * c) mod 2^32 for int64 x in [0, 2^32), split so no int64 product overflows
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & MASK32
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 finalizer on int64 tensors holding 32-bit words."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def random_u24(index: torch.Tensor, k1: int, k2: int) -> torch.Tensor:
+    """24-bit uniform integers (int64) for element indices `index` of one stream."""
+    x = (index.to(torch.int64) + k1) & MASK32
+    return mix32(mix32(x) ^ k2) >> 8
+
+
+def prob_threshold(p: float) -> int:
+    """Integer threshold t with P(u24 < t) = p (to 2^-25)."""
+    return int(min(max(round(float(p) * U24), 0), U24))
+
+
+# ---------------------------------------------------------------------------
+# Small shared helpers
+
+
+def round_param(value: float, dtype: torch.dtype) -> float:
+    """A parameter as mergekit sees it after building a tensor of `dtype` from it."""
+    return float(torch.tensor(float(value), dtype=torch.float64).to(dtype))
+
+
+def magnitude_keys(delta: torch.Tensor) -> torch.Tensor:
+    """|x| of a 16-bit float as its bit pattern (int32); orders exactly like |x|."""
+    if delta.element_size() != 2 or not delta.is_floating_point():
+        raise TypeError(f"magnitude keys need a 16-bit float tensor, got {delta.dtype}")
+    return delta.contiguous().view(torch.int16).to(torch.int32) & KEY_MAX
+
+
+def as_rows(t: torch.Tensor, row_len: int) -> torch.Tensor:
+    return t.reshape(-1, row_len)
+
+
+def default_row_len(shape: Sequence[int]) -> int:
+    """Row length that della ranks over: the whole tensor if 1-D, else numel/shape[0]."""
+    numel = 1
+    for s in shape:
+        numel *= int(s)
+    if len(shape) < 2 or numel == 0:
+        return max(numel, 1)
+    return numel // int(shape[0])
+
+
+def della_rank_codes(keys: torch.Tensor, row_len: int) -> torch.Tensor:
+    """8-bit code of each element's normalised rank (rank-1)/(C-1) within its row.
+
+    keys: magnitude keys (int) of one tensor, flat; row_len C divides numel.
+    code = round(255 * r); rows of one element get code 0.
+    """
+    rows = as_rows(keys, row_len)
+    c = rows.shape[1]
+    if c <= 1:
+        return torch.zeros(rows.numel(), dtype=torch.uint8, device=keys.device)
+    order = torch.argsort(rows, dim=1, stable=True)
+    rank0 = torch.empty_like(order)
+    pos = torch.arange(c, device=keys.device).expand_as(order)
+    rank0.scatter_(1, order, pos)
+    # round half up of rank0 * 255 / (c - 1), in integers
+    code = (rank0 * 510 + (c - 1)) // (2 * (c - 1))
+    return code.to(torch.uint8).reshape(-1)
+
+
+def della_thresholds(density: float, epsilon: float) -> tuple:
+    """(p0, p1): keep iff u24 < p0 + p1 * code. Exact integer arithmetic (< 2^24)."""
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        raise ValueError("Epsilon must be chosen such that density +/- epsilon is in (0, 1)")
+    p0 = prob_threshold(density - epsilon)
+    p1 = int(round(2.0 * epsilon / 255.0 * U24))
+    p1 = min(p1, (U24 - p0) // 255)  # keep p0 + 255*p1 <= 2^24
+    return p0, p1
+
+
+def ties_rank_range(n: int, density: float) -> Optional[tuple]:
+    """Ascending rank range [first, last] kept by mergekit.magnitude, or None for none.
+
+    Only for 0 < density < 1 (callers handle the early returns)."""
+    k = max(1, int(density * n))
+    return (n - k, n - 1) if n > 0 else None
+
+
+def outlier_rank_range(n: int, density: float, gamma: float) -> Optional[tuple]:
+    """Ascending rank range kept by mergekit.magnitude_outliers (density < 1)."""
+    target_n = int(density * n)
+    n_top = int(gamma * n)
+    n_bot = max(0, n - target_n - n_top)
+    end = min(n_bot + target_n, n)
+    if target_n <= 0 or end <= n_bot:
+        return None
+    return n_bot, end - 1
+
+
+def slerp_coefficients(t: float, norm_a: float, norm_b: float, dot_ab: float) -> tuple:
+    """(s0, s1) as float32 values so that slerp(t, a, b) = s0*a + s1*b.
+
+    norm_a, norm_b: L2 norms of a and b; dot_ab: their raw dot product (float64).
+    The angle math is float32 torch, as in mergekit.slerp.
+    """
+    na = norm_a if norm_a > SLERP_EPS else 1.0
+    nb = norm_b if norm_b > SLERP_EPS else 1.0
+    dot = torch.tensor(dot_ab / (na * nb), dtype=torch.float32).clamp(-1, 1)
+    t = torch.tensor(float(t), dtype=torch.float32)
+    linear = dot.abs() > SLERP_DOT_THRESHOLD
+    theta = torch.acos(torch.where(linear, torch.zeros_like(dot), dot))
+    sin_theta = torch.sin(theta)
+    s0 = torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
+    s1 = torch.where(linear, t, torch.sin(t * theta) / sin_theta)
+    return float(s0), float(s1)
+
+
+def _f32(x: float) -> torch.Tensor:
+    return torch.tensor(float(x), dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------
+# Whole-tensor methods
+
+
+def slerp_tensor(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """mergekit's slerp of two tensors, each taken as one vector."""
+    a64, b64 = a.double().reshape(-1), b.double().reshape(-1)
+    s0, s1 = slerp_coefficients(
+        t, float(a64.norm()), float(b64.norm()), float(torch.dot(a64, b64))
+    )
+    out = a.float() * _f32(s0) + b.float() * _f32(s1)
+    return out.to(a.dtype)
+
+
+def linear_tensor(sources: Sequence[torch.Tensor], weights, normalize: bool) -> torch.Tensor:
+    w = torch.tensor([float(x) for x in weights], dtype=torch.float32)
+    acc = torch.zeros(sources[0].shape, dtype=torch.float32, device=sources[0].device)
+    for x, wm in zip(sources, w):
+        acc = acc + x.float() * wm
+    if normalize:
+        acc = acc / w.sum()
+    return acc.to(sources[0].dtype)
+
+
+def _per_model(params: Mapping, name: str, m: int, default=None) -> list:
+    if name not in params:
+        if default is None:
+            raise ValueError(f"missing parameter {name!r}")
+        return [float(default)] * m
+    v = params[name]
+    if torch.is_tensor(v):
+        v = v.tolist()
+    if isinstance(v, (int, float)):
+        return [float(v)] * m
+    v = [float(x) for x in v]
+    if len(v) != m:
+        raise ValueError(f"parameter {name!r} has {len(v)} values for {m} models")
+    return v
+
+
+def keep_mask(
+    spec: MethodSpec,
+    delta: torch.Tensor,
+    density: float,
+    *,
+    gamma: float = DEFAULT_GAMMA,
+    epsilon: float = DEFAULT_EPSILON,
+    row_len: Optional[int] = None,
+    seed: int = 0,
+    model_key: int = 0,
+    tensor_key: int = 0,
+) -> tuple:
+    """(keep, sparsified): the bool keep mask of one delta (working dtype), and
+    whether sparsification happened at all (mergekit returns the delta untouched
+    for density >= 1, and then does not rescale)."""
+    n = delta.numel()
+    flat = delta.reshape(-1)
+    all_kept = torch.ones(n, dtype=torch.bool, device=delta.device)
+    if spec.sparse_mode == SPARSE_NONE or density >= 1 or n == 0:
+        return all_kept, False
+    none_kept = torch.zeros_like(all_kept)
+    if density <= 0 and spec.sparse_mode != SPARSE_RANDOM:
+        return none_kept, False  # mergekit returns zeros_like (no rescale)
+    if spec.sparse_mode == SPARSE_RANGE:
+        keys = magnitude_keys(flat)
+        if spec.sparsify == "magnitude":
+            ranks = ties_rank_range(n, density)
+        else:
+            ranks = outlier_rank_range(n, density, gamma)
+        if ranks is None:
+            return none_kept, True
+        ordered = torch.sort(keys).values
+        lo, hi = int(ordered[ranks[0]]), int(ordered[ranks[1]])
+        return (keys >= lo) & (keys <= hi), True
+    k1, k2 = stream_keys(seed, model_key, tensor_key)
+    u = random_u24(torch.arange(n, device=delta.device), k1, k2)
+    if spec.sparse_mode == SPARSE_RANDOM:
+        p = round_param(density, delta.dtype)
+        return u < prob_threshold(p), True
+    p0, p1 = della_thresholds(density, epsilon)
+    codes = della_rank_codes(magnitude_keys(flat), row_len or default_row_len(delta.shape))
+    return u < p0 + p1 * codes.to(torch.int64), True
+
+
+def rescale_factor(delta: torch.Tensor, keep: torch.Tensor) -> float:
+    """mergekit's L1 rescale ||delta||_1 / ||masked||_1 (float64 sums), 1 if skipped."""
+    a = delta.reshape(-1).double().abs()
+    before = float(a.sum())
+    after = float(a[keep.reshape(-1)].sum())
+    if before < RESCALE_EPS or after < RESCALE_EPS:
+        return 1.0
+    return before / after
+
+
+def merge_tensor(
+    method: str,
+    base: Optional[torch.Tensor],
+    sources: Sequence[torch.Tensor],
+    params: Mapping,
+    *,
+    normalize: bool,
+    lambda_: float = 1.0,
+    seed: int = 0,
+    tensor_key: int = 0,
+    model_keys: Optional[Sequence[int]] = None,
+    rescale: Optional[bool] = None,
+    row_len: Optional[int] = None,
+) -> torch.Tensor:
+    """Merge one tensor.
+
+    method: a key of METHODS. base: the base model's tensor (slerp: its first
+    input; linear: unused). sources: M tensors shaped like base (slerp: exactly
+    one, the other endpoint). params: per-model lists (or scalars) "weight",
+    "density", "gamma", "epsilon"; slerp takes scalar "t". rescale: None uses
+    mergekit's default for the method. model_keys: random-stream key per source
+    (default 0..M-1). row_len: della's ranking rows (default: see default_row_len).
+    """
+    spec = get_method(method)
+    if method == "slerp":
+        if len(sources) != 1:
+            raise ValueError("slerp takes the base and exactly one other source")
+        return slerp_tensor(float(params["t"]), base, sources[0])
+    m = len(sources)
+    weights = _per_model(params, "weight", m)
+    if method == "linear":
+        return linear_tensor(sources, weights, normalize)
+
+    dtype = base.dtype
+    if rescale is None:
+        rescale = spec.default_rescale
+    model_keys = list(range(m)) if model_keys is None else list(model_keys)
+    density = _per_model(params, "density", m, default=1.0)
+    gamma = _per_model(params, "gamma", m, default=DEFAULT_GAMMA)
+    epsilon = _per_model(params, "epsilon", m, default=DEFAULT_EPSILON)
+    w = [round_param(x, dtype) for x in weights]
+
+    b = base.float()
+    terms = []  # D_i = w_i * rescale_i * kept delta_i, float32
+    for i, x in enumerate(sources):
+        delta = (x.float() - b).to(dtype)  # mergekit's delta, in the working dtype
+        keep, sparsified = keep_mask(
+            spec, delta, density[i], gamma=gamma[i], epsilon=epsilon[i],
+            row_len=row_len, seed=seed, model_key=model_keys[i], tensor_key=tensor_key,
+        )
+        keep = keep.reshape(delta.shape)
+        r = rescale_factor(delta, keep) if (rescale and sparsified) else 1.0
+        scale = _f32(w[i]) * _f32(r)
+        terms.append(torch.where(keep, delta.float() * scale, 0.0))
+
+    total = torch.zeros_like(b)
+    for d in terms:
+        total = total + d
+    if spec.consensus:
+        positive = total >= 0  # majority sign of the sum, ties count as +
+        mixed = torch.zeros_like(b)
+        divisor = torch.zeros_like(b)
+        for d, wi in zip(terms, w):
+            agree = torch.where(positive, d > 0, d < 0)  # sign(d) == majority
+            mixed = mixed + torch.where(agree, d, 0.0)
+            divisor = divisor + torch.where(agree, _f32(wi), 0.0)
+        divisor = torch.where(divisor == 0, 1.0, divisor)
+    else:
+        mixed = total
+        divisor = _f32(0.0)
+        for wi in w:
+            divisor = divisor + _f32(wi)
+        if abs(float(divisor)) < LINEAR_DIV_EPS:
+            divisor = _f32(1.0)
+    if normalize:
+        mixed = mixed / divisor
+    mixed = mixed * _f32(lambda_)
+    return (b + mixed).to(dtype)
