@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from hotmerge.engine.errors import ConfigError
+from hotmerge.engine.errors import ConfigError, RunFailed
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 toy_app = typer.Typer(no_args_is_help=True, help="The embedded toy model family.")
@@ -98,15 +98,22 @@ def evolve(
         tensor_parallel_size=tensor_parallel_size, resume=resume,
         save_final_model=save_final_model, quiet=quiet, device=device,
     )
-    best = run_evolve(config, options, log=console.print)
+    best = run_evolve(config, options, console=console)
     if best is not None:
         console.print(f"best score {best['score']:.4f} (generation {best['generation']}, "
                       f"candidate {best['index']}); merge config: {storage_path / 'best_config.yaml'}")
 
 
 def main() -> None:
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
     try:
         app()
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except RunFailed as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)

@@ -114,7 +114,8 @@ class Coordinator:
                 if scores is None:  # stopped mid-generation; state stays at the last whole one
                     break
                 self.search.tell(candidates, scores)
-                self.run.save_search(self.search.state)
+                # Go on from the state as saved, exactly what a resumed run would load.
+                self.search = Search.from_state(self.run.save_search(self.search.state))
         finally:
             self._stop_workers()
 

@@ -10,3 +10,7 @@ class ConfigError(Exception):
     def __init__(self, message: str):
         # Keep the one-line promise even when a caller passes multi-line text.
         super().__init__(" ".join(str(message).split()))
+
+
+class RunFailed(Exception):
+    """A run that started but could not produce a result (exit code 1, one line)."""

@@ -9,11 +9,12 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from hotmerge.engine.config import load_config, validate_config
 from hotmerge.engine.coordinator import Coordinator, distributed_context, worker_loop
-from hotmerge.engine.errors import ConfigError
+from hotmerge.engine.errors import ConfigError, RunFailed
 from hotmerge.engine.search import Search
 from hotmerge.engine.storage import RunDir
 
@@ -62,7 +63,13 @@ def original_model_names(config_path: Path, resolved: list[str], base: str | Non
     return names
 
 
-def evolve(config_path: Path, options: EvolveOptions, log=print) -> dict | None:
+def evolve(config_path: Path, options: EvolveOptions, console=None) -> dict | None:
+    from rich.console import Console
+
+    from hotmerge.engine.progress import ProgressView
+
+    console = console or Console()
+    log = console.print
     cfg = load_config(config_path)
     validated = validate_config(cfg)
     genome = validated.genome()
@@ -110,7 +117,10 @@ def evolve(config_path: Path, options: EvolveOptions, log=print) -> dict | None:
                         options.population_size, options.timeout)
     best = {"score": None}
 
+    view = ProgressView(console, quiet=options.quiet)
+
     def on_result(record: dict) -> None:
+        view.update(coordinator.progress, record)
         score = record.get("score")
         if score is not None and (best["score"] is None or score > best["score"]):
             best.update(record)
@@ -125,10 +135,20 @@ def evolve(config_path: Path, options: EvolveOptions, log=print) -> dict | None:
     previous = signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, lambda *_: setattr(coordinator, "stop_requested", True))
     try:
-        coordinator.run_loop()
+        with view:
+            coordinator.run_loop()
     finally:
         signal.signal(signal.SIGTERM, previous)
     if best["score"] is None:
-        raise ConfigError("every candidate failed: see the errors in history.jsonl")
+        raise RunFailed(f"every candidate failed: see the errors in {run.history_file}")
     run.save_best(genome.to_mergekit_config(best["genotype"], names))
+    if coordinator.stop_requested:
+        log(f"stopped; state saved in {run.path}: run the same command to resume")
+        return best
+    if options.save_final_model:
+        from hotmerge.engine.export import export_merge
+
+        export_merge(validated, np.asarray(best["genotype"]), run.path / "final_model",
+                     seed=options.random_seed)
+        log(f"final model written to {run.path / 'final_model'}")
     return best

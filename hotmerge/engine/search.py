@@ -8,14 +8,39 @@ a resumed run asks for exactly the candidates the killed run would have.
 
 from __future__ import annotations
 
+import io
+import pickle
 import warnings
 from dataclasses import dataclass
 
-import cma
 import numpy as np
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # pycma warns when matplotlib is absent; plots are not used
+    import cma
 
 # CMA-ES is rank-based: any cost worse than every real one marks a failed candidate.
 FAILED_COST = 1e9
+
+
+def dump_state(state: "SearchState") -> bytes:
+    """Pickle a search state, keeping pycma's references to np.random.randn by name.
+
+    pycma stores the global generator's bound `randn` in its options and sampler; plain
+    pickle would copy that generator by value, and a loaded strategy would then draw
+    from the frozen copy instead of the generator state this module manages.
+    """
+    buffer = io.BytesIO()
+    pickler = pickle.Pickler(buffer)
+    pickler.persistent_id = lambda obj: "np.random.randn" if obj is np.random.randn else None
+    pickler.dump(state)
+    return buffer.getvalue()
+
+
+def load_state(data: bytes) -> "SearchState":
+    unpickler = pickle.Unpickler(io.BytesIO(data))
+    unpickler.persistent_load = lambda pid: np.random.randn
+    return unpickler.load()
 
 
 @dataclass
@@ -64,19 +89,22 @@ class Search:
         stop = {k: v for k, v in self.state.strategy.stop().items() if k != "maxfevals"}
         return bool(stop)
 
-    def ask(self) -> list[np.ndarray]:
+    def _with_own_rng(self, call):
         saved = np.random.get_state()
         np.random.set_state(self.state.rng_state)
         try:
-            candidates = self.state.strategy.ask()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return call()
         finally:
             self.state.rng_state = np.random.get_state()
             np.random.set_state(saved)
+
+    def ask(self) -> list[np.ndarray]:
+        candidates = self._with_own_rng(self.state.strategy.ask)
         return [np.asarray(x, dtype=float) for x in candidates]
 
     def tell(self, candidates: list[np.ndarray], scores: list[float | None]) -> None:
         costs = [FAILED_COST if s is None else -float(s) for s in scores]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            self.state.strategy.tell(candidates, costs)
+        self._with_own_rng(lambda: self.state.strategy.tell(candidates, costs))
         self.state.generation += 1

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import yaml
 
 from hotmerge.engine.errors import ConfigError
+from hotmerge.engine.search import SearchState, dump_state, load_state
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -86,13 +86,16 @@ class RunDir:
                     break
         return records
 
-    def save_search(self, state: Any) -> None:
-        atomic_write(self.search_file, pickle.dumps(state))
+    def save_search(self, state: SearchState) -> SearchState:
+        """Save the search state; returns it as read back, which is what a resumed run sees."""
+        data = dump_state(state)
+        atomic_write(self.search_file, data)
+        return load_state(data)
 
-    def load_search(self) -> Any | None:
+    def load_search(self) -> SearchState | None:
         if not self.search_file.is_file():
             return None
-        return pickle.loads(self.search_file.read_bytes())
+        return load_state(self.search_file.read_bytes())
 
     def save_best(self, merge_config: dict[str, Any]) -> None:
         atomic_write(self.best_file, yaml.safe_dump(merge_config, sort_keys=False).encode())

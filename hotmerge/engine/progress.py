@@ -1,0 +1,62 @@
+"""The live display of a search (rich), or plain lines for logs (--quiet)."""
+
+from __future__ import annotations
+
+import time
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from hotmerge.engine.coordinator import Progress
+
+
+def _fmt(score: float | None) -> str:
+    return "-" if score is None else f"{score:.4f}"
+
+
+def _eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return time.strftime("%H:%M:%S", time.gmtime(seconds))
+
+
+class ProgressView:
+    def __init__(self, console: Console, quiet: bool = False):
+        self.console = console
+        self.quiet = quiet or not console.is_terminal
+        self.live = None if self.quiet else Live(console=console, refresh_per_second=4, transient=False)
+        self._last_generation = None
+
+    def __enter__(self):
+        if self.live is not None:
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.live is not None:
+            self.live.__exit__(*exc)
+
+    def update(self, p: Progress, record: dict) -> None:
+        if self.live is not None:
+            self.live.update(self._table(p))
+            return
+        line = (f"gen {record['generation']} cand {record['index']}: "
+                f"score {_fmt(record.get('score'))}  best {_fmt(p.best_score)}  "
+                f"evals {p.evaluations}/{p.max_fevals}  {p.per_minute:.1f}/min  eta {_eta(p.eta_seconds)}")
+        if record.get("error"):
+            line += f"  FAILED: {record['error']}"
+        self.console.print(line, highlight=False)
+
+    def _table(self, p: Progress) -> Table:
+        table = Table(title="hotmerge evolve", show_header=False)
+        table.add_column(justify="right", style="bold")
+        table.add_column()
+        table.add_row("generation", str(p.generation))
+        table.add_row("evaluations", f"{p.evaluations} / {p.max_fevals}")
+        table.add_row("best score", _fmt(p.best_score))
+        table.add_row("last score", _fmt(p.last_score))
+        table.add_row("failed", str(p.failures))
+        table.add_row("candidates / min", f"{p.per_minute:.1f}")
+        table.add_row("ETA", _eta(p.eta_seconds))
+        return table

@@ -1,0 +1,602 @@
+"""The worker side of the vLLM runtime: injected into vLLM's worker processes.
+
+`LLM(worker_extension_cls="hotmerge.engine.runtime.vllm_worker.HotmergeWorkerExtension")`
+makes vLLM add this class to its worker's bases, so the methods below run inside the
+process that holds the model, called with `llm.collective_rpc("hotmerge_...", args=...)`
+(every method and class attribute starts with `hotmerge_`, so none can clash with the
+worker's own). Arguments and results cross a msgpack channel that, without
+VLLM_ALLOW_INSECURE_SERIALIZATION, carries only plain types: dicts, lists, str,
+numbers and bytes. Arrays therefore travel as raw bytes (see `pack_array`).
+
+What lives here, per worker (one per tensor-parallel rank):
+
+* The segment table. A *placement* says that the elements `box` of live parameter
+  `param` hold the elements `src_box` of SOURCE tensor `name` (a tensor of the
+  checkpoint, e.g. model.layers.0.self_attn.k_proj.weight inside the fused
+  qkv_proj). It is discovered, not assumed: every live parameter is zeroed, then each
+  source tensor is loaded alone, as a tensor of ones, through the model's own
+  `load_weights`, and the elements that became non-zero are its placement. So vLLM's
+  fusion (qkv_proj, gate_up_proj), vocabulary padding and tensor-parallel sharding are
+  whatever the model's loader does, for any architecture. Only the parameters that
+  share the longest dotted name prefix with the source tensor are scanned first
+  (q_proj lands beside it, in self_attn.qkv_proj), so discovery costs about one pass
+  over the model; a tensor found nowhere there is looked for in every parameter.
+  Then the mapping is proved with real values: each live region must equal the
+  reference checkpoint's tensor, element for element, in order (a loader that
+  permutes or rescales values fails here, with the tensor named).
+  `packed_modules_mapping` was the alternative; it names fused modules but not the
+  shard order, sizes, padding or TP split, which this discovery reads off directly.
+* The resident sources: every model of the genome (and the base) loaded through
+  `load_weights` into the live parameters, and each placement's region copied into a
+  flat [M, total] buffer (hotmerge.kernels.fused.FlatSources), one segment per
+  placement. With tensor_parallel_size 1 a segment is a whole source tensor, so
+  per-tensor statistics (TIES thresholds, DARE/DELLA rescale, SLERP norms) are those
+  of the whole tensor, as mergekit computes them. The live model is then restored to
+  the reference weights the engine loaded.
+* Per candidate, `hotmerge_apply` receives a coefficient table of a few hundred
+  bytes (per distinct recipe row: the per-model weight/density/... or slerp t/pair,
+  plus one row index per source tensor), builds the fused engine's table and writes
+  every segment into the live parameter storage in place (`copy_` into row-range
+  views: same storage, so the engine's views and CUDA graphs stay valid). The fused
+  engine refuses, before writing anything, a candidate that would produce inf/NaN.
+
+Random-stream keys equal the transformers runtime's (`Merger`): tensor_key is the
+index of the source name in sorted(all source tensor names); model keys are the
+models' indices in genome.models. So both runtimes write identical weights.
+
+CPU weight packing (DESIGN.md section 5): on the CPU, vLLM's unquantized linear
+layers hand their weight to a packed GEMM kernel (oneDNN / sgl AMX / zentorch) after
+loading and then drop the weight, so in-place writes would be ignored. Importing this
+module in the worker (which vLLM does before it builds the model) wraps
+`dispatch_cpu_unquantized_gemm` to keep the weight. The runtime then proves at start-up
+that a write changes the output; if a write is ignored, it turns on re-packing
+(`hotmerge_set_repack`), which re-runs vLLM's own dispatch on every packed layer after
+each write, and proves again.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+
+# ---------------------------------------------------------------------------
+# Plain-type array transport (msgpack without pickle)
+
+
+def pack_array(a) -> dict:
+    a = np.ascontiguousarray(a)
+    return {"dtype": a.dtype.str, "shape": list(a.shape), "data": a.tobytes()}
+
+
+def unpack_array(d) -> np.ndarray:
+    return np.frombuffer(bytes(d["data"]), dtype=np.dtype(d["dtype"])).reshape(d["shape"]).copy()
+
+
+def pack_tensor(t: torch.Tensor) -> dict:
+    t = t.detach().contiguous().cpu()
+    raw = t.view(torch.uint8) if t.element_size() == 1 else t.view(
+        {2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+    return {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
+            "data": raw.numpy().tobytes()}
+
+
+def unpack_tensor(d) -> torch.Tensor:
+    dtype = getattr(torch, d["dtype"])
+    buf = bytearray(bytes(d["data"]))
+    if not buf:
+        return torch.empty(d["shape"], dtype=dtype)
+    return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(d["shape"]).clone()
+
+
+# ---------------------------------------------------------------------------
+# Keep CPU linear weights alive (see module docstring)
+
+
+def _keep_cpu_linear_weights() -> None:
+    try:
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():
+            return
+        import vllm.model_executor.layers.utils as layer_utils
+    except Exception:  # vLLM absent or another platform layout: nothing to patch
+        return
+    current = layer_utils.dispatch_cpu_unquantized_gemm
+    if getattr(current, "hotmerge_keeps_weight", False):
+        return
+
+    def dispatch(layer, remove_weight: bool = False):
+        current(layer, remove_weight=False)
+        layer.hotmerge_dispatched = True
+
+    dispatch.hotmerge_keeps_weight = True
+    dispatch.hotmerge_original = current
+    layer_utils.dispatch_cpu_unquantized_gemm = dispatch
+
+
+_keep_cpu_linear_weights()
+
+
+def _cpu_dispatch():
+    import vllm.model_executor.layers.utils as layer_utils
+
+    fn = layer_utils.dispatch_cpu_unquantized_gemm
+    return getattr(fn, "hotmerge_original", fn)
+
+
+def _is_packed(module) -> bool:
+    """Whether a CPU layer computes from a private packed copy of its weight.
+
+    vLLM's fallback is a closure-free lambda over torch.nn.functional.linear (or the
+    function itself); the packed kernels close over their handle / packed weight."""
+    fn = getattr(module, "cpu_linear", None)
+    code = getattr(fn, "__code__", None)
+    return bool(code is not None and code.co_freevars)
+
+
+# ---------------------------------------------------------------------------
+# Worker-side state
+
+
+@dataclass
+class Placement:
+    name: str  # source tensor name
+    source: int  # index of name in the worker's source-name list
+    param: str  # live parameter name
+    box: list  # [(start, stop)] per parameter dim
+    src_box: list  # [(start, stop)] per source dim
+    full: bool  # covers the whole source tensor
+    offset: int = 0  # first element in the flat buffers
+    numel: int = 0
+
+
+@dataclass
+class _State:
+    names: list  # source tensor names (sorted: index = tensor_key)
+    shapes: dict  # name -> shape
+    params: dict  # live name -> Parameter
+    placements: list = field(default_factory=list)
+    unmapped: list = field(default_factory=list)
+    flat: object = None  # hotmerge.kernels.fused.FlatSources
+    reference_row: Optional[int] = None  # flat models row holding the reference, None: base
+    seed: int = 0
+    repack: bool = False
+    packed_modules: list = field(default_factory=list)
+    outs: list = field(default_factory=list)  # per placement: live view written in place, or None
+    staged: list = field(default_factory=list)  # per placement: (staging, live view) or None
+    timings: dict = field(default_factory=dict)
+
+
+def _boxes(mask: torch.Tensor) -> tuple[list, int]:
+    """Bounding box of the True elements ([(start, stop)] per dim) and their count."""
+    count = int(mask.sum())
+    box = []
+    for d in range(mask.dim()):
+        others = tuple(i for i in range(mask.dim()) if i != d)
+        hit = mask.amax(dim=others) if others else mask
+        idx = torch.nonzero(hit).reshape(-1)
+        box.append((int(idx[0]), int(idx[-1]) + 1))
+    return box, count
+
+
+def _slices(box) -> tuple:
+    return tuple(slice(a, b) for a, b in box)
+
+
+def _box_numel(box) -> int:
+    n = 1
+    for a, b in box:
+        n *= b - a
+    return n
+
+
+def _shared_prefix(a: list, b: list) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _safetensors_files(folder: str) -> list:
+    from pathlib import Path
+
+    return sorted(str(p) for p in Path(folder).glob("*.safetensors"))
+
+
+def _iter_checkpoint(folder: str, names=None):
+    """(name, tensor) pairs of a model folder, read one at a time."""
+    from safetensors import safe_open
+
+    wanted = set(names) if names is not None else None
+    for file in _safetensors_files(folder):
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                if wanted is None or name in wanted:
+                    yield name, f.get_tensor(name)
+
+
+def _find_src_box(region: torch.Tensor, source: torch.Tensor) -> Optional[list]:
+    """Where a tensor-parallel shard sits in its source tensor (row or column split)."""
+    if region.shape == source.shape:
+        return [(0, s) for s in source.shape] if torch.equal(region, source) else None
+    if region.dim() == 1:
+        n = region.numel()
+        for o in range(0, source.numel() - n + 1):
+            if torch.equal(source[o:o + n], region):
+                return [(o, o + n)]
+        return None
+    if region.dim() == 2 and region.shape[1] == source.shape[1]:
+        h = region.shape[0]
+        for o in torch.nonzero((source == region[0]).all(dim=1)).reshape(-1).tolist():
+            if o + h <= source.shape[0] and torch.equal(source[o:o + h], region):
+                return [(o, o + h), (0, source.shape[1])]
+        return None
+    if region.dim() == 2 and region.shape[0] == source.shape[0]:
+        w = region.shape[1]
+        for o in torch.nonzero((source.T == region[:, 0]).all(dim=1)).reshape(-1).tolist():
+            if o + w <= source.shape[1] and torch.equal(source[:, o:o + w], region):
+                return [(0, source.shape[0]), (o, o + w)]
+        return None
+    return None
+
+
+class HotmergeWorkerExtension:
+    """Methods injected into vLLM's worker (see the module docstring)."""
+
+    # -- helpers (names prefixed: they become attributes of vLLM's worker) ---
+
+    def hotmerge_model(self):
+        return self.model_runner.get_model()
+
+    def hotmerge_state(self) -> _State:
+        state = getattr(self, "_hotmerge_state", None)
+        if state is None:
+            raise RuntimeError("hotmerge_setup has not run in this worker")
+        return state
+
+    # -- start-up -------------------------------------------------------------
+
+    @torch.no_grad()
+    def hotmerge_setup(self, spec: dict) -> dict:
+        """Discover the segment table, load the sources, restore the reference.
+
+        spec: reference (folder the engine loaded), models (genome.models folders, in
+        order), base (base_model folder or None), names (all source tensor names of the
+        reference), seed, method, tp (tensor-parallel size).
+        """
+        from hotmerge.kernels import fused
+
+        t0 = time.perf_counter()
+        model = self.hotmerge_model()
+        params = {name: p for name, p in model.named_parameters()}
+        names = sorted(spec["names"])
+        shapes = {n: tuple(s) for n, s in zip(spec["names"], spec["shapes"])}
+        state = _State(names=names, shapes=shapes, params=params, seed=int(spec["seed"]))
+        self._hotmerge_state = state
+        tp = int(spec.get("tp", 1))
+
+        # 1. Keep the engine's weights aside (host memory) while markers overwrite them.
+        saved = {n: p.data.to("cpu", copy=True) for n, p in params.items()}
+        timings = state.timings
+        try:
+            self.hotmerge_discover(state, tp)
+            timings["discover"] = time.perf_counter() - t0
+
+            # 2. The resident sources, each loaded through the model's own load_weights.
+            t1 = time.perf_counter()
+            total = 0
+            for pl in state.placements:
+                pl.offset, pl.numel = total, _box_numel(pl.box)
+                total += pl.numel
+            dtype = torch.bfloat16
+            for p in params.values():
+                if p.is_floating_point() and p.element_size() == 2:
+                    dtype = p.dtype
+                    break
+            device = next(iter(params.values())).device
+            models = list(spec["models"])
+            base = spec.get("base")
+            n_buffers = len(models) + (1 if base is not None else 0)
+            need = n_buffers * total * torch.finfo(dtype).bits // 8
+            if device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(device)
+                if need > free:
+                    raise RuntimeError(
+                        f"the resident sources need {need / 2**30:.2f} GiB on {device} but "
+                        f"{free / 2**30:.2f} GiB are free: lower the KV cache "
+                        "(kv_cache_bytes) or merge fewer models")
+            flat_models = torch.empty((len(models), total), dtype=dtype, device=device)
+            flat_base = torch.empty(total, dtype=dtype, device=device) if base is not None else None
+            loaded: dict = {}
+            for path in ([base] if base is not None else []) + models:
+                if path in loaded:
+                    continue
+                model.load_weights(_iter_checkpoint(path))
+                target = flat_base if (base is not None and path == base) else None
+                rows = [i for i, m in enumerate(models) if m == path]
+                for pl in state.placements:
+                    region = params[pl.param].data[_slices(pl.box)].reshape(-1)
+                    if target is not None:
+                        target[pl.offset:pl.offset + pl.numel].copy_(region)
+                    for i in rows:
+                        flat_models[i, pl.offset:pl.offset + pl.numel].copy_(region)
+                loaded[path] = True
+            timings["load_sources"] = time.perf_counter() - t1
+        finally:
+            # 3. Back to exactly the weights the engine loaded.
+            for n, p in params.items():
+                p.data.copy_(saved[n])
+        del saved
+
+        # 4. Prove the mapping with real values: live region == reference tensor.
+        t2 = time.perf_counter()
+        by_name: dict = {}
+        for pl in state.placements:
+            by_name.setdefault(pl.name, []).append(pl)
+        for name, tensor in _iter_checkpoint(spec["reference"], list(by_name)):
+            for pl in by_name[name]:
+                live = params[pl.param].data[_slices(pl.box)]
+                src = tensor.to(device=live.device, dtype=live.dtype)
+                if pl.full:
+                    ok = live.numel() == src.numel() and torch.equal(live.reshape(src.shape), src)
+                    pl.src_box = [(0, s) for s in src.shape]
+                else:
+                    found = _find_src_box(live.reshape(live.shape), src) if live.dim() == src.dim() else None
+                    ok = found is not None
+                    pl.src_box = found or []
+                if not ok:
+                    raise RuntimeError(
+                        f"source tensor {name} lands in live parameter {pl.param}{pl.box} but "
+                        "not as a plain copy (the model's loader permutes or rescales it): "
+                        "hotmerge cannot merge into this architecture in vLLM; use the "
+                        "transformers runtime (--backend hf)")
+        timings["verify"] = time.perf_counter() - t2
+
+        # 5. The fused engine's layout: one segment per placement.
+        tensor_keys = {n: i for i, n in enumerate(names)}
+        from hotmerge.kernels import reference as R
+
+        segments = []
+        for pl in state.placements:
+            elem_offset = 0
+            if not pl.full and pl.src_box:
+                # a row shard starts at this flat index of its source tensor
+                shape = shapes[pl.name]
+                stride = 1
+                for s in shape[1:]:
+                    stride *= s
+                elem_offset = pl.src_box[0][0] * stride
+            segments.append(fused.Segment(
+                offset=pl.offset, numel=pl.numel, tensor_key=tensor_keys[pl.name],
+                row_len=R.default_row_len(shapes[pl.name]), elem_offset=elem_offset,
+                name=pl.name))
+        state.flat = fused.FlatSources(flat_models, segments, flat_base)
+        if base is not None and spec["reference"] == base:
+            state.reference_row = None
+        else:
+            state.reference_row = models.index(spec["reference"])
+        t3 = time.perf_counter()
+        method = spec.get("method")
+        if method is not None and (base is not None or method in ("linear", "slerp")):
+            state.flat.ensure_stats(della=method in ("della", "della_linear"), slerp=method == "slerp")
+        timings["stats"] = time.perf_counter() - t3
+
+        # 6. Output views: the live regions themselves where the fused engine can write them.
+        for pl in state.placements:
+            live = params[pl.param].data[_slices(pl.box)]
+            if live.is_contiguous() and live.dtype == dtype:
+                state.outs.append(live)
+                state.staged.append(None)
+            else:
+                stage = torch.empty(live.shape, dtype=dtype, device=live.device)
+                state.outs.append(stage)
+                state.staged.append((stage, live))
+        state.packed_modules = [m for m in model.modules() if _is_packed(m)]
+        timings["total"] = time.perf_counter() - t0
+        return self.hotmerge_describe()
+
+    def hotmerge_discover(self, state: _State, tp: int) -> None:
+        """Find every source tensor's placement(s) with marker loads (see module docstring)."""
+        model = self.hotmerge_model()
+        params = state.params
+        split = {n: n.split(".") for n in params}
+        for p in params.values():
+            p.data.zero_()
+        for index, name in enumerate(state.names):
+            shape = state.shapes[name]
+            numel = int(np.prod(shape)) if len(shape) else 1
+            model.load_weights([(name, torch.ones(shape, dtype=torch.bfloat16))])
+            parts = name.split(".")
+            levels: dict = {}
+            for pname in params:
+                levels.setdefault(_shared_prefix(parts, split[pname]), []).append(pname)
+            found = 0
+            for level in sorted(levels, reverse=True):
+                for pname in levels[level]:
+                    data = params[pname].data
+                    if data.numel() == 0:
+                        continue
+                    mask = data != 0
+                    if not bool(mask.any()):
+                        continue
+                    box, count = _boxes(mask)
+                    if count != _box_numel(box):
+                        raise RuntimeError(
+                            f"source tensor {name} lands in live parameter {pname} as a "
+                            "scattered set of elements, not a block: hotmerge cannot map "
+                            "this architecture in vLLM; use the transformers runtime")
+                    state.placements.append(Placement(
+                        name=name, source=index, param=pname, box=box, src_box=[],
+                        full=(count == numel)))
+                    found += count
+                    data[_slices(box)].zero_()
+                if found >= numel or (tp > 1 and found):
+                    break
+            if not found:
+                state.unmapped.append(name)
+            elif tp == 1 and found != numel:
+                raise RuntimeError(
+                    f"source tensor {name} has {numel} elements but {found} live elements "
+                    "took its values: hotmerge cannot map this architecture in vLLM")
+
+    def hotmerge_describe(self) -> dict:
+        state = self.hotmerge_state()
+        flat = state.flat
+        return {
+            "placements": [
+                {"name": p.name, "param": p.param, "box": [list(b) for b in p.box],
+                 "src_box": [list(b) for b in p.src_box], "full": p.full,
+                 "offset": p.offset, "numel": p.numel}
+                for p in state.placements
+            ],
+            "unmapped": list(state.unmapped),
+            "resident_bytes": int(flat.models.numel() * flat.models.element_size()
+                                  + (flat.base.numel() * flat.base.element_size()
+                                     if flat.base is not None else 0)),
+            "packed_modules": len(state.packed_modules),
+            "repack": state.repack,
+            "device": str(flat.device),
+            "timings": dict(state.timings),
+        }
+
+    # -- per candidate --------------------------------------------------------
+
+    @torch.no_grad()
+    def hotmerge_apply(self, table: dict) -> dict:
+        """Write one candidate into the live weights; nothing is written if it fails.
+
+        table (built by VLLMRuntime.coefficient_table): method, normalize, rescale,
+        lambda, index (per source name: its recipe row), and per-row arrays: weight,
+        density, gamma, epsilon ([R, M]) or, for slerp, t ([R]) and pair ([R, 2]).
+        Returns {"ok": True, "seconds": ...} or {"ok": False, "error": ...}.
+        """
+        from hotmerge.kernels import fused
+
+        state = self.hotmerge_state()
+        t0 = time.perf_counter()
+        index = unpack_array(table["index"])
+        seg_rows = index[[pl.source for pl in state.placements]]
+        params = {}
+        for key, packed in table["rows"].items():
+            params[key] = unpack_array(packed)[seg_rows]
+        try:
+            coefficients = fused.build_table(
+                table["method"], state.flat, params, normalize=bool(table["normalize"]),
+                rescale=bool(table["rescale"]), lambda_=float(table["lambda"]), seed=state.seed)
+            t1 = time.perf_counter()
+            fused.apply(state.flat, coefficients, state.outs)
+        except fused.NonFiniteMergeError as error:
+            return {"ok": False, "error": str(error), "names": error.names}
+        for staged in state.staged:
+            if staged is not None:
+                staged[1].copy_(staged[0])
+        t2 = time.perf_counter()
+        if state.repack:
+            self.hotmerge_repack()
+        if state.flat.device.type == "cuda":
+            torch.cuda.synchronize()
+        t3 = time.perf_counter()
+        return {"ok": True, "seconds": {"table": t1 - t0, "merge": t2 - t1, "repack": t3 - t2,
+                                        "worker": t3 - t0}}
+
+    # -- write proof and re-packing ------------------------------------------
+
+    def hotmerge_probe_groups(self) -> list:
+        """One live parameter per (module type, shape, dtype) that holds source values.
+
+        vLLM picks a GEMM kernel (and whether it packs) by layer type, shape and dtype,
+        so one write per group proves every parameter of the group."""
+        state = self.hotmerge_state()
+        model = self.hotmerge_model()
+        owner = {}
+        for mname, module in model.named_modules():
+            for pname, _ in module.named_parameters(prefix=mname, recurse=False):
+                owner[pname] = type(module).__name__
+        seen, groups = set(), []
+        for pl in state.placements:
+            p = state.params[pl.param]
+            key = (owner.get(pl.param, ""), tuple(p.shape), str(p.dtype))
+            if key not in seen:
+                seen.add(key)
+                groups.append(pl.param)
+        return groups
+
+    @torch.no_grad()
+    def hotmerge_perturb(self, param: str, seed: int = 0) -> None:
+        """Overwrite a parameter's source regions with random values (start-up proof only)."""
+        state = self.hotmerge_state()
+        data = state.params[param].data
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        for pl in state.placements:
+            if pl.param == param:
+                region = data[_slices(pl.box)]
+                scale = max(float(region.float().std()) if region.numel() > 1 else 0.0, 0.02)
+                noise = torch.randn(region.shape, generator=gen) * (4 * scale)
+                region.copy_(noise.to(region.dtype))
+        if state.repack:
+            self.hotmerge_repack()
+
+    @torch.no_grad()
+    def hotmerge_restore(self, param: Optional[str] = None) -> None:
+        """Write the reference weights back (one parameter, or all)."""
+        state = self.hotmerge_state()
+        flat = state.flat
+        ref = flat.base if state.reference_row is None else flat.models[state.reference_row]
+        for pl in state.placements:
+            if param is None or pl.param == param:
+                region = state.params[pl.param].data[_slices(pl.box)]
+                region.copy_(ref[pl.offset:pl.offset + pl.numel].view(region.shape))
+        if state.repack:
+            self.hotmerge_repack()
+
+    def hotmerge_set_repack(self, on: bool) -> dict:
+        state = self.hotmerge_state()
+        state.repack = bool(on) and bool(state.packed_modules)
+        if state.repack:
+            self.hotmerge_repack()
+        return {"repack": state.repack, "packed_modules": len(state.packed_modules)}
+
+    @torch.no_grad()
+    def hotmerge_repack(self) -> None:
+        """Re-run vLLM's CPU GEMM dispatch so packed kernels see the live weights."""
+        state = self.hotmerge_state()
+        if not state.packed_modules:
+            return
+        dispatch = _cpu_dispatch()
+        for module in state.packed_modules:
+            dispatch(module, remove_weight=False)
+
+    # -- inspection -----------------------------------------------------------
+
+    @torch.no_grad()
+    def hotmerge_fetch(self, names: list) -> dict:
+        """The live values of source tensors, in the checkpoint's layout (unfused).
+
+        Only placements covering the whole tensor (tensor_parallel_size 1) are
+        assembled; other ranks' shards are not reachable from here."""
+        state = self.hotmerge_state()
+        out = {}
+        for name in names:
+            pls = [p for p in state.placements if p.name == name]
+            if not pls:
+                raise KeyError(f"no live parameter holds source tensor {name}")
+            shape = state.shapes[name]
+            first = state.params[pls[0].param]
+            value = torch.empty(shape, dtype=first.dtype, device="cpu")
+            covered = 0
+            for pl in pls:
+                region = state.params[pl.param].data[_slices(pl.box)]
+                value[_slices(pl.src_box)] = region.reshape(
+                    [b - a for a, b in pl.src_box]).to("cpu")
+                covered += pl.numel
+            if covered != value.numel():
+                raise ValueError(f"{name}: this rank holds only a shard ({covered} of {value.numel()})")
+            out[name] = pack_tensor(value)
+        return out

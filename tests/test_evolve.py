@@ -1,0 +1,144 @@
+"""The search as users run it: CLI, kill and resume, torchrun with two ranks, failures."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+HOTMERGE = [sys.executable, "-m", "hotmerge"]
+TORCHRUN = str(Path(sys.executable).parent / "torchrun")
+
+
+def toy_config(family, path: Path, method="task_arithmetic", **extra) -> Path:
+    config = {
+        "genome": {
+            "models": [str(p) for p in family.experts],
+            "base_model": str(family.base),
+            "merge_method": method,
+            "layer_granularity": 2,
+            "normalize": False,
+        },
+        "tasks": ["toy_capital_mc_search", "toy_color_mc_search", {"name": "toy_sum_mc_search", "weight": 1.0}],
+        "apply_chat_template": False,
+        **extra,
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def history(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+
+
+def outcome(run_dir: Path) -> dict:
+    return {(r["generation"], r["index"]): (tuple(r["genotype"]), r["score"]) for r in history(run_dir)}
+
+
+def evolve_cmd(config: Path, run_dir: Path, fevals: int, *extra: str) -> list[str]:
+    return [*HOTMERGE, "evolve", str(config), "--storage-path", str(run_dir), "--max-fevals", str(fevals),
+            "--force-population-size", "6", "--random-seed", "3", "--quiet", "--no-save-final-model", *extra]
+
+
+@pytest.fixture(scope="module")
+def reference_run(toy_family, tmp_path_factory):
+    """An uninterrupted single-process run that the other runs must reproduce."""
+    tmp = tmp_path_factory.mktemp("reference")
+    config = toy_config(toy_family, tmp / "toy.yaml")
+    run_dir = tmp / "run"
+    subprocess.run(evolve_cmd(config, run_dir, 24), check=True, capture_output=True, timeout=600)
+    return config, run_dir
+
+
+def test_run_directory_records_everything(reference_run):
+    config, run_dir = reference_run
+    meta = json.loads((run_dir / "run.json").read_text())
+    assert meta["seed"] == 3 and meta["config"] == yaml.safe_load(config.read_text())
+    assert {"torch", "transformers", "lm_eval", "cma"} <= set(meta["versions"])
+    records = history(run_dir)
+    assert len(records) == 24 and all(r["score"] is not None for r in records)
+    assert set(records[0]["results"]) == {"toy_capital_mc_search", "toy_color_mc_search", "toy_sum_mc_search"}
+    assert {"apply", "forward", "metrics", "total"} <= set(records[0]["seconds"])
+    best = max(records, key=lambda r: r["score"])
+    merge = yaml.safe_load((run_dir / "best_config.yaml").read_text())
+    assert merge["merge_method"] == "task_arithmetic"
+    first = merge["slices"][0]["sources"][0]["parameters"]["weight"]
+    assert first == pytest.approx(abs(best["genotype"][0]))
+
+
+def test_killed_run_resumes_without_losing_evaluations(toy_family, reference_run, tmp_path):
+    config, reference_dir = reference_run
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(evolve_cmd(config, run_dir, 24), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    # Kill in the middle of the second generation, mid-write if it happens to be.
+    while time.time() < deadline and process.poll() is None:
+        if (run_dir / "history.jsonl").exists() and len(history(run_dir)) >= 9:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    before = outcome(run_dir)
+    assert 9 <= len(before) < 24, "the run was not killed mid-search"
+
+    resumed = subprocess.run(evolve_cmd(config, run_dir, 24), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    after = outcome(run_dir)
+    for key, value in before.items():
+        assert after[key] == value  # finished evaluations kept, not recomputed
+    assert len(history(run_dir)) == len(after)  # nothing evaluated twice
+    assert after == outcome(reference_dir)
+    assert (run_dir / "best_config.yaml").read_text() == (reference_dir / "best_config.yaml").read_text()
+
+
+def test_torchrun_two_ranks_share_the_work(reference_run, tmp_path):
+    config, reference_dir = reference_run
+    run_dir = tmp_path / "run"
+    cmd = [TORCHRUN, "--nproc_per_node=2", "--master_port=29517", "-m", "hotmerge",
+           *evolve_cmd(config, run_dir, 24)[3:]]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = {r["rank"] for r in history(run_dir)}
+    assert ranks == {0, 1}
+    # Scores do not depend on which rank evaluated a candidate.
+    assert outcome(run_dir) == outcome(reference_dir)
+
+
+def test_failed_candidate_is_recorded_and_runtime_stays_usable(toy_family, tmp_path):
+    from hotmerge.engine.config import load_config, validate_config
+    from hotmerge.engine.worker import CandidateWorker
+
+    config = toy_config(toy_family, tmp_path / "toy.yaml")
+    worker = CandidateWorker(validate_config(load_config(config)))
+    x0 = worker.genome.x0()
+    first = worker.evaluate(x0)
+    poisoned = x0.copy()
+    poisoned[0] = 1e300  # overflows to inf in the merge
+    failed = worker.evaluate(poisoned)
+    assert failed["score"] is None and "non-finite" in failed["error"]
+    assert worker.evaluate(x0)["score"] == first["score"]
+
+
+@pytest.mark.parametrize("problem, text", [
+    ("missing", "does not exist"),
+    ("granularity", "layer_granularity=3"),
+])
+def test_bad_config_gets_one_line_and_exit_2(toy_family, tmp_path, problem, text):
+    config = tmp_path / "bad.yaml"
+    if problem == "granularity":
+        toy_config(toy_family, config)
+        data = yaml.safe_load(config.read_text())
+        data["genome"]["layer_granularity"] = 3
+        config.write_text(yaml.safe_dump(data))
+    run_dir = tmp_path / "run"
+    done = subprocess.run(evolve_cmd(config, run_dir, 6), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and text in lines[0]
+    assert not run_dir.exists()
