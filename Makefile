@@ -26,12 +26,19 @@ ifeq ($(EXTRA),cpu)
 endif
 	touch $@
 
+DEMO_RUN ?= runs/toy-demo
+DEMO_FEVALS ?= 150
+
+# Build the toy family, search merges of its experts, and compare the best recipe
+# with every source model and the x0 recipe on the held-out split.
 demo: install
 	$(VENV)/bin/hotmerge toy build $(TOY_DIR)
-	$(VENV)/bin/hotmerge toy table $(TOY_DIR)
+	$(VENV)/bin/hotmerge evolve configs/toy.yaml --storage-path $(DEMO_RUN) \
+		--max-fevals $(DEMO_FEVALS) --random-seed 0 --quiet
+	$(VENV)/bin/hotmerge toy compare $(DEMO_RUN)
 
 test: install
 	$(PY) -m pytest
 
 clean:
-	rm -rf $(VENV) .cache
+	rm -rf $(VENV) .cache runs

@@ -64,6 +64,59 @@ def toy_table(
         console.print(show)
 
 
+@toy_app.command("compare")
+def toy_compare(
+    run_dir: Path = typer.Argument(..., help="The storage path of a finished `hotmerge evolve` run on the toy family."),
+    split: str = typer.Option("heldout", help="search or heldout"),
+) -> None:
+    """Score the run's best recipe, mergekit-evolve's x0 recipe and every source model on a toy split."""
+    import json
+
+    import numpy as np
+
+    from hotmerge.engine.config import load_config, validate_config
+    from hotmerge.engine.storage import RunDir
+    from hotmerge.engine.worker import CandidateWorker
+    from hotmerge.toy.evaluate import lm_eval_scores
+    from hotmerge.toy.taskfiles import task_name
+    from hotmerge.toy.world import SKILLS
+
+    run = RunDir(run_dir)
+    if not run.exists():
+        raise ConfigError(f"{run_dir} holds no run: pass the --storage-path of a `hotmerge evolve` run")
+    meta = json.loads(run.meta_file.read_text())
+    scored = [r for r in run.read_history() if r.get("score") is not None]
+    if not scored:
+        raise ConfigError(f"{run_dir} has no successful evaluation yet: let the run go on")
+    best = max(scored, key=lambda r: r["score"])
+    tasks = {skill: task_name(skill, "mc", split) for skill in SKILLS}
+    validated = _with_tasks(validate_config(load_config(meta["config_path"])), ",".join(tasks.values()))
+    rows = {}
+    genome = validated.config.genome
+    for label, path in [("base", genome.base_model), *[(Path(p).name, p) for p in genome.models]]:
+        if path is not None:
+            scores = lm_eval_scores(path, list(tasks.values()))
+            rows[label] = [scores[t] for t in tasks.values()]
+    worker = CandidateWorker(validated, seed=meta["seed"])
+    for label, x in [("x0 recipe", worker.genome.x0()), ("best recipe", np.asarray(best["genotype"]))]:
+        result = worker.evaluate(x)
+        rows[label] = [result["results"][t]["acc,none"] for t in tasks.values()]
+    table = Table(title=f"toy {split} split, multiple choice (acc)")
+    table.add_column("model")
+    for skill in SKILLS:
+        table.add_column(skill, justify="right")
+    table.add_column("mean", justify="right")
+    means = {label: sum(v) / len(v) for label, v in rows.items()}
+    for label, values in rows.items():
+        table.add_row(label, *(f"{v:.3f}" for v in values), f"{means[label]:.3f}")
+    console.print(table)
+    rivals = {k: v for k, v in means.items() if k != "best recipe"}
+    margin = means["best recipe"] - max(rivals.values())
+    verdict = "beats" if margin > 0 else "does NOT beat"
+    console.print(f"best recipe {verdict} every source model and the x0 recipe on {split} "
+                  f"(margin {margin:+.3f} over {max(rivals, key=rivals.get)})")
+
+
 @app.command()
 def evolve(
     config: Path = typer.Argument(..., help="A mergekit-evolve genome config (YAML)."),
@@ -102,6 +155,112 @@ def evolve(
     if best is not None:
         console.print(f"best score {best['score']:.4f} (generation {best['generation']}, "
                       f"candidate {best['index']}); merge config: {storage_path / 'best_config.yaml'}")
+
+
+def _with_tasks(validated, tasks: str | None):
+    """The validated config, its tasks replaced by a comma-separated list when given."""
+    import dataclasses
+
+    from hotmerge.engine.config import TaskConfig
+
+    if not tasks:
+        return validated
+    specs = [TaskConfig.model_validate(name.strip()) for name in tasks.split(",") if name.strip()]
+    return dataclasses.replace(validated, config=validated.config.model_copy(update={"tasks": specs}))
+
+
+def _read_genotype(path: Path, size: int):
+    """A genotype from JSON: a list of floats, or an object with a "genotype" list (a history line)."""
+    import json
+
+    import numpy as np
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot read genotype file {path} ({e}): write a JSON list of {size} numbers")
+    if isinstance(data, dict):
+        data = data.get("genotype")
+    x = np.asarray(data, dtype=float) if isinstance(data, list) else None
+    if x is None or x.shape != (size,) or not np.isfinite(x).all():
+        raise ConfigError(f"{path} holds no genotype of {size} finite numbers: write a JSON list of {size} numbers")
+    return x
+
+
+@app.command("eval")
+def eval_command(
+    config: Path = typer.Argument(..., help="A genome config (YAML)."),
+    genotype: Path = typer.Option(None, help="JSON list of genes (or a history.jsonl line)."),
+    x0: bool = typer.Option(False, "--x0", help="Score mergekit-evolve's starting recipe."),
+    tasks: str = typer.Option(None, help="Comma-separated tasks instead of the config's."),
+    output: Path = typer.Option(None, help="Write metrics as JSON (lm-eval results layout)."),
+    vllm: bool = typer.Option(False, "--vllm/--no-vllm", help="vLLM backend (default: transformers)."),
+    batch_size: int = typer.Option(None, min=1),
+    random_seed: int = typer.Option(0, min=0, help="Seeds the DARE/DELLA masks."),
+    task_search_path: list[str] = typer.Option([], help="Folder of lm-eval task YAML (repeatable)."),
+    device: str = typer.Option(None),
+) -> None:
+    """Score one candidate and print its per-task metrics."""
+    import json
+
+    from hotmerge.engine.config import load_config, validate_config
+    from hotmerge.engine.worker import CandidateWorker
+
+    if (genotype is None) == (not x0):
+        raise ConfigError("give exactly one of --genotype FILE and --x0")
+    validated = _with_tasks(validate_config(load_config(config)), tasks)
+    genome = validated.genome()
+    x = genome.x0() if x0 else _read_genotype(genotype, genome.size)
+    worker = CandidateWorker(validated, backend="vllm" if vllm else "hf", device=device,
+                             batch_size=batch_size, seed=random_seed, task_paths=list(task_search_path))
+    result = worker.evaluate(x)
+    if result["score"] is None:
+        raise RunFailed(f"the candidate failed: {result['error']}")
+    table = Table(title=f"score {result['score']:.4f}")
+    table.add_column("task")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for task, metrics in result["results"].items():
+        for metric, value in metrics.items():
+            table.add_row(task, metric, f"{value:.4f}")
+    console.print(table)
+    seconds = {**result["seconds"], "startup": worker.startup_seconds}
+    console.print("seconds: " + ", ".join(f"{k} {v:.3f}" for k, v in seconds.items()))
+    if output is not None:
+        output.write_text(json.dumps({"results": result["results"], "score": result["score"],
+                                      "seconds": seconds, "genotype": x.tolist()}, indent=2))
+
+
+@app.command()
+def export(
+    config: Path = typer.Argument(..., help="A mergekit merge config (best_config.yaml), or a genome config."),
+    out_dir: Path = typer.Argument(..., help="Folder to write the merged model into."),
+    genotype: Path = typer.Option(None, help="With a genome config: JSON list of genes."),
+    x0: bool = typer.Option(False, "--x0", help="With a genome config: mergekit-evolve's starting recipe."),
+    random_seed: int = typer.Option(0, min=0, help="Seeds the DARE/DELLA masks (as in the search)."),
+) -> None:
+    """Write a merged HF model folder (safetensors, config, tokenizer) with hotmerge's merge engine."""
+    import yaml
+
+    from hotmerge.engine.config import load_config, validate_config
+    from hotmerge.engine.export import export_merge, load_merge_config
+
+    try:
+        is_merge_config = "merge_method" in (yaml.safe_load(config.read_text()) or {})
+    except (OSError, yaml.YAMLError, TypeError) as e:
+        raise ConfigError(f"cannot read {config} ({e}): pass a merge config or a genome config")
+    if is_merge_config:
+        if genotype is not None or x0:
+            raise ConfigError("a merge config fixes the recipe: drop --genotype/--x0")
+        validated, x = load_merge_config(config)
+    else:
+        if (genotype is None) == (not x0):
+            raise ConfigError("with a genome config give exactly one of --genotype FILE and --x0")
+        validated = validate_config(load_config(config))
+        genome = validated.genome()
+        x = genome.x0() if x0 else _read_genotype(genotype, genome.size)
+    export_merge(validated, x, out_dir, seed=random_seed)
+    console.print(f"merged model written to {out_dir}")
 
 
 def main() -> None:
