@@ -117,6 +117,42 @@ def toy_compare(
                   f"(margin {margin:+.3f} over {max(rivals, key=rivals.get)})")
 
 
+def _gib(n: int | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 2**30:.2f} GiB" if abs(n) >= 2**30 else f"{n / 2**20:.2f} MiB"
+
+
+@app.command()
+def plan(
+    config: Path = typer.Argument(..., help="A genome config (YAML)."),
+    force_population_size: int = typer.Option(None, min=2, help="As for evolve."),
+    device: str = typer.Option(None, help="cpu or cuda (default: cuda if present)."),
+) -> None:
+    """Print the memory plan and the search size, without loading any weights."""
+    from hotmerge.engine.config import load_config, validate_config
+    from hotmerge.engine.plan import local_device_memory, memory_plan
+
+    validated = validate_config(load_config(config))
+    name, total = local_device_memory(device)
+    p = memory_plan(validated, force_population_size, total, name)
+    table = Table(title=f"memory plan on {name}")
+    table.add_column("what")
+    table.add_column("size", justify="right")
+    for what, size in p.rows:
+        table.add_row(what, _gib(size))
+    table.add_row("resident in all", _gib(p.resident), style="bold")
+    table.add_row("device memory", _gib(p.device_total))
+    table.add_row("room left (KV cache, activations)", _gib(p.kv_room), style="bold")
+    console.print(table)
+    g, m, s, k = p.genome_shape
+    console.print(f"genome: {g} layer groups x {m} models x {s} parameter sets x {k} parameters "
+                  f"= {p.genome_size} genes; population {p.population}")
+    if p.kv_room is not None and p.kv_room < 0:
+        raise ConfigError(f"the resident model and sources need {_gib(p.resident)} but {name} has "
+                          f"{_gib(p.device_total)}: merge fewer models or use a bigger device")
+
+
 @app.command()
 def evolve(
     config: Path = typer.Argument(..., help="A mergekit-evolve genome config (YAML)."),

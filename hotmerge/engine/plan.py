@@ -1,0 +1,75 @@
+"""The memory plan of a run, computed from config.json and safetensors headers alone.
+
+Where every byte goes on the device that holds the live model: the live weights,
+the resident base and sources, the per-tensor statistics, and the room left for
+the inference engine's KV cache.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from hotmerge.engine.config import ValidatedConfig
+
+BYTES_PER_ELEMENT = 2  # bf16 everywhere
+# Per (model, tensor): cumulative histogram over the 32768 |x| bit patterns (int64),
+# for methods that rank magnitudes (ties, breadcrumbs, della).
+HISTOGRAM_BYTES = 32768 * 8
+RANKING_METHODS = ("ties", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear")
+
+
+def default_popsize(genome_size: int) -> int:
+    """pycma's default population size."""
+    return 4 + int(3 * math.log(genome_size))
+
+
+@dataclass
+class MemoryPlan:
+    rows: list[tuple[str, int]]  # (what, bytes)
+    device: str
+    device_total: int | None
+    genome_shape: tuple[int, ...]
+    genome_size: int
+    population: int
+
+    @property
+    def resident(self) -> int:
+        return sum(b for _, b in self.rows)
+
+    @property
+    def kv_room(self) -> int | None:
+        return None if self.device_total is None else self.device_total - self.resident
+
+
+def memory_plan(validated: ValidatedConfig, population_size: int | None = None,
+                device_total: int | None = None, device: str = "cpu") -> MemoryPlan:
+    genome_cfg = validated.config.genome
+    ref = validated.reference
+    model_bytes = sum(t.numel for t in ref.tensors.values()) * BYTES_PER_ELEMENT
+    n_models = len(genome_cfg.models)
+    rows = [("live model", model_bytes)]
+    if genome_cfg.base_model is not None:
+        rows.append(("base (resident)", model_bytes))
+    rows.append((f"sources: {n_models} models (resident)", n_models * model_bytes))
+    if genome_cfg.merge_method in RANKING_METHODS:
+        rows.append(("statistics: magnitude histograms", n_models * len(ref.tensors) * HISTOGRAM_BYTES))
+    genome = validated.genome()
+    return MemoryPlan(rows=rows, device=device, device_total=device_total,
+                      genome_shape=genome.shape, genome_size=genome.size,
+                      population=population_size or default_popsize(genome.size))
+
+
+def local_device_memory(device: str | None = None) -> tuple[str, int | None]:
+    """(device name, total bytes) of the device a run would use here."""
+    import torch
+
+    if (device or "").startswith("cuda") or (device is None and torch.cuda.is_available()):
+        props = torch.cuda.get_device_properties(0)
+        return props.name, props.total_memory
+    try:
+        import os
+
+        return "cpu", os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return "cpu", None
