@@ -179,13 +179,18 @@ def evolve(
     from hotmerge.engine.run import EvolveOptions, evolve as run_evolve
 
     if wandb:
-        raise ConfigError("--wandb is not available in this version: leave it off (history.jsonl has every result)")
+        from hotmerge.engine.sinks import require_wandb
+
+        require_wandb()  # one-line exit 2 before any work when wandb is not installed
+    elif wandb_project or wandb_entity:  # mergekit-evolve ignores them too; say so
+        console.print("note: --wandb-project/--wandb-entity do nothing without --wandb", highlight=False)
     options = EvolveOptions(
         storage_path=storage_path, max_fevals=max_fevals, sigma0=sigma0,
         population_size=force_population_size, random_seed=random_seed, timeout=timeout,
         task_search_path=tuple(task_search_path), batch_size=batch_size, vllm=vllm,
         tensor_parallel_size=tensor_parallel_size, resume=resume,
         save_final_model=save_final_model, quiet=quiet, device=device,
+        wandb=wandb, wandb_project=wandb_project, wandb_entity=wandb_entity,
     )
     best = run_evolve(config, options, console=console)
     if best is not None:
@@ -297,6 +302,31 @@ def export(
         x = genome.x0() if x0 else _read_genotype(genotype, genome.size)
     export_merge(validated, x, out_dir, seed=random_seed)
     console.print(f"merged model written to {out_dir}")
+
+
+@app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="The --storage-path of a `hotmerge evolve` run (running or finished)."),
+    out: Path = typer.Option(None, help="Folder for the plots and summary.md (default: RUN_DIR/report)."),
+    heldout: str = typer.Option(None, help="Comma-separated tasks: also score the best recipe (and x0) on them."),
+    task_search_path: list[str] = typer.Option([], help="Folder of lm-eval task YAML for --heldout (repeatable)."),
+    vllm: bool = typer.Option(None, "--vllm/--no-vllm", help="Backend for --heldout (default: the run's)."),
+    batch_size: int = typer.Option(None, min=1, help="Evaluation batch size for --heldout."),
+    device: str = typer.Option(None, help="Device for --heldout with transformers (default: cuda if present)."),
+) -> None:
+    """Plots (PNG) and summary.md of a run: progress, best candidate, best genome, Pareto front."""
+    from hotmerge.report import build_report
+
+    backend = None if vllm is None else ("vllm" if vllm else "hf")
+    result = build_report(run_dir, out, heldout=heldout, task_paths=tuple(task_search_path), backend=backend,
+                          device=device, batch_size=batch_size, log=console.print)
+    for name, path in result.files.items():
+        console.print(f"{name}: {path}", highlight=False)
+    if result.best is None:
+        console.print(f"{result.evaluations} evaluations, none successful yet", highlight=False)
+    else:
+        console.print(f"{result.evaluations} evaluations; best score {result.best['score']:.4f} "
+                      f"(generation {result.best['generation']}, candidate {result.best['index']})", highlight=False)
 
 
 def main() -> None:

@@ -131,7 +131,7 @@ class Coordinator:
 
         def finish(index: int, result: dict, rank: int) -> None:
             record = {"generation": generation, "index": index, "rank": rank,
-                      "genotype": candidates[index].tolist(), **result}
+                      "genotype": candidates[index].tolist(), **result, "finished_at": time.time()}
             with self._lock:
                 self.run.append_history(record)
                 self.history[(generation, index)] = record

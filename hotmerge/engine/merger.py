@@ -1,8 +1,9 @@
-"""Apply a decoded recipe to the live weights.
+"""Apply a decoded recipe to the live weights of an in-process (transformers) model.
 
-The sources stay resident; per candidate, every live tensor is merged and the
-result is checked for non-finite values before anything is written, so a failed
-candidate leaves the live model as it was.
+The sources are packed once into the fused engine's flat layout (one segment per
+live tensor); per candidate, the recipe becomes a small coefficient table and one
+fused pass writes every live tensor in place. A candidate that would produce
+non-finite values raises before anything is written.
 """
 
 from __future__ import annotations
@@ -13,11 +14,16 @@ import torch
 from hotmerge.engine.config import ValidatedConfig
 from hotmerge.engine.deltas import ResidentSources
 from hotmerge.engine.errors import ConfigError
-from hotmerge.kernels.reference import merge_tensor
+from hotmerge.kernels import FlatSources, apply, build_table
 
 
-class NonFiniteMerge(FloatingPointError):
-    pass
+def recipe_params(recipe, names: list[str]) -> dict[str, np.ndarray]:
+    """The recipe as per-segment parameter rows: {param: [S, M]} (slerp: t [S], pair [S, 2])."""
+    tensors = [recipe.tensor(name) for name in names]
+    if recipe.method == "slerp":
+        return {"t": np.array([t.t for t in tensors]),
+                "pair": np.array([(t.base, t.other) for t in tensors], dtype=np.int64)}
+    return {key: np.stack([t.params[key] for t in tensors]) for key in tensors[0].params}
 
 
 class Merger:
@@ -29,39 +35,23 @@ class Merger:
                 f"live parameter {unknown[0]} has no tensor of that name in {validated.reference.path}: "
                 "the models must be saved in the transformers layout"
             )
-        self.live = live
+        self.live = [live[name] for name in live]
         self.names = list(live)
-        # Random-stream key per tensor: its position among the source tensor names,
-        # which every runtime and mergekit export see the same way.
-        order = sorted(source_names)
-        self.tensor_keys = {name: order.index(name) for name in self.names}
-        device = next(iter(live.values())).device
-        self.sources = ResidentSources(validated, self.names, device=device)
-        self.seed = seed
-
-    def merge_one(self, recipe, name: str) -> torch.Tensor:
-        tensor = recipe.tensor(name)
-        models = self.sources.models
-        if recipe.method == "slerp":
-            return merge_tensor("slerp", models[tensor.base][name], [models[tensor.other][name]],
-                                {"t": tensor.t}, normalize=False)
-        active = np.flatnonzero(tensor.active)
-        params = {k: np.asarray(v)[active] for k, v in tensor.params.items()}
-        base = self.sources.base[name] if self.sources.base is not None else None
-        return merge_tensor(
-            recipe.method, base, [models[i][name] for i in active], params,
-            normalize=recipe.normalize, lambda_=recipe.lambda_, seed=self.seed,
-            tensor_key=self.tensor_keys[name], model_keys=[int(i) for i in active],
-            rescale=recipe.rescale,
+        device = self.live[0].device
+        sources = ResidentSources(validated, self.names, device=device)
+        self.flat = FlatSources.from_tensors(
+            [[model[name] for name in self.names] for model in sources.models],
+            [sources.base[name] for name in self.names] if sources.base is not None else None,
+            self.names,
+            device=device,
+            dtype=torch.bfloat16,
         )
+        del sources
+        self.seed = seed
 
     @torch.no_grad()
     def apply(self, recipe) -> None:
-        merged = {}
-        for name in self.names:
-            out = self.merge_one(recipe, name)
-            if not torch.isfinite(out).all():
-                raise NonFiniteMerge(f"the merge of {name} has non-finite values; live weights unchanged")
-            merged[name] = out
-        for name, out in merged.items():
-            self.live[name].data.copy_(out)
+        table = build_table(recipe.method, self.flat, recipe_params(recipe, self.names),
+                            normalize=recipe.normalize, rescale=recipe.rescale,
+                            lambda_=recipe.lambda_, seed=self.seed)
+        apply(self.flat, table, [p.data for p in self.live])

@@ -38,6 +38,12 @@ class EvolveOptions:
     save_final_model: bool = True
     quiet: bool = False
     device: str | None = None
+    # Result sinks (engine/sinks.py), rank 0 only. tensorboard None: on when tensorboard imports.
+    wandb: bool = False
+    wandb_project: str | None = None
+    wandb_entity: str | None = None
+    csv: bool = True
+    tensorboard: bool | None = None
 
 
 # Changing any of these makes a different run: resuming with other values is refused.
@@ -70,6 +76,10 @@ def evolve(config_path: Path, options: EvolveOptions, console=None) -> dict | No
 
     console = console or Console()
     log = console.print
+    if options.wandb:
+        from hotmerge.engine.sinks import require_wandb
+
+        require_wandb()
     cfg = load_config(config_path)
     validated = validate_config(cfg)
     genome = validated.genome()
@@ -118,9 +128,13 @@ def evolve(config_path: Path, options: EvolveOptions, console=None) -> dict | No
     best = {"score": None}
 
     view = ProgressView(console, quiet=options.quiet)
+    from hotmerge.engine.sinks import open_sinks
+
+    sinks = open_sinks(run, options, log=log)
 
     def on_result(record: dict) -> None:
         view.update(coordinator.progress, record)
+        sinks.log(record, coordinator.progress)
         score = record.get("score")
         if score is not None and (best["score"] is None or score > best["score"]):
             best.update(record)
@@ -139,6 +153,7 @@ def evolve(config_path: Path, options: EvolveOptions, console=None) -> dict | No
             coordinator.run_loop()
     finally:
         signal.signal(signal.SIGTERM, previous)
+        sinks.close()
     if best["score"] is None:
         raise RunFailed(f"every candidate failed: see the errors in {run.history_file}")
     run.save_best(genome.to_mergekit_config(best["genotype"], names))

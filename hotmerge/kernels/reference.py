@@ -12,14 +12,21 @@ Semantics, and where they knowingly differ from mergekit:
   mergekit rounds to bf16 after every step; per-model weights (and DARE's density)
   are rounded to the working dtype first, because mergekit builds its weight tensor
   in that dtype (a configured weight of 0.3 acts as 0.30078125).
-* Magnitude pruning (ties) keeps every element whose |delta| is >= the k-th largest
-  |delta|, k = max(1, int(density * numel)). mergekit keeps exactly k (argsort
-  order breaks ties), so the two differ only at elements whose |delta| equals the
-  threshold. magnitude_outliers (breadcrumbs) keeps the |delta| range between the
-  two order statistics that mergekit's sorted slice spans, with the same caveat at
-  both ends. Ranking uses the bit pattern of |delta| (|x| of a bf16/fp16 value
-  orders as its 15 low bits), so the fused engine can find the same cut points
-  from a per-tensor histogram instead of a sort.
+* Magnitude pruning keeps the ascending |delta| ranks [r0, r1] that mergekit's
+  sorted slice keeps (ties: the top k = max(1, int(density * numel)); breadcrumbs'
+  magnitude_outliers: between the dropped smallest and the dropped top gamma).
+  Ranking uses the bit pattern of |delta| (|x| of a bf16/fp16 value orders as its
+  15 low bits), so the fused engine finds the cut keys lo = key(r0), hi = key(r1)
+  from a per-tensor histogram instead of a sort (stats.py). Every element strictly
+  between lo and hi is kept. Elements whose key equals a cut key are where mergekit's
+  argsort breaks ties by an implementation-defined order; deltas of bf16 weights are
+  multiples of the weights' ulp, so such ties are common (a cut bin can hold a
+  sizeable share of the kept elements). Keeping all of them would overshoot k, so
+  each is kept with probability (mergekit's count in that bin) / (bin size), from
+  the same counter-based random bits as DARE: the expected kept count is exactly
+  mergekit's, and only which of the equal-magnitude elements survive differs.
+  The rescale of a magnitude mask uses mergekit's exact kept L1 (bin counts times
+  the bin's |delta|).
 * Random masks (dare, della) come from a counter-based hash, not torch.bernoulli:
   the bit for element e of model m in tensor k under seed s is a pure function of
   (s, m, k, e), so the Triton kernel reproduces the mask bit for bit, nothing is
@@ -52,7 +59,7 @@ import torch
 # Method table (mergekit 0.1.5 registry defaults)
 
 SPARSE_NONE = 0  # keep every delta
-SPARSE_RANGE = 1  # keep |delta| keys in [lo, hi] (ties magnitude, breadcrumbs outliers)
+SPARSE_RANGE = 1  # keep |delta| keys in (lo, hi), a share of lo and hi (ties, breadcrumbs)
 SPARSE_RANDOM = 2  # keep with probability density (dare)
 SPARSE_RANKED = 3  # keep with a probability linear in the row rank of |delta| (della)
 
@@ -113,14 +120,14 @@ def get_method(name: str) -> MethodSpec:
 # ---------------------------------------------------------------------------
 # Counter-based random bits
 #
-# u24(e) = mix32(mix32((e + k1) mod 2^32) XOR k2) >> 8, a 24-bit uniform integer.
-# mix32 is the "lowbias32" integer finalizer (xorshift-multiply, bijective on
-# 32-bit words, avalanche bias ~0.17%); two rounds with independent stream keys
-# decorrelate streams whose e + k1 happen to coincide. (k1, k2) are the two
-# halves of splitmix64 applied to (seed, model key, tensor key), computed on the
-# host. e is the element's flat index in its source tensor (< 2^32).
-# A keep test is `u24 < threshold` with an integer threshold round(p * 2^24),
-# so the torch and Triton paths agree bit for bit with no float comparisons.
+# u24(e) = lowbias32((e * mult + k1) mod 2^32) >> 8, a 24-bit uniform integer.
+# This is SplitMix's construction on 32-bit words: a counter times an odd per-stream
+# multiplier ("gamma" in SplitMix) plus a per-stream offset, through a strong
+# finalizer. lowbias32 is Wellons' xorshift-multiply hash (bijective on 32-bit
+# words, avalanche bias ~0.17%). (k1, mult) come from splitmix64 over
+# (seed, model key, tensor key), computed on the host; e is the element's flat index in its source tensor (< 2^32). A keep test
+# is `u24 < threshold` with an integer threshold round(p * 2^24), so the torch and
+# Triton paths agree bit for bit with no float comparisons.
 
 MASK32 = 0xFFFFFFFF
 MASK64 = 0xFFFFFFFFFFFFFFFF
@@ -135,32 +142,52 @@ def _splitmix64(z: int) -> int:
 
 
 def stream_keys(seed: int, model_key: int, tensor_key: int) -> tuple:
-    """(k1, k2): the 32-bit keys of the random stream of one (seed, model, tensor)."""
+    """(k1, mult): offset and odd multiplier of the random stream of one
+    (seed, model, tensor), as 32-bit words."""
     z = _splitmix64(int(seed) & MASK64)
     z = _splitmix64(z ^ (int(model_key) & MASK64))
     z = _splitmix64(z ^ (int(tensor_key) & MASK64))
-    return z & MASK32, z >> 32
+    return z & MASK32, (z >> 32) | 1
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    # (x * c) mod 2^32 for int64 x in [0, 2^32), split so no int64 product overflows
-    lo, hi = c & 0xFFFF, c >> 16
-    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & MASK32
+def _i32(c: int) -> int:
+    """A 32-bit word as the int32 with the same bits."""
+    c &= MASK32
+    return c - (1 << 32) if c >= 1 << 31 else c
 
 
-def mix32(x: torch.Tensor) -> torch.Tensor:
-    """lowbias32 finalizer on int64 tensors holding 32-bit words."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
+def lowbias32_(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 in place on an int32 tensor of 32-bit words.
+
+    int32 multiplication wraps modulo 2^32 in torch's kernels (only the bits
+    matter); the right shifts are masked to make them logical."""
+    x ^= (x >> 16) & 0xFFFF
+    x *= _i32(0x7FEB352D)
+    x ^= (x >> 15) & 0x1FFFF
+    x *= _i32(0x846CA68B)
+    x ^= (x >> 16) & 0xFFFF
+    return x
 
 
-def random_u24(index: torch.Tensor, k1: int, k2: int) -> torch.Tensor:
-    """24-bit uniform integers (int64) for element indices `index` of one stream."""
-    x = (index.to(torch.int64) + k1) & MASK32
-    return mix32(mix32(x) ^ k2) >> 8
+def random_u24(index: torch.Tensor, k1: int, mult: int) -> torch.Tensor:
+    """24-bit uniform integers (int32) for element indices `index` of one stream
+    with offset k1 and odd multiplier mult (stream_keys)."""
+    if index.dtype != torch.int32:
+        x = index.to(torch.int64) & MASK32
+        index = (x - ((x >> 31) << 32)).to(torch.int32)  # same low 32 bits, as int32
+    x = index * _i32(mult)
+    x += _i32(k1)
+    lowbias32_(x)
+    x >>= 8
+    x &= 0xFFFFFF
+    return x
+
+
+def element_indices(start: int, stop: int, device=None) -> torch.Tensor:
+    """Element indices [start, stop) for random_u24 (int32 bits when possible)."""
+    if stop <= 1 << 31:
+        return torch.arange(start, stop, dtype=torch.int32, device=device)
+    return torch.arange(start, stop, dtype=torch.int64, device=device)
 
 
 def prob_threshold(p: float) -> int:
@@ -246,6 +273,58 @@ def outlier_rank_range(n: int, density: float, gamma: float) -> Optional[tuple]:
     return n_bot, end - 1
 
 
+@dataclass(frozen=True)
+class RangeCut:
+    """A magnitude pruner's kept set: keys strictly inside (lo, hi), and elements
+    with key == lo (== hi) when u24 < q_lo (q_hi). n_lo / n_hi: how many elements
+    mergekit keeps in the lo / hi bins (n_hi = 0 when lo == hi)."""
+
+    lo: int
+    hi: int
+    q_lo: int
+    q_hi: int
+    n_lo: int = 0
+    n_hi: int = 0
+
+
+KEEP_ALL = RangeCut(0, KEY_MAX, U24, U24)
+KEEP_NONE = RangeCut(1, 0, 0, 0)
+
+
+def range_cut(r0: int, r1: int, key_at, bin_span) -> RangeCut:
+    """Cut for ascending ranks [r0, r1] given key_at(rank) -> key and
+    bin_span(key) -> (first rank, last rank) of the elements with that key."""
+    lo, hi = key_at(r0), key_at(r1)
+    lo_first, lo_last = bin_span(lo)
+    if lo == hi:
+        n = r1 - r0 + 1
+        q = prob_threshold(n / (lo_last - lo_first + 1))
+        return RangeCut(lo, hi, q, q, n, 0)
+    hi_first, hi_last = bin_span(hi)
+    n_lo, n_hi = lo_last - r0 + 1, r1 - hi_first + 1
+    return RangeCut(lo, hi, prob_threshold(n_lo / (lo_last - lo_first + 1)),
+                    prob_threshold(n_hi / (hi_last - hi_first + 1)), n_lo, n_hi)
+
+
+def magnitude_cut(sparsify: str, n: int, density: float, gamma: float, key_at, bin_span) -> RangeCut:
+    """RangeCut of mergekit's magnitude / magnitude_outliers for 0 < density < 1."""
+    if sparsify == "magnitude":
+        ranks = ties_rank_range(n, density)
+    else:
+        ranks = outlier_rank_range(n, density, gamma)
+    return KEEP_NONE if ranks is None else range_cut(ranks[0], ranks[1], key_at, bin_span)
+
+
+def key_value(key: int, dtype: torch.dtype) -> float:
+    """|delta| of a magnitude key."""
+    return float(torch.tensor([key], dtype=torch.int16).view(dtype).double())
+
+
+def range_keep(keys: torch.Tensor, u: torch.Tensor, cut: RangeCut) -> torch.Tensor:
+    inside = (keys > cut.lo) & (keys < cut.hi)
+    return inside | ((keys == cut.lo) & (u < cut.q_lo)) | ((keys == cut.hi) & (u < cut.q_hi))
+
+
 def slerp_coefficients(t: float, norm_a: float, norm_b: float, dot_ab: float) -> tuple:
     """(s0, s1) as float32 values so that slerp(t, a, b) = s0*a + s1*b.
 
@@ -320,43 +399,49 @@ def keep_mask(
     model_key: int = 0,
     tensor_key: int = 0,
 ) -> tuple:
-    """(keep, sparsified): the bool keep mask of one delta (working dtype), and
-    whether sparsification happened at all (mergekit returns the delta untouched
-    for density >= 1, and then does not rescale)."""
+    """(keep, sparsified, l1_kept) for one delta (working dtype, any shape).
+
+    keep: flat bool mask. sparsified: whether a mask applies at all (mergekit returns
+    the delta untouched for density >= 1 and then does not rescale). l1_kept: the
+    masked L1 norm the rescale divides by, when it is known exactly without the mask
+    (magnitude pruners: mergekit's kept counts); None means sum it over `keep`.
+    """
     n = delta.numel()
     flat = delta.reshape(-1)
     all_kept = torch.ones(n, dtype=torch.bool, device=delta.device)
     if spec.sparse_mode == SPARSE_NONE or density >= 1 or n == 0:
-        return all_kept, False
+        return all_kept, False, None
     none_kept = torch.zeros_like(all_kept)
     if density <= 0 and spec.sparse_mode != SPARSE_RANDOM:
-        return none_kept, False  # mergekit returns zeros_like (no rescale)
+        return none_kept, False, None  # mergekit returns zeros_like (no rescale)
+    k1, mult = stream_keys(seed, model_key, tensor_key)
+    u = random_u24(element_indices(0, n, delta.device), k1, mult)
     if spec.sparse_mode == SPARSE_RANGE:
         keys = magnitude_keys(flat)
-        if spec.sparsify == "magnitude":
-            ranks = ties_rank_range(n, density)
-        else:
-            ranks = outlier_rank_range(n, density, gamma)
-        if ranks is None:
-            return none_kept, True
         ordered = torch.sort(keys).values
-        lo, hi = int(ordered[ranks[0]]), int(ordered[ranks[1]])
-        return (keys >= lo) & (keys <= hi), True
-    k1, k2 = stream_keys(seed, model_key, tensor_key)
-    u = random_u24(torch.arange(n, device=delta.device), k1, k2)
+
+        def bin_span(k):
+            first = int(torch.searchsorted(ordered, k, right=False))
+            return first, int(torch.searchsorted(ordered, k, right=True)) - 1
+
+        cut = magnitude_cut(spec.sparsify, n, density, gamma, lambda r: int(ordered[r]), bin_span)
+        mags = flat.double().abs()
+        l1_kept = float(mags[(keys > cut.lo) & (keys < cut.hi)].sum())
+        l1_kept += cut.n_lo * key_value(cut.lo, delta.dtype) + cut.n_hi * key_value(cut.hi, delta.dtype)
+        return range_keep(keys, u, cut), True, l1_kept
     if spec.sparse_mode == SPARSE_RANDOM:
         p = round_param(density, delta.dtype)
-        return u < prob_threshold(p), True
+        return u < prob_threshold(p), True, None
     p0, p1 = della_thresholds(density, epsilon)
     codes = della_rank_codes(magnitude_keys(flat), row_len or default_row_len(delta.shape))
-    return u < p0 + p1 * codes.to(torch.int64), True
+    return u < p0 + p1 * codes.to(torch.int64), True, None
 
 
-def rescale_factor(delta: torch.Tensor, keep: torch.Tensor) -> float:
+def rescale_factor(delta: torch.Tensor, keep: torch.Tensor, l1_kept: Optional[float] = None) -> float:
     """mergekit's L1 rescale ||delta||_1 / ||masked||_1 (float64 sums), 1 if skipped."""
     a = delta.reshape(-1).double().abs()
     before = float(a.sum())
-    after = float(a[keep.reshape(-1)].sum())
+    after = float(a[keep.reshape(-1)].sum()) if l1_kept is None else l1_kept
     if before < RESCALE_EPS or after < RESCALE_EPS:
         return 1.0
     return before / after
@@ -408,12 +493,12 @@ def merge_tensor(
     terms = []  # D_i = w_i * rescale_i * kept delta_i, float32
     for i, x in enumerate(sources):
         delta = (x.float() - b).to(dtype)  # mergekit's delta, in the working dtype
-        keep, sparsified = keep_mask(
+        keep, sparsified, l1_kept = keep_mask(
             spec, delta, density[i], gamma=gamma[i], epsilon=epsilon[i],
             row_len=row_len, seed=seed, model_key=model_keys[i], tensor_key=tensor_key,
         )
         keep = keep.reshape(delta.shape)
-        r = rescale_factor(delta, keep) if (rescale and sparsified) else 1.0
+        r = rescale_factor(delta, keep, l1_kept) if (rescale and sparsified) else 1.0
         scale = _f32(w[i]) * _f32(r)
         terms.append(torch.where(keep, delta.float() * scale, 0.0))
 

