@@ -50,12 +50,12 @@ def main() -> None:
             scores.append(result["score"])
         search.tell(xs, scores)
     n = args.candidates
-    at_50, at_end = rss[49], rss[n - 1]
+    at_50, at_end = rss[min(49, n - 1)], rss[n - 1]
     report = {
         "candidates": n, "backend": args.backend, "failures": failures,
         "rss_after_50_bytes": at_50, "rss_after_last_bytes": at_end, "rss_growth": at_end / at_50 - 1,
         "median_candidate_s_first_100": statistics.median(seconds[:100]),
-        "median_candidate_s_last_100": statistics.median(seconds[n - 100:n]),
+        "median_candidate_s_last_100": statistics.median(seconds[max(0, n - 100):n]),
         "rss_every_50": rss[49:n:50], "versions": versions(),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,8 @@ from hotmerge.engine.errors import ConfigError, RunFailed
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 toy_app = typer.Typer(no_args_is_help=True, help="The embedded toy model family.")
 app.add_typer(toy_app, name="toy")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (their code lives in the checkout's bench/).")
+app.add_typer(bench_app, name="bench")
 console = Console()
 
 
@@ -327,6 +329,21 @@ def report(
     else:
         console.print(f"{result.evaluations} evaluations; best score {result.best['score']:.4f} "
                       f"(generation {result.best['generation']}, candidate {result.best['index']})", highlight=False)
+
+
+@bench_app.command("merge", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench_merge(ctx: typer.Context) -> None:
+    """Merge throughput against the memory-bandwidth floor; options: see --help of bench/merge_bench.py."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "merge_bench.py"
+    if not script.is_file():
+        raise ConfigError(f"{script} not found: run `hotmerge bench` from a source checkout of hotmerge")
+    spec = importlib.util.spec_from_file_location("merge_bench", script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["merge_bench"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    module.main(list(ctx.args))
 
 
 def main() -> None:
