@@ -69,6 +69,31 @@ def original_model_names(config_path: Path, resolved: list[str], base: str | Non
     return names
 
 
+def pin_devices(options: EvolveOptions) -> str | None:
+    """Give each torchrun rank on a node its own GPUs: local rank x tensor-parallel size.
+
+    Returns the transformers device; for vLLM, CUDA_VISIBLE_DEVICES is narrowed to the
+    rank's GPUs before the engine starts."""
+    import os
+
+    import torch
+
+    if options.device is not None or not torch.cuda.is_available():
+        return options.device
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    first = local_rank * options.tensor_parallel_size
+    gpus = list(range(first, first + options.tensor_parallel_size))
+    if gpus[-1] >= torch.cuda.device_count():
+        raise ConfigError(
+            f"rank {local_rank} needs GPUs {gpus} but this node has {torch.cuda.device_count()}: "
+            "use fewer processes per node or a smaller --tensor-parallel-size"
+        )
+    if options.vllm:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
+        return None
+    return f"cuda:{first}"
+
+
 def evolve(config_path: Path, options: EvolveOptions, console=None) -> dict | None:
     from rich.console import Console
 
@@ -89,10 +114,12 @@ def evolve(config_path: Path, options: EvolveOptions, console=None) -> dict | No
     from hotmerge.engine.worker import CandidateWorker
 
     run = RunDir(options.storage_path)
+    if options.resume and not run.exists():
+        raise ConfigError(f"--resume: {run.path} holds no run to resume: drop --resume to start one there")
     if rank == 0:
         meta = {
             "config": yaml.safe_load(config_path.read_text()),
-            "config_path": str(config_path),
+            "config_path": str(Path(config_path).resolve()),
             "seed": options.random_seed,
             "sigma0": options.sigma0,
             "population_size": options.population_size,
@@ -104,12 +131,12 @@ def evolve(config_path: Path, options: EvolveOptions, console=None) -> dict | No
             "command": sys.argv,
         }
         resuming = run.start(meta, RESUME_KEYS)
-        if resuming and not options.resume:
+        if resuming:
             log(f"resuming the run in {run.path}")
     worker = CandidateWorker(
         validated,
         backend="vllm" if options.vllm else "hf",
-        device=options.device,
+        device=pin_devices(options),
         batch_size=options.batch_size,
         seed=options.random_seed,
         task_paths=list(options.task_search_path),
