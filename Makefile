@@ -11,6 +11,7 @@ TOY_DIR ?= .cache/toy
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+export TQDM_DISABLE ?= 1
 
 .PHONY: install demo test clean
 
