@@ -94,6 +94,14 @@ class TaskSuite:
             if not task.instances:
                 raise ConfigError(f"task {name} has no documents in its test split: check its data files")
         self.limit = limit
+        # The documents, materialised once: lm-eval re-renders (and recompiles) each
+        # doc's target and choices templates inside process_results on every call,
+        # which is most of the metric time; those depend on the document only.
+        self.docs = {}
+        for name, task in self.tasks.items():
+            self.docs[name] = list(task.doc_iterator(rank=0, limit=limit, world_size=1))
+            for method in ("doc_to_target", "doc_to_choice"):
+                _memoize_per_document(task, method)
         self.requests: dict[str, list] = defaultdict(list)
         for task in self.tasks.values():
             for instance in task.instances:
@@ -153,7 +161,7 @@ class TaskSuite:
             instances.sort(key=lambda x: x.idx)
         raw: dict[tuple[str, str], list[Any]] = defaultdict(list)
         for filter_key in task.instances[0].filtered_resps:
-            for doc_id, doc in task.doc_iterator(rank=0, limit=self.limit, world_size=1):
+            for doc_id, doc in self.docs[task.config.task]:
                 requests = by_doc[doc_id]
                 metrics = task.process_results(doc, [r.filtered_resps[filter_key] for r in requests])
                 for metric, value in metrics.items():
@@ -163,6 +171,22 @@ class TaskSuite:
             f"{metric},{filter_key}": float(aggregations[metric](items))
             for (metric, filter_key), items in raw.items()
         }
+
+
+def _memoize_per_document(task, method: str) -> None:
+    """Cache task.<method>(doc) per document object (only the one-argument form)."""
+    original = getattr(task, method)
+    cache: dict[int, tuple] = {}
+
+    def cached(doc, *args, **kwargs):
+        if args or kwargs:
+            return original(doc, *args, **kwargs)
+        hit = cache.get(id(doc))
+        if hit is None or hit[0] is not doc:
+            hit = cache[id(doc)] = (doc, original(doc))
+        return hit[1]
+
+    setattr(task, method, cached)
 
 
 def _has_chat_template(lm) -> bool:

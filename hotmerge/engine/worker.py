@@ -16,6 +16,7 @@ class CandidateWorker:
                  batch_size: int | None = None, seed: int = 0, task_paths: list[str] = (),
                  tensor_parallel_size: int = 1):
         cfg = validated.config
+        self.runtime_config = validated
         self.genome = validated.genome()
         started = time.perf_counter()
         if backend == "vllm":

@@ -15,6 +15,8 @@ from hotmerge.toy.world import SKILLS, build_facts, eval_docs
 TASKS_DIR = Path(__file__).parent / "tasks"
 SPLITS = ("search", "heldout")
 VARIANTS = ("mc", "gen")
+# A third kind, scored by rolling loglikelihood (perplexity of the fact sentences).
+ROLLING = "ppl"
 
 LOADER = '''"""Loads a toy task's jsonl from this folder (no network, no hub)."""
 
@@ -72,6 +74,27 @@ metadata:
 """
 
 
+ROLLING_YAML = """task: {task}
+tag: [toy, toy_{split}, toy_ppl]
+custom_dataset: !function toydata.load
+dataset_kwargs:
+  data_file: {data_file}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{question}}}} {{{{answer}}}}"
+metric_list:
+  - metric: word_perplexity
+    aggregation: weighted_perplexity
+    higher_is_better: false
+  - metric: bits_per_byte
+    aggregation: bits_per_byte
+    higher_is_better: false
+metadata:
+  version: 1.0
+"""
+
+
 def task_name(skill: str, variant: str, split: str) -> str:
     return f"toy_{skill}_{variant}_{split}"
 
@@ -95,7 +118,7 @@ def render_tasks(seed: int = 0) -> dict[str, str]:
             data_file = f"{skill}_{split}.jsonl"
             docs = eval_docs(facts, skill, split, seed)
             files[data_file] = "".join(json.dumps(d) + "\n" for d in docs)
-            for variant, template in (("mc", MC_YAML), ("gen", GEN_YAML)):
+            for variant, template in (("mc", MC_YAML), ("gen", GEN_YAML), (ROLLING, ROLLING_YAML)):
                 name = task_name(skill, variant, split)
                 files[f"{name}.yaml"] = template.format(task=name, split=split, data_file=data_file)
     return files
