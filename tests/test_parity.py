@@ -159,3 +159,43 @@ def _tensor(path: str, name: str) -> torch.Tensor:
     if path not in _TENSORS:
         _TENSORS[path] = load_file(f"{path}/model.safetensors")
     return _TENSORS[path][name]
+
+
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic", "slerp"])
+def test_other_architecture_with_biases_and_tied_embeddings(tmp_path, method):
+    """Qwen2 layout: attention biases and tied input/output embeddings."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=96, tie_word_embeddings=True)
+    base = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    base.save_pretrained(tmp_path / "base")
+    paths = []
+    for i in range(3):
+        with torch.no_grad():
+            variant = Qwen2ForCausalLM(config).to(torch.bfloat16)
+            variant.load_state_dict(base.state_dict())
+            for p in variant.parameters():
+                p.add_(torch.randn_like(p) * 0.01)
+        variant.save_pretrained(tmp_path / f"m{i}")
+        paths.append(str(tmp_path / f"m{i}"))
+    genome = {"models": paths, "merge_method": method, "layer_granularity": 2}
+    if method == "slerp":
+        genome["models"] = [str(tmp_path / "base"), *paths]
+    else:
+        genome["base_model"] = str(tmp_path / "base")
+    validated = validate_config(parse_config({"genome": genome, "tasks": ["toy_sum_mc_search"]}))
+    assert any("bias" in name for name in validated.reference.tensors)
+    g = validated.genome()
+    x = np.random.default_rng(7).uniform(0.1, 1.0, g.size)
+    theirs = mergekit_merge(g.to_mergekit_config(x), tmp_path / "mergekit")
+    ours = hotmerge_merge(validated, x)
+    recipe = g.decode(x)
+    assert set(ours) <= set(theirs)
+    for name, a in ours.items():
+        b = theirs[name].float()
+        tolerance = ULPS * torch.maximum(a.float().abs(), b.abs()) * 2.0 ** -7 + intermediate_rounding(
+            validated, name, b)
+        bad = ((a.float() - b).abs() > tolerance) & ~ambiguous_elements(validated, recipe, name)
+        assert not bad.any(), (name, int(bad.sum()))
