@@ -1,4 +1,4 @@
-"""The `hotmerge` command line."""
+"""hotmerge: search merge recipes of fine-tuned models with CMA-ES, every candidate merged in place into a resident model."""
 
 from __future__ import annotations
 
