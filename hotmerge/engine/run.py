@@ -174,7 +174,10 @@ def evolve(config_path: Path, options: EvolveOptions, console=None) -> dict | No
         if score is not None and (best["score"] is None or score > best["score"]):
             best.update(record)
     previous = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, lambda *_: setattr(coordinator, "stop_requested", True))
+    if world == 1:
+        # Alone, SIGTERM stops after the candidate in flight. Under torchrun the agent
+        # sends SIGTERM to restart the group after a rank died: exit at once then.
+        signal.signal(signal.SIGTERM, lambda *_: setattr(coordinator, "stop_requested", True))
     try:
         with view:
             coordinator.run_loop()
