@@ -438,6 +438,179 @@ def test_slerp_genes_decoding():
 
 
 # ---------------------------------------------------------------------------
+# (c2) the CPU fast path (fused._merge_segment_fast) against the chunk path
+# (merge_chunk_torch), bit for bit. Small steps (monkeypatched) make these small
+# layouts run through many steps, each split into one part per thread.
+
+
+def _zero_edge_layout(seed, dtype=torch.bfloat16):
+    """Sources with every zero and sign case the fast path's sums must respect:
+    base +0 / -0, deltas -0 (X = -0, B = +0), +0 (X = B, also B = X = -0), tiny
+    deltas next to large ones (an L1 norm that float64 cannot sum exactly)."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(40, 33), (700,), (9,), (1,), (64, 20)]
+    base = [torch.randn(s, generator=g) * 0.02 for s in shapes]
+    models = [[b + torch.randn(b.shape, generator=g) * 4e-4 for b in base] for _ in range(M)]
+    for b, *xs in zip(base, *models):
+        bf, n = b.view(-1), b.numel()
+        idx = torch.randperm(n, generator=g)[: max(1, n // 4)]
+        q = max(1, len(idx) // 4)
+        bf[idx[:q]] = 0.0
+        bf[idx[q: 2 * q]] = -0.0
+        for x in xs:
+            xf = x.view(-1)
+            xf[idx[: q // 2]] = -0.0  # delta -0
+            xf[idx[q: 2 * q]] = -0.0  # -0 - -0: delta +0 on a -0 base
+            xf[idx[2 * q: 3 * q]] = bf[idx[2 * q: 3 * q]]  # delta 0
+    base[0].view(-1)[:5] = 1e-30  # tiny deltas in the first tensor
+    for mm in models:
+        mm[0].view(-1)[:5] = 3e-30
+    base = [b.to(dtype) for b in base]
+    models = [[x.to(dtype) for x in mm] for mm in models]
+    flat = F.FlatSources.from_tensors(models, base, names=[f"edge.{j}" for j in range(len(shapes))])
+    for j, s in enumerate(flat.segments):
+        s.param_row = j % 2
+    return flat
+
+
+def _apply_or_bad(flat, table, out):
+    """apply, returning the segments it refused (None when it wrote)."""
+    try:
+        F.apply(flat, table, out, backend="torch")
+    except F.NonFiniteMergeError as err:
+        return err.segments
+    return None
+
+
+FAST_WEIGHTS = {
+    "positive": [[0.5, 0.3, 0.8], [0.9, 0.2, 0.6]],
+    "mixed": [[0.6, -0.4, 0.5], [-0.3, 0.9, 0.2]],
+    "negative": [[-0.5, -0.3, -0.7], [-0.6, -0.2, -0.9]],
+    "zero_tiny": [[0.7, 0.0, 2.0**-20], [0.0, 0.0, 0.0]],
+}
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fast_path_equals_chunk_path(monkeypatch, threads, dtype):
+    monkeypatch.setattr(F, "_GRAIN", 16)
+    monkeypatch.setattr(F, "_COLS", 96)
+    flat = _zero_edge_layout(seed=21, dtype=dtype)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for method in sorted(R.METHODS):
+            for wname, w in FAST_WEIGHTS.items():
+                for normalize in (False, True):
+                    if method == "slerp":
+                        params = {"t": [0.3, 0.8], "pair": [[0, 2], [1, 0]]}
+                    else:
+                        params = {"weight": np.array(w), "density": np.array([[0.4, 0.6, 0.5], [1.0, 0.5, 0.0]]),
+                                  "gamma": 0.05, "epsilon": 0.1}
+                    table = F.build_table(method, flat, params, normalize=normalize,
+                                          lambda_=0.7 if normalize else 1.0, seed=5)
+                    fast, slow = (torch.full((flat.total,), 3.0, dtype=dtype) for _ in range(2))
+                    raised = [_apply_or_bad(flat, table, fast)]
+                    with monkeypatch.context() as mp:
+                        mp.setattr(F, "_fast_ok", lambda flat: False)
+                        raised.append(_apply_or_bad(flat, table, slow))
+                    assert raised[0] == raised[1], (method, wname, normalize)
+                    assert torch.equal(fast.view(torch.int16), slow.view(torch.int16)), (method, wname, normalize)
+                    if method == "slerp":
+                        break
+    finally:
+        torch.set_num_threads(prev)
+
+
+@pytest.mark.parametrize("variant", ["streamed", "cache_too_small", "not_streamed"])
+def test_fast_path_random_masks(monkeypatch, variant):
+    """DARE / DELLA rescale: masked L1 per segment then the merge (cached masked
+    deltas, or recomputed), or the L1 pass over all segments first."""
+    monkeypatch.setattr(F, "_GRAIN", 16)
+    monkeypatch.setattr(F, "_COLS", 96)
+    if variant == "cache_too_small":
+        monkeypatch.setattr(F, "_CACHE_BYTES", 64)
+    if variant == "not_streamed":
+        monkeypatch.setattr(F, "_stream_ok", lambda flat, table: False)
+    flat = _zero_edge_layout(seed=22)
+    # deltas of 2^30 next to ~1e-3 ones: the masked L1 there takes the reference summation
+    seg = flat.segments[1]
+    flat.models[0, seg.offset: seg.offset + 40] = 2.0 ** 30
+    flat.stats = None
+    for method in ("dare_ties", "dare_linear", "della", "della_linear"):
+        for w in FAST_WEIGHTS.values():
+            params = {"weight": np.array(w), "density": np.array([[0.4, 0.6, 0.5], [1.0, 0.5, 0.0]]),
+                      "epsilon": 0.1}
+            table = F.build_table(method, flat, params, normalize=True, seed=7)
+            fast = torch.zeros(flat.total, dtype=torch.bfloat16)
+            F.apply(flat, table, fast, backend="torch")
+            with monkeypatch.context() as mp:
+                mp.setattr(F, "_fast_ok", lambda flat: False)
+                slow = torch.zeros(flat.total, dtype=torch.bfloat16)
+                F.apply(flat, table, slow, backend="torch")
+                kept_slow = F._l1_kept_torch(flat, table)
+            assert torch.equal(fast.view(torch.int16), slow.view(torch.int16)), (method, w)
+            assert np.array_equal(F._l1_kept_torch(flat, table), kept_slow, equal_nan=True)
+
+
+def test_l1_exactness_guard(monkeypatch):
+    """The fast masked L1 sums in its own order, so it is used only where every
+    float64 summation order gives the same value; other (segment, model) pairs are
+    summed by the reference loop."""
+    flat = _zero_edge_layout(seed=24)
+    seg = flat.segments[1]
+    flat.models[0, seg.offset: seg.offset + 40] = 2.0 ** 30  # next to deltas ~1e-3
+    flat.stats = None
+    table = F.build_table("dare_linear", flat, {"weight": [0.5, 0.3, 0.8], "density": 0.5},
+                          normalize=False, seed=3)
+    assert not F._l1_sum_is_exact(flat, 1, 0)
+    assert F._l1_sum_is_exact(flat, 1, 1) and F._l1_sum_is_exact(flat, 4, 0)
+    # where accepted: any order of the float64 sum gives the same bits
+    s4 = flat.segments[4]
+    a = (flat.models[0, s4.offset: s4.offset + s4.numel].float()
+         - flat.base[s4.offset: s4.offset + s4.numel].float()).bfloat16().double().abs()
+    g = torch.Generator().manual_seed(0)
+    sums = {float(a[torch.randperm(len(a), generator=g)].cumsum(0)[-1]) for _ in range(5)}
+    assert len(sums | {float(a.sum()), float(a.flip(0).cumsum(0)[-1])}) == 1
+    # where rejected: the reference summation is used
+    calls = []
+    ref = F._l1_kept_reference
+    monkeypatch.setattr(F, "_l1_kept_reference",
+                        lambda flat, table, j, m: calls.append((j, m)) or ref(flat, table, j, m))
+    F._l1_kept_torch(flat, table)
+    assert (1, 0) in calls and (1, 1) not in calls
+
+
+def test_fast_path_matches_reference_on_edges(monkeypatch):
+    """The fast path against the per-tensor oracle itself, on the zero-edge layout."""
+    monkeypatch.setattr(F, "_GRAIN", 16)
+    monkeypatch.setattr(F, "_COLS", 96)
+    flat = _zero_edge_layout(seed=23)
+    base = [flat.base[s.offset: s.offset + s.numel].clone() for s in flat.segments]
+    models = [[flat.models[m, s.offset: s.offset + s.numel].clone() for s in flat.segments] for m in range(M)]
+    for method in ("task_arithmetic", "ties", "linear", "dare_linear"):
+        params = {"weight": np.array(FAST_WEIGHTS["negative"]), "density": np.full((2, M), 0.5)}
+        table = F.build_table(method, flat, params, normalize=False, seed=2)
+        out = torch.zeros(flat.total, dtype=torch.bfloat16)
+        F.apply(flat, table, out, backend="torch")
+        assert torch.equal(_gather(flat, out).view(torch.int16),
+                           _expected(flat, base, models, method, params, normalize=False, seed=2).view(torch.int16))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_torch_half_subtraction_rounds_once(dtype):
+    """The fast path computes deltas as one subtraction in the source dtype; torch
+    evaluates it in float32 and rounds once, i.e. exactly (x.float() - b.float()).to(dtype)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(-32768, 32768, (1 << 20,), generator=g, dtype=torch.int32).to(torch.int16).view(dtype)
+    b = torch.randint(-32768, 32768, (1 << 20,), generator=g, dtype=torch.int32).to(torch.int16).view(dtype)
+    want = (x.float() - b.float()).to(dtype)
+    got = x - b
+    same = got.view(torch.int16) == want.view(torch.int16)
+    assert bool((same | want.isnan() & got.isnan()).all())
+
+
+# ---------------------------------------------------------------------------
 # (f) non-finite protection
 
 
