@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from hotmerge.kernels import cpu_native as native
 from hotmerge.kernels import fused as F
 from hotmerge.kernels import reference as R
 from hotmerge.kernels.stats import MagnitudeHistogram
@@ -490,9 +491,35 @@ FAST_WEIGHTS = {
 }
 
 
+def _native(monkeypatch, on: bool) -> None:
+    """Switch the compiled CPU kernel on or off; on, split its work into small parts."""
+    monkeypatch.setenv("HOTMERGE_NATIVE", "1" if on else "0")
+    if on:
+        assert native.available(), f"the native CPU kernel did not build: {native.failure()}"
+        monkeypatch.setattr(native, "MIN_PER_THREAD", 16)
+
+
+def test_native_kernel_is_used_for_elementwise_methods(monkeypatch):
+    _native(monkeypatch, True)
+    flat = _zero_edge_layout(seed=20)
+    calls = []
+    for name in ("combine", "sum_deltas"):
+        real = getattr(native, name)
+        monkeypatch.setattr(native, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    for method in ("linear", "task_arithmetic", "slerp", "ties"):
+        params = {"t": 0.3, "pair": [0, 2]} if method == "slerp" else {"weight": [0.5, 0.3, 0.8], "density": 0.5}
+        F.apply(flat, F.build_table(method, flat, params, normalize=False), torch.zeros(flat.total, dtype=torch.bfloat16))
+    # linear and slerp combine sources, task_arithmetic sums deltas; TIES' masks stay in torch
+    assert calls.count("combine") == 2 * len(flat.segments)
+    assert calls.count("sum_deltas") == len(flat.segments)
+
+
 @pytest.mark.parametrize("threads", [2, 3])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_fast_path_equals_chunk_path(monkeypatch, threads, dtype):
+@pytest.mark.parametrize("dtype,use_native", [(torch.bfloat16, True), (torch.bfloat16, False),
+                                              (torch.float16, False)],  # native: bf16 only
+                         ids=["bf16-native", "bf16-torch", "fp16-torch"])
+def test_fast_path_equals_chunk_path(monkeypatch, threads, dtype, use_native):
+    _native(monkeypatch, use_native)
     monkeypatch.setattr(F, "_GRAIN", 16)
     monkeypatch.setattr(F, "_COLS", 96)
     flat = _zero_edge_layout(seed=21, dtype=dtype)
@@ -581,8 +608,10 @@ def test_l1_exactness_guard(monkeypatch):
     assert (1, 0) in calls and (1, 1) not in calls
 
 
-def test_fast_path_matches_reference_on_edges(monkeypatch):
+@pytest.mark.parametrize("use_native", [True, False], ids=["native", "torch"])
+def test_fast_path_matches_reference_on_edges(monkeypatch, use_native):
     """The fast path against the per-tensor oracle itself, on the zero-edge layout."""
+    _native(monkeypatch, use_native)
     monkeypatch.setattr(F, "_GRAIN", 16)
     monkeypatch.setattr(F, "_COLS", 96)
     flat = _zero_edge_layout(seed=23)

@@ -37,6 +37,9 @@ reuse, integer masks, consensus without bool tensors) that computes the same bit
 see the comment above _GRAIN for why each change cannot alter a result. For random
 masks with rescale, segments are measured and written one at a time, the masked
 deltas kept in between, when no candidate outcome can be non-finite (_stream_ok).
+Within the fast path, bf16 segments of linear, slerp and unmasked delta sums
+(task_arithmetic) go through the compiled C kernel (cpu_native), one pass per element
+block with the same float32 operations, when a C compiler is there to build it.
 
 Non-finite results: a merged value can only be non-finite if a source is, or if the
 coefficients make it overflow. `apply` first bounds every segment's output from
@@ -59,6 +62,7 @@ from typing import List, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from . import cpu_native as native
 from . import reference as R
 from .stats import SourceStats, compute_stats
 
@@ -682,6 +686,11 @@ def _fast_ok(flat: FlatSources) -> bool:
     return flat.device.type == "cpu"
 
 
+def _native_ok(flat: FlatSources) -> bool:
+    """Whether the compiled CPU kernel (cpu_native) can write this family's segments."""
+    return flat.dtype == torch.bfloat16 and native.available()
+
+
 def _fast_segment_ok(seg: Segment) -> bool:
     return seg.elem_offset + seg.numel <= 1 << 31  # int32 element indices
 
@@ -946,6 +955,11 @@ def _merge_segment_fast(flat: FlatSources, table: CoefficientTable, scale: np.nd
         rows = [m for m in range(flat.n_models) if table.coef[j, m] != 0]
         ccol = _cols([float(table.coef[j, m]) for m in rows], f32, dev) if rows else None
         div = float(table.div[j])
+        if rows and _native_ok(flat):
+            native.combine([flat.models[m, seg.offset: seg.offset + seg.numel] for m in rows],
+                           [float(table.coef[j, m]) for m in rows], True, div,
+                           _out_slice(out, flat, j, 0, seg.numel))
+            return
         div_t = _f32(div)
         for lo, hi, P in _steps(seg.numel, threads):
             h = (hi - lo) // P
@@ -979,6 +993,12 @@ def _merge_segment_fast(flat: FlatSources, table: CoefficientTable, scale: np.nd
     else:
         div = float(table.div[j]) if table.normalize else 1.0
         fix = _sum_fix_needed([float(scale[j, m]) for m in rows])
+        if k and not plan.active and cache is None and _native_ok(flat):
+            span = slice(seg.offset, seg.offset + seg.numel)
+            native.sum_deltas([flat.models[m, span] for m in rows], flat.base[span],
+                              [float(scale[j, m]) for m in rows], fix, div, lam,
+                              _out_slice(out, flat, j, 0, seg.numel))
+            return
     div_t = _f32(div)
     for lo, hi, P in _steps(seg.numel, threads):
         h = (hi - lo) // P
