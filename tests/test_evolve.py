@@ -100,7 +100,7 @@ def test_killed_run_resumes_without_losing_evaluations(toy_family, reference_run
 def test_torchrun_two_ranks_share_the_work(reference_run, tmp_path):
     config, reference_dir = reference_run
     run_dir = tmp_path / "run"
-    cmd = [TORCHRUN, "--nproc_per_node=2", "--master_port=29517", "-m", "hotmerge",
+    cmd = [TORCHRUN, "--nproc_per_node=2", f"--master_port={_free_port()}", "-m", "hotmerge",
            *evolve_cmd(config, run_dir, 24)[3:]]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -108,6 +108,55 @@ def test_torchrun_two_ranks_share_the_work(reference_run, tmp_path):
     assert ranks == {0, 1}
     # Scores do not depend on which rank evaluated a candidate.
     assert outcome(run_dir) == outcome(reference_dir)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rank_pid(parent: int, local_rank: int) -> int | None:
+    """The pid of torchrun's worker with the given LOCAL_RANK, if it runs."""
+    import psutil
+
+    for child in psutil.Process(parent).children(recursive=True):
+        try:
+            if child.environ().get("LOCAL_RANK") == str(local_rank) and "hotmerge" in " ".join(child.cmdline()):
+                return child.pid
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return None
+
+
+def test_torchrun_restarts_a_crashed_rank_and_resumes(reference_run, tmp_path):
+    config, reference_dir = reference_run
+    run_dir = tmp_path / "run"
+    cmd = [TORCHRUN, "--nproc_per_node=2", "--max-restarts=1", f"--master_port={_free_port()}", "-m", "hotmerge",
+           *evolve_cmd(config, run_dir, 24)[3:]]
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and process.poll() is None:
+            if (run_dir / "history.jsonl").exists() and len(history(run_dir)) >= 8:
+                break
+            time.sleep(0.05)
+        victim = _rank_pid(process.pid, 1)
+        assert victim is not None, "rank 1 not found"
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.time()
+        _, stderr = process.communicate(timeout=900)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, stderr[-3000:]
+    after = outcome(run_dir)
+    assert len(history(run_dir)) == len(after)  # nothing evaluated twice
+    assert after == outcome(reference_dir)
+    # the group was restarted: rank 1 evaluated again after it was killed
+    assert any(r["rank"] == 1 and r["finished_at"] > killed_at for r in history(run_dir))
 
 
 def test_failed_candidate_is_recorded_and_runtime_stays_usable(toy_family, tmp_path):

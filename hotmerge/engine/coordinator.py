@@ -64,7 +64,13 @@ def distributed_context() -> tuple[int, int]:
     """(rank, world size); initialises the gloo group when launched by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="gloo")
+        # torchrun's agent keeps one store across restarts of the group: keys from an
+        # earlier attempt (the gloo addresses of dead ranks) would still be there, and
+        # a restarted rank would try to connect to them. Each attempt gets its own keys.
+        store, rank, world = next(dist.rendezvous("env://"))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"hotmerge/attempt_{attempt}", store)
+        dist.init_process_group(backend="gloo", store=store, rank=rank, world_size=world)
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
