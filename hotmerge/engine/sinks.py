@@ -217,10 +217,50 @@ def require_wandb() -> None:
                           "(or drop --wandb; history.jsonl has every result)") from None
 
 
-class WandbSink(Sink):
-    """Logs per evaluation: evaluation, generation, score, best_score, failed, metrics/<task>/<metric>,
-    seconds/<phase>; per generation: population/{size,failures,mean,std,min,max} against `generation`.
-    """
+class _ScalarSink(Sink):
+    """What the W&B and TensorBoard sinks share: per evaluation the scalars score,
+    best_score, failed, metrics/<task>/<metric> and seconds/<phase> at step `evaluation`;
+    per generation population/{size,failures,mean,std,min,max} at step `generation`."""
+
+    def __init__(self):
+        self.best = _Best()
+        self.generations = _Generations()
+        self.evaluations = 0
+
+    def log(self, record: dict, progress: Any = None) -> None:
+        done = self.generations.add(record)
+        if done is not None:
+            self._write_generation(done[0], population_stats(done[1]))
+        self.evaluations = getattr(progress, "evaluations", None) or self.evaluations + 1
+        best = self.best.add(record)
+        scalars: dict[str, Any] = {}
+        if record.get("score") is not None:
+            scalars["score"] = record["score"]
+        if best is not None:
+            scalars["best_score"] = best
+        scalars["failed"] = int(record.get("score") is None)
+        scalars.update({f"metrics/{k}": v for k, v in metric_values(record).items()})
+        scalars.update({f"seconds/{k}": v for k, v in seconds_values(record).items()})
+        self._write_evaluation(self.evaluations, record, scalars)
+
+    def close(self) -> None:
+        done = self.generations.flush()
+        if done is not None:
+            self._write_generation(done[0], population_stats(done[1]))
+        self._finish()
+
+    def _write_evaluation(self, step: int, record: dict, scalars: dict[str, Any]) -> None:
+        raise NotImplementedError  # pragma: no cover - interface
+
+    def _write_generation(self, generation: int, stats: dict[str, float]) -> None:
+        raise NotImplementedError  # pragma: no cover - interface
+
+    def _finish(self) -> None:
+        pass
+
+
+class WandbSink(_ScalarSink):
+    """The scalars of _ScalarSink in a W&B run; the best record in the run's summary."""
 
     name = "Weights & Biases"
 
@@ -228,6 +268,7 @@ class WandbSink(Sink):
                  entity: Optional[str] = None):
         import wandb
 
+        super().__init__()
         run_dir = Path(run_dir)
         id_file = run_dir / WANDB_ID_FILE
         run_id = id_file.read_text().strip() if id_file.is_file() else None
@@ -245,34 +286,14 @@ class WandbSink(Sink):
             self.run.define_metric(key, step_metric="evaluation")
         self.run.define_metric("population/*", step_metric="generation")
         self.run.define_metric("score", summary="max")
-        self.best = _Best()
-        self.generations = _Generations()
-        self.evaluations = 0
 
-    def log(self, record: dict, progress: Any = None) -> None:
-        done = self.generations.add(record)
-        if done is not None:
-            self._log_generation(*done)
-        self.evaluations = getattr(progress, "evaluations", None) or self.evaluations + 1
-        best = self.best.add(record)
-        data: dict[str, Any] = {"evaluation": self.evaluations, "generation": record.get("generation"),
-                                "failed": int(record.get("score") is None)}
-        if record.get("score") is not None:
-            data["score"] = record["score"]
-        if best is not None:
-            data["best_score"] = best
-        data.update({f"metrics/{k}": v for k, v in metric_values(record).items()})
-        data.update({f"seconds/{k}": v for k, v in seconds_values(record).items()})
-        self.run.log(data)
+    def _write_evaluation(self, step: int, record: dict, scalars: dict[str, Any]) -> None:
+        self.run.log({"evaluation": step, "generation": record.get("generation"), **scalars})
 
-    def _log_generation(self, generation: int, records: list[dict]) -> None:
-        stats = population_stats(records)
+    def _write_generation(self, generation: int, stats: dict[str, float]) -> None:
         self.run.log({"generation": generation, **{f"population/{k}": v for k, v in stats.items()}})
 
-    def close(self) -> None:
-        done = self.generations.flush()
-        if done is not None:
-            self._log_generation(*done)
+    def _finish(self) -> None:
         if self.best.record is not None:
             best = self.best.record
             self.run.summary["best_score"] = best["score"]
@@ -293,45 +314,27 @@ def tensorboard_available() -> bool:
     return True
 
 
-class TensorBoardSink(Sink):
-    """RUN_DIR/tensorboard: the same scalars as W&B (per evaluation, and population/* per generation)."""
+class TensorBoardSink(_ScalarSink):
+    """RUN_DIR/tensorboard: the scalars of _ScalarSink as event files."""
 
     name = "TensorBoard"
 
     def __init__(self, log_dir: Path):
         from torch.utils.tensorboard import SummaryWriter
 
+        super().__init__()
         self.writer = SummaryWriter(log_dir=str(log_dir))
-        self.best = _Best()
-        self.generations = _Generations()
-        self.evaluations = 0
 
-    def log(self, record: dict, progress: Any = None) -> None:
-        done = self.generations.add(record)
-        if done is not None:
-            self._log_generation(*done)
-        self.evaluations = getattr(progress, "evaluations", None) or self.evaluations + 1
-        step = self.evaluations
-        best = self.best.add(record)
-        if record.get("score") is not None:
-            self.writer.add_scalar("score", record["score"], step)
-        if best is not None:
-            self.writer.add_scalar("best_score", best, step)
-        self.writer.add_scalar("failed", int(record.get("score") is None), step)
-        for key, value in metric_values(record).items():
-            self.writer.add_scalar(f"metrics/{key}", value, step)
-        for key, value in seconds_values(record).items():
-            self.writer.add_scalar(f"seconds/{key}", value, step)
+    def _write_evaluation(self, step: int, record: dict, scalars: dict[str, Any]) -> None:
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, value, step)
 
-    def _log_generation(self, generation: int, records: list[dict]) -> None:
-        for key, value in population_stats(records).items():
+    def _write_generation(self, generation: int, stats: dict[str, float]) -> None:
+        for key, value in stats.items():
             if not (isinstance(value, float) and math.isnan(value)):
                 self.writer.add_scalar(f"population/{key}", value, generation)
 
-    def close(self) -> None:
-        done = self.generations.flush()
-        if done is not None:
-            self._log_generation(*done)
+    def _finish(self) -> None:
         self.writer.close()
 
 
