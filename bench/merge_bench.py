@@ -142,15 +142,29 @@ def run(preset: str, layers: int | None, n_models: int, dtype_name: str, methods
         rows.append({"method": method, "apply_s": apply_s, "table_s": table_s, "stats_once_s": stats_s,
                      "bytes_moved": moved, "achieved_GBps": moved / apply_s / 1e9,
                      "floor_s": floor_s, "ratio_to_floor": apply_s / floor_s})
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    if device.type == "cuda":
+        name, kernel = torch.cuda.get_device_name(device), "triton"
+    else:
+        from hotmerge.kernels import cpu_native
+
+        name = f"cpu ({cpu_model()})"
+        kernel = "native C kernel + torch" if cpu_native.available() else "torch"
     return {"preset": preset, "layers": n_layers, "embeddings": embeddings, "parameters": total,
-            "models": n_models, "dtype": dtype_name, "device": name, "threads": torch.get_num_threads(),
+            "models": n_models, "dtype": dtype_name, "device": name, "kernel": kernel,
+            "threads": torch.get_num_threads(),
             "repeats": repeats, "copy_GBps": copy_bw / 1e9, "rows": rows}
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown model"
 
 
 def print_report(report: dict) -> None:
     print(f"{report['preset']} ({report['layers']} layers, {report['parameters'] / 1e6:.1f}M parameters), "
-          f"{report['models']} models, {report['dtype']}, {report['device']}; "
+          f"{report['models']} models, {report['dtype']}, {report['device']}, {report.get('kernel')}; "
           f"copy bandwidth {report['copy_GBps']:.1f} GB/s")
     print(f"{'method':18s} {'apply ms':>10s} {'GB moved':>9s} {'GB/s':>7s} {'floor ms':>9s} {'x floor':>8s} {'table ms':>9s}")
     for r in report["rows"]:
