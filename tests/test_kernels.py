@@ -499,19 +499,24 @@ def _native(monkeypatch, on: bool) -> None:
         monkeypatch.setattr(native, "MIN_PER_THREAD", 16)
 
 
-def test_native_kernel_is_used_for_elementwise_methods(monkeypatch):
+def test_native_kernel_is_used_where_it_applies(monkeypatch):
     _native(monkeypatch, True)
     flat = _zero_edge_layout(seed=20)
     calls = []
-    for name in ("combine", "sum_deltas"):
+    for name in ("combine", "merge"):
         real = getattr(native, name)
         monkeypatch.setattr(native, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
-    for method in ("linear", "task_arithmetic", "slerp", "ties"):
-        params = {"t": 0.3, "pair": [0, 2]} if method == "slerp" else {"weight": [0.5, 0.3, 0.8], "density": 0.5}
+    expected = {"linear": "combine", "slerp": "combine", "task_arithmetic": "merge", "ties": "merge",
+                "breadcrumbs_ties": "merge", "dare_ties": "merge", "della": None}  # DELLA: torch
+    for method, kernel in expected.items():
+        calls.clear()
+        params = {"t": 0.3, "pair": [0, 2]} if method == "slerp" else \
+            {"weight": [0.5, 0.3, 0.8], "density": 0.5, "gamma": 0.05, "epsilon": 0.1}
         F.apply(flat, F.build_table(method, flat, params, normalize=False), torch.zeros(flat.total, dtype=torch.bfloat16))
-    # linear and slerp combine sources, task_arithmetic sums deltas; TIES' masks stay in torch
-    assert calls.count("combine") == 2 * len(flat.segments)
-    assert calls.count("sum_deltas") == len(flat.segments)
+        if method == "breadcrumbs_ties":  # a segment whose masks drop every delta is the base, in torch
+            assert calls and set(calls) == {kernel}, method
+        else:
+            assert calls == ([kernel] * len(flat.segments) if kernel else []), method
 
 
 @pytest.mark.parametrize("threads", [2, 3])

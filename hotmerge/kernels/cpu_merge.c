@@ -1,5 +1,6 @@
-/* Fused CPU merge of bf16 sources for the element-wise methods (linear,
- * task_arithmetic and every method whose masks keep everything), compiled at first
+/* Fused CPU merge of bf16 sources: linear and slerp (hm_combine_bf16), and sums of
+ * deltas with TIES' sign consensus, magnitude-range masks (ties, breadcrumbs) and
+ * DARE's random masks (hm_merge_bf16), compiled at first
  * use by cpu_native.py. One pass per element block: each source is read once, the
  * result written once, everything in between stays in registers / L1.
  *
@@ -9,6 +10,7 @@
  * only segments proven finite, so NaN handling is not needed.
  */
 #include <stdint.h>
+#include <math.h>
 #include <string.h>
 
 #define BLOCK 1024
@@ -49,31 +51,163 @@ void hm_combine_bf16(const uint16_t *const *rows, const float *coef, int k, int 
     }
 }
 
-/* d_m = bf16(X_m - B);  out = bf16(((d_0*s_0 + d_1*s_1 + ... [+ 0.0]) / div) * lam + B) */
-void hm_sum_deltas_bf16(const uint16_t *const *rows, const uint16_t *base, const float *scale,
-                        int k, int fix, float div, float lam, uint16_t *out, int64_t n) {
-    float acc[BLOCK];
-    float b[BLOCK];
-    for (int64_t lo = 0; lo < n; lo += BLOCK) {
-        int64_t len = n - lo < BLOCK ? n - lo : BLOCK;
-        for (int64_t e = 0; e < len; e++) b[e] = bf16_to_f32(base[lo + e]);
-        for (int m = 0; m < k; m++) {
-            const uint16_t *x = rows[m] + lo;
-            float s = scale[m];
-            if (m == 0) {
-                for (int64_t e = 0; e < len; e++)
-                    acc[e] = bf16_to_f32(f32_to_bf16(bf16_to_f32(x[e]) - b[e])) * s;
-            } else {
-                for (int64_t e = 0; e < len; e++)
-                    acc[e] = acc[e] + bf16_to_f32(f32_to_bf16(bf16_to_f32(x[e]) - b[e])) * s;
+#define MAX_ROWS 16
+#define MAX_PARTS 4
+#define MASK_NONE 0
+#define MASK_RANGE 1  /* TIES / breadcrumbs: |delta| key ranges and partly kept cut keys */
+#define MASK_RANDOM 2 /* DARE: keep where u24 < p0 */
+#define KEY_MAX 0x7FFF
+
+/* One segment's merge of deltas, as fused._merge_segment_fast computes it. */
+typedef struct {
+    int k;             /* rows (models with a nonzero scale), <= MAX_ROWS */
+    float scale[MAX_ROWS];
+    int consensus;     /* TIES sign election */
+    int normalize;     /* consensus: divide by the agreeing weights */
+    float weight[MAX_ROWS];
+    int w_pos;         /* every weight > 0 */
+    float w_min;
+    int fix;           /* non-consensus: add +0.0 to the sum */
+    float div;         /* non-consensus: divide the sum (when != 1) */
+    float lam;         /* multiply the merged delta (when != 1) */
+    int mask;          /* MASK_* */
+    int need_lo, need_hi, n_parts;
+    int32_t am1[MAX_ROWS], nb1[MAX_ROWS];            /* keep: key > am1 and key < -nb1 */
+    int32_t part_key[MAX_PARTS][MAX_ROWS], part_q[MAX_PARTS][MAX_ROWS];
+    int32_t p0[MAX_ROWS];
+    int32_t k1[MAX_ROWS], mult[MAX_ROWS];            /* element hash keys */
+} hm_plan;
+
+/* lowbias32(x) >> 8: reference.random_u24 */
+static inline int32_t u24(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7FEB352Du;
+    x ^= x >> 15;
+    x *= 0x846CA68Bu;
+    x ^= x >> 16;
+    return (int32_t)(x >> 8);
+}
+
+/* The element hash of row m for elements elem .. elem + len - 1 (int32 index, wrapping). */
+static void row_hash(const hm_plan *p, int m, int64_t elem, int len, int32_t *h) {
+    uint32_t e0 = (uint32_t)elem, mult = (uint32_t)p->mult[m], k1 = (uint32_t)p->k1[m];
+    for (int e = 0; e < len; e++) h[e] = u24((e0 + (uint32_t)e) * mult + k1);
+}
+
+/* Terms of row m over a block: bf16(X - B), masked to +0 where dropped, times scale.
+ * Masks are computed branch-free so that the loops vectorise. */
+static void row_terms(const hm_plan *p, int m, const uint16_t *x, const float *b, int64_t elem,
+                      int len, float *t) {
+    uint16_t d[BLOCK];
+    int32_t h[BLOCK];
+    for (int e = 0; e < len; e++) d[e] = f32_to_bf16(bf16_to_f32(x[e]) - b[e]);
+    if (p->mask == MASK_RANGE) {
+        int32_t am1 = p->am1[m], nb1 = p->nb1[m];
+        uint16_t keep[BLOCK];
+        if (p->need_lo && p->need_hi) {
+            for (int e = 0; e < len; e++) {
+                int32_t key = d[e] & KEY_MAX;
+                keep[e] = (am1 - key < 0) & (key + nb1 < 0);
+            }
+        } else if (p->need_lo) {
+            for (int e = 0; e < len; e++) keep[e] = am1 - (int32_t)(d[e] & KEY_MAX) < 0;
+        } else if (p->need_hi) {
+            for (int e = 0; e < len; e++) keep[e] = (int32_t)(d[e] & KEY_MAX) + nb1 < 0;
+        } else {
+            for (int e = 0; e < len; e++) keep[e] = 0;
+        }
+        if (p->n_parts) {
+            row_hash(p, m, elem, len, h);
+            for (int t = 0; t < p->n_parts; t++) {
+                int32_t c = p->part_key[t][m], q = p->part_q[t][m];
+                for (int e = 0; e < len; e++)
+                    keep[e] |= ((int32_t)(d[e] & KEY_MAX) == c) & (h[e] < q);
             }
         }
-        if (fix)
-            for (int64_t e = 0; e < len; e++) acc[e] = acc[e] + 0.0f;
-        if (div != 1.0f)
-            for (int64_t e = 0; e < len; e++) acc[e] = acc[e] / div;
+        for (int e = 0; e < len; e++) d[e] &= (uint16_t)-keep[e];
+    } else if (p->mask == MASK_RANDOM) {
+        int32_t p0 = p->p0[m];
+        row_hash(p, m, elem, len, h);
+        for (int e = 0; e < len; e++) d[e] &= (uint16_t)-(uint16_t)(h[e] < p0);
+    }
+    float s = p->scale[m];
+    for (int e = 0; e < len; e++) t[e] = bf16_to_f32(d[e]) * s;
+}
+
+/* out = bf16(merged delta * lam + B); elem: the hash index of out[0] */
+void hm_merge_bf16(const hm_plan *p, const uint16_t *const *rows, const uint16_t *base,
+                   int64_t elem, uint16_t *out, int64_t n) {
+    float terms[MAX_ROWS][BLOCK];
+    float acc[BLOCK];
+    float b[BLOCK];
+    int k = p->k;
+    float div = p->div, lam = p->lam;
+    for (int64_t lo = 0; lo < n; lo += BLOCK) {
+        int len = (int)(n - lo < BLOCK ? n - lo : BLOCK);
+        for (int e = 0; e < len; e++) b[e] = bf16_to_f32(base[lo + e]);
+        for (int m = 0; m < k; m++) row_terms(p, m, rows[m] + lo, b, elem + lo, len, terms[m]);
+        for (int e = 0; e < len; e++) acc[e] = terms[0][e];
+        for (int m = 1; m < k; m++)
+            for (int e = 0; e < len; e++) acc[e] = acc[e] + terms[m][e];
+        if (p->consensus) {
+            /* mixed = s * sum(max(s * t, 0)), s = sign of the total (+1 for +0) */
+            float sgn[BLOCK], divisor[BLOCK];
+            for (int e = 0; e < len; e++) sgn[e] = copysignf(1.0f, acc[e]);
+            for (int m = 0; m < k; m++)
+                for (int e = 0; e < len; e++) {
+                    float v = terms[m][e] * sgn[e];
+                    terms[m][e] = v > 0.0f ? v : 0.0f;
+                }
+            for (int e = 0; e < len; e++) acc[e] = terms[0][e];
+            for (int m = 1; m < k; m++)
+                for (int e = 0; e < len; e++) acc[e] = acc[e] + terms[m][e];
+            for (int e = 0; e < len; e++) acc[e] = acc[e] * sgn[e] + 0.0f;
+            if (p->normalize) {
+                float w0 = p->weight[0], w_min = p->w_min;
+                for (int e = 0; e < len; e++) divisor[e] = terms[0][e] > 0.0f ? w0 : 0.0f;
+                for (int m = 1; m < k; m++) {
+                    float w = p->weight[m];
+                    for (int e = 0; e < len; e++) divisor[e] = divisor[e] + (terms[m][e] > 0.0f ? w : 0.0f);
+                }
+                if (p->w_pos) {
+                    for (int e = 0; e < len; e++) divisor[e] = divisor[e] >= w_min ? divisor[e] : w_min;
+                } else {
+                    for (int e = 0; e < len; e++) divisor[e] = divisor[e] == 0.0f ? 1.0f : divisor[e];
+                }
+                for (int e = 0; e < len; e++) acc[e] = acc[e] / divisor[e];
+            }
+        } else {
+            if (p->fix)
+                for (int e = 0; e < len; e++) acc[e] = acc[e] + 0.0f;
+            if (div != 1.0f)
+                for (int e = 0; e < len; e++) acc[e] = acc[e] / div;
+        }
         if (lam != 1.0f)
-            for (int64_t e = 0; e < len; e++) acc[e] = acc[e] * lam;
-        for (int64_t e = 0; e < len; e++) out[lo + e] = f32_to_bf16(acc[e] + b[e]);
+            for (int e = 0; e < len; e++) acc[e] = acc[e] * lam;
+        for (int e = 0; e < len; e++) out[lo + e] = f32_to_bf16(acc[e] + b[e]);
+    }
+}
+
+/* sums[m] = sum of |masked delta| of row m, in float64 (the L1 that DARE rescales by).
+ * Any summation order: the caller uses it only where every order gives the same value. */
+void hm_l1_bf16(const hm_plan *p, const uint16_t *const *rows, const uint16_t *base,
+                int64_t elem, int64_t n, double *sums) {
+    float t[BLOCK];
+    float b[BLOCK];
+    hm_plan unit = *p;
+    for (int m = 0; m < p->k; m++) unit.scale[m] = 1.0f;
+    for (int m = 0; m < p->k; m++) sums[m] = 0.0;
+    for (int64_t lo = 0; lo < n; lo += BLOCK) {
+        int len = (int)(n - lo < BLOCK ? n - lo : BLOCK);
+        for (int e = 0; e < len; e++) b[e] = bf16_to_f32(base[lo + e]);
+        for (int m = 0; m < p->k; m++) {
+            row_terms(&unit, m, rows[m] + lo, b, elem + lo, len, t);
+            double lane[8] = {0};  /* eight independent sums: vectorises without reassociation */
+            int e = 0;
+            for (; e + 8 <= len; e += 8)
+                for (int i = 0; i < 8; i++) lane[i] += (double)fabsf(t[e + i]);
+            for (; e < len; e++) lane[0] += (double)fabsf(t[e]);
+            for (int i = 0; i < 8; i++) sums[m] += lane[i];
+        }
     }
 }

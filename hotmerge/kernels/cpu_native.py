@@ -4,9 +4,10 @@ use, cached, and called through ctypes from as many threads as torch uses.
 torch runs the element-wise merge as ~10 separate passes over cache-sized blocks;
 the C kernel does the same float32 operations per element in one pass, so results
 are bit-identical while the time approaches the memory-copy floor. It covers bf16
-sources for linear and for delta sums without masks (task_arithmetic, and any
-method whose masks keep everything); fused.py uses it when `available()` and falls
-back to its torch path otherwise.
+sources for linear and slerp (`combine`) and for sums of deltas (`merge`): plain
+(task_arithmetic), with TIES' sign consensus, magnitude-range masks (ties,
+breadcrumbs) and DARE's random masks, up to MAX_ROWS models. fused.py uses it when
+`available()` and falls back to its torch path otherwise (DELLA's ranked masks, fp16).
 
 HOTMERGE_NATIVE=0 turns it off. The shared library is cached under
 $HOTMERGE_CACHE (default ~/.cache/hotmerge)/kernels, keyed by the source, the
@@ -31,6 +32,7 @@ import torch
 SOURCE = Path(__file__).with_name("cpu_merge.c")
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared"]
 MIN_PER_THREAD = 1 << 16  # elements; below this, threads cost more than they save
+MAX_ROWS, MAX_PARTS = 16, 4  # as in cpu_merge.c
 
 _lock = threading.Lock()
 _lib = None
@@ -82,9 +84,11 @@ def _build() -> ctypes.CDLL:
     f32p = ctypes.POINTER(ctypes.c_float)
     lib.hm_combine_bf16.argtypes = [u16pp, f32p, ctypes.c_int, ctypes.c_int, ctypes.c_float,
                                     ctypes.c_void_p, ctypes.c_int64]
-    lib.hm_sum_deltas_bf16.argtypes = [u16pp, ctypes.c_void_p, f32p, ctypes.c_int, ctypes.c_int,
-                                       ctypes.c_float, ctypes.c_float, ctypes.c_void_p, ctypes.c_int64]
-    lib.hm_combine_bf16.restype = lib.hm_sum_deltas_bf16.restype = None
+    lib.hm_merge_bf16.argtypes = [ctypes.c_void_p, u16pp, ctypes.c_void_p, ctypes.c_int64,
+                                  ctypes.c_void_p, ctypes.c_int64]
+    lib.hm_l1_bf16.argtypes = [ctypes.c_void_p, u16pp, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                               ctypes.POINTER(ctypes.c_double)]
+    lib.hm_combine_bf16.restype = lib.hm_merge_bf16.restype = lib.hm_l1_bf16.restype = None
     return lib
 
 
@@ -152,14 +156,47 @@ def combine(rows: Sequence[torch.Tensor], coef: Sequence[float], fix: bool, div:
     _parallel(out.numel(), call)
 
 
-def sum_deltas(rows: Sequence[torch.Tensor], base: torch.Tensor, scale: Sequence[float], fix: bool,
-               div: float, lam: float, out: torch.Tensor) -> None:
-    """out <- bf16((sum_i bf16(rows[i] - base) * scale[i] [+ 0.0]) / div * lam + base)."""
+class MergePlan(ctypes.Structure):
+    """hm_plan of cpu_merge.c: one segment's delta merge (see fused._native_merge)."""
+
+    _fields_ = [
+        ("k", ctypes.c_int), ("scale", ctypes.c_float * MAX_ROWS),
+        ("consensus", ctypes.c_int), ("normalize", ctypes.c_int), ("weight", ctypes.c_float * MAX_ROWS),
+        ("w_pos", ctypes.c_int), ("w_min", ctypes.c_float),
+        ("fix", ctypes.c_int), ("div", ctypes.c_float), ("lam", ctypes.c_float),
+        ("mask", ctypes.c_int), ("need_lo", ctypes.c_int), ("need_hi", ctypes.c_int), ("n_parts", ctypes.c_int),
+        ("am1", ctypes.c_int32 * MAX_ROWS), ("nb1", ctypes.c_int32 * MAX_ROWS),
+        ("part_key", ctypes.c_int32 * MAX_ROWS * MAX_PARTS), ("part_q", ctypes.c_int32 * MAX_ROWS * MAX_PARTS),
+        ("p0", ctypes.c_int32 * MAX_ROWS), ("k1", ctypes.c_int32 * MAX_ROWS), ("mult", ctypes.c_int32 * MAX_ROWS),
+    ]
+
+
+def merge(plan: MergePlan, rows: Sequence[torch.Tensor], base: torch.Tensor, elem0: int,
+          out: torch.Tensor) -> None:
+    """out <- the merged segment (1-D contiguous bf16); elem0: the hash index of out[0]."""
     lib = library()
-    s = _floats(scale)
 
     def call(lo, hi):
-        lib.hm_sum_deltas_bf16(_pointers(rows, lo), base.data_ptr() + 2 * lo, s, len(rows), int(fix),
-                               div, lam, out.data_ptr() + 2 * lo, hi - lo)
+        lib.hm_merge_bf16(ctypes.byref(plan), _pointers(rows, lo), base.data_ptr() + 2 * lo, elem0 + lo,
+                          out.data_ptr() + 2 * lo, hi - lo)
 
     _parallel(out.numel(), call)
+
+
+def l1(plan: MergePlan, rows: Sequence[torch.Tensor], base: torch.Tensor, elem0: int) -> list:
+    """Per row, the float64 sum of |masked delta| (plan's masks; its merge fields unused).
+
+    Threads sum their parts, which are then added: callers use this only where every
+    summation order gives the same value (fused._l1_sum_is_exact)."""
+    lib = library()
+    n = base.numel()
+    parts = []
+
+    def call(lo, hi):
+        sums = (ctypes.c_double * MAX_ROWS)()
+        lib.hm_l1_bf16(ctypes.byref(plan), _pointers(rows, lo), base.data_ptr() + 2 * lo, elem0 + lo,
+                       hi - lo, sums)
+        parts.append(list(sums)[:plan.k])
+
+    _parallel(n, call)
+    return [sum(col) for col in zip(*parts)]

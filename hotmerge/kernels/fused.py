@@ -691,6 +691,51 @@ def _native_ok(flat: FlatSources) -> bool:
     return flat.dtype == torch.bfloat16 and native.available()
 
 
+def _native_masks(plan: "_MaskPlan") -> Optional["native.MergePlan"]:
+    """The C kernel's description of plan's rows and masks; None where it does not apply."""
+    rows = plan.rows
+    mode = plan.mode if plan.active else None
+    if len(rows) > native.MAX_ROWS or mode not in (None, R.SPARSE_RANGE, R.SPARSE_RANDOM):
+        return None
+    if mode == R.SPARSE_RANGE and len(plan.parts) > native.MAX_PARTS:
+        return None
+    p = native.MergePlan()
+    p.k = len(rows)
+    p.mask = {None: 0, R.SPARSE_RANGE: 1, R.SPARSE_RANDOM: 2}[mode]
+
+    def ints(col: torch.Tensor) -> list:
+        return col.view(-1).tolist()
+
+    if mode == R.SPARSE_RANGE:
+        p.need_lo, p.need_hi, p.n_parts = int(plan.need_lo), int(plan.need_hi), len(plan.parts)
+        p.am1[:p.k], p.nb1[:p.k] = ints(plan.am1), ints(plan.nb1)
+        for t, (keys, qs) in enumerate(plan.parts):
+            p.part_key[t][:p.k], p.part_q[t][:p.k] = ints(keys), ints(qs)
+    elif mode == R.SPARSE_RANDOM:
+        p.p0[:p.k] = ints(plan.p0)
+    if plan.need_hash:
+        p.k1[:p.k], p.mult[:p.k] = ints(plan.k1), ints(plan.mult)
+    return p
+
+
+def _native_plan(table: CoefficientTable, plan: "_MaskPlan", scale: np.ndarray, j: int,
+                 div: float, fix: bool) -> Optional["native.MergePlan"]:
+    """The C kernel's description of segment j's merge; None where it does not apply."""
+    p = _native_masks(plan)
+    if p is None:
+        return None
+    weights = [float(table.weight[j, m]) for m in plan.rows]
+    p.consensus = int(table.spec.consensus)
+    p.normalize = int(bool(table.normalize))
+    p.w_pos = int(min(weights) > 0)
+    p.w_min = min(weights)
+    p.fix, p.div, p.lam = int(fix), div, float(table.lambda_)
+    for i, m in enumerate(plan.rows):
+        p.scale[i] = float(scale[j, m])
+        p.weight[i] = weights[i]
+    return p
+
+
 def _fast_segment_ok(seg: Segment) -> bool:
     return seg.elem_offset + seg.numel <= 1 << 31  # int32 element indices
 
@@ -993,11 +1038,12 @@ def _merge_segment_fast(flat: FlatSources, table: CoefficientTable, scale: np.nd
     else:
         div = float(table.div[j]) if table.normalize else 1.0
         fix = _sum_fix_needed([float(scale[j, m]) for m in rows])
-        if k and not plan.active and cache is None and _native_ok(flat):
+    if k and cache is None and _native_ok(flat):
+        native_plan = _native_plan(table, plan, scale, j, div, fix if not consensus else False)
+        if native_plan is not None:
             span = slice(seg.offset, seg.offset + seg.numel)
-            native.sum_deltas([flat.models[m, span] for m in rows], flat.base[span],
-                              [float(scale[j, m]) for m in rows], fix, div, lam,
-                              _out_slice(out, flat, j, 0, seg.numel))
+            native.merge(native_plan, [flat.models[m, span] for m in rows], flat.base[span],
+                         seg.elem_offset, _out_slice(out, flat, j, 0, seg.numel))
             return
     div_t = _f32(div)
     for lo, hi, P in _steps(seg.numel, threads):
@@ -1079,7 +1125,14 @@ def _l1_kept_fast(flat: FlatSources, table: CoefficientTable, j: int, ms: List[i
                   scr: _Scratch) -> List[float]:
     """Masked L1 of models ms (random / ranked masks) in segment j, summed exactly."""
     plan = _MaskPlan(flat, table, j, ms)
-    sums = _l1_pass(flat, j, plan, scr)
+    masks = _native_masks(plan) if _native_ok(flat) and plan.rows else None
+    if masks is not None:
+        seg = flat.segments[j]
+        span = slice(seg.offset, seg.offset + seg.numel)
+        sums = dict(zip(plan.rows, native.l1(masks, [flat.models[m, span] for m in plan.rows],
+                                             flat.base[span], seg.elem_offset)))
+    else:
+        sums = _l1_pass(flat, j, plan, scr)
     return [sums.get(m, 0.0) for m in ms]  # models that keep nothing have L1 0
 
 
@@ -1161,7 +1214,10 @@ def _apply_streamed(flat: FlatSources, table: CoefficientTable, out, scr: _Scrat
             rows = [m for m in range(flat.n_models) if table.weight[j, m] != 0]
             plan = _MaskPlan(flat, table, j, rows)
             nbytes = len(plan.rows) * seg.numel * flat.models.element_size()
-            if nbytes <= _CACHE_BYTES:
+            # The C kernel recomputes the masked deltas faster than a cache returns them.
+            native_merges = _native_ok(flat) and plan.mode == R.SPARSE_RANDOM \
+                and len(plan.rows) <= native.MAX_ROWS
+            if nbytes <= _CACHE_BYTES and not native_merges:
                 cache = scr.get("delta_cache", flat.dtype, len(plan.rows) * seg.numel)
                 sums = _l1_pass(flat, j, plan, scr, cache)
                 for m in ms:
