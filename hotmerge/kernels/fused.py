@@ -37,9 +37,10 @@ reuse, integer masks, consensus without bool tensors) that computes the same bit
 see the comment above _GRAIN for why each change cannot alter a result. For random
 masks with rescale, segments are measured and written one at a time, the masked
 deltas kept in between, when no candidate outcome can be non-finite (_stream_ok).
-Within the fast path, bf16 segments of linear, slerp and unmasked delta sums
-(task_arithmetic) go through the compiled C kernel (cpu_native), one pass per element
-block with the same float32 operations, when a C compiler is there to build it.
+Within the fast path, bf16 segments go through the compiled C kernel (cpu_native),
+one pass per element block with the same float32 operations, when a C compiler is
+there to build it: linear and slerp, and delta sums with TIES' consensus, magnitude
+ranges and DARE's random masks (and DARE's masked L1 sums); DELLA stays in torch.
 
 Non-finite results: a merged value can only be non-finite if a source is, or if the
 coefficients make it overflow. `apply` first bounds every segment's output from
