@@ -519,6 +519,38 @@ def test_native_kernel_is_used_where_it_applies(monkeypatch):
             assert calls == ([kernel] * len(flat.segments) if kernel else []), method
 
 
+def test_native_equals_torch_on_random_layouts(monkeypatch):
+    """Random model counts, shapes, delta scales, weights (negative too), densities,
+    normalize and lambda: the C kernel and the torch fast path give the same bits."""
+    rng = np.random.default_rng(1)
+    monkeypatch.setattr(native, "MIN_PER_THREAD", 1000)
+    compared = 0
+    for trial in range(20):
+        g = torch.Generator().manual_seed(trial)
+        n_models = int(rng.integers(1, 5))
+        shapes = [(int(rng.integers(1, 300)), int(rng.integers(1, 200))) for _ in range(3)]
+        base = [torch.randn(s, generator=g) * 0.02 for s in shapes]
+        models = [[(b + torch.randn(b.shape, generator=g) * float(rng.choice([1e-4, 1e-3, 1e-2]))).bfloat16()
+                   for b in base] for _ in range(n_models)]
+        flat = F.FlatSources.from_tensors(models, [b.bfloat16() for b in base],
+                                          names=[f"model.layers.{j}.mlp.up_proj.weight" for j in range(3)])
+        for method in ("task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "dare_ties", "dare_linear"):
+            params = {"weight": rng.normal(0.5, 0.6, n_models), "density": rng.uniform(0.05, 1.0, n_models),
+                      "gamma": 0.05}
+            table = F.build_table(method, flat, params, normalize=bool(rng.integers(0, 2)),
+                                  lambda_=float(rng.choice([1.0, 0.7])), seed=trial)
+            outs = []
+            for use_native in (True, False):
+                _native(monkeypatch, use_native)
+                out = torch.zeros(flat.total, dtype=torch.bfloat16)
+                outs.append(out if _apply_or_bad(flat, table, out) is None else None)
+            assert (outs[0] is None) == (outs[1] is None), (trial, method)
+            if outs[0] is not None:
+                assert torch.equal(outs[0].view(torch.int16), outs[1].view(torch.int16)), (trial, method)
+                compared += 1
+    assert compared >= 100
+
+
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("dtype,use_native", [(torch.bfloat16, True), (torch.bfloat16, False),
                                               (torch.float16, False)],  # native: bf16 only

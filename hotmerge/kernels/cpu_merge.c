@@ -29,6 +29,19 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
+/* The float32 bits of f rounded to bf16 (to nearest even): the bf16 in the upper half. */
+static inline uint32_t round_to_bf16_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+}
+
+static inline float bits_to_f32(uint32_t u) {
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
 /* out = bf16((X_0*c_0 + X_1*c_1 + ... [+ 0.0]) / div)  (div applied when != 1) */
 void hm_combine_bf16(const uint16_t *const *rows, const float *coef, int k, int fix,
                      float div, uint16_t *out, int64_t n) {
@@ -98,21 +111,23 @@ static void row_hash(const hm_plan *p, int m, int64_t elem, int len, int32_t *h)
  * Masks are computed branch-free so that the loops vectorise. */
 static void row_terms(const hm_plan *p, int m, const uint16_t *x, const float *b, int64_t elem,
                       int len, float *t) {
-    uint16_t d[BLOCK];
+    /* d: the bf16 delta held in the upper half of a 32-bit word (its float32 bits),
+     * so that every loop runs on 32-bit lanes */
+    uint32_t d[BLOCK];
     int32_t h[BLOCK];
-    for (int e = 0; e < len; e++) d[e] = f32_to_bf16(bf16_to_f32(x[e]) - b[e]);
+    for (int e = 0; e < len; e++) d[e] = round_to_bf16_bits(bf16_to_f32(x[e]) - b[e]);
     if (p->mask == MASK_RANGE) {
         int32_t am1 = p->am1[m], nb1 = p->nb1[m];
-        uint16_t keep[BLOCK];
+        uint32_t keep[BLOCK];
         if (p->need_lo && p->need_hi) {
             for (int e = 0; e < len; e++) {
-                int32_t key = d[e] & KEY_MAX;
+                int32_t key = (int32_t)(d[e] >> 16) & KEY_MAX;
                 keep[e] = (am1 - key < 0) & (key + nb1 < 0);
             }
         } else if (p->need_lo) {
-            for (int e = 0; e < len; e++) keep[e] = am1 - (int32_t)(d[e] & KEY_MAX) < 0;
+            for (int e = 0; e < len; e++) keep[e] = am1 - ((int32_t)(d[e] >> 16) & KEY_MAX) < 0;
         } else if (p->need_hi) {
-            for (int e = 0; e < len; e++) keep[e] = (int32_t)(d[e] & KEY_MAX) + nb1 < 0;
+            for (int e = 0; e < len; e++) keep[e] = ((int32_t)(d[e] >> 16) & KEY_MAX) + nb1 < 0;
         } else {
             for (int e = 0; e < len; e++) keep[e] = 0;
         }
@@ -121,17 +136,17 @@ static void row_terms(const hm_plan *p, int m, const uint16_t *x, const float *b
             for (int t = 0; t < p->n_parts; t++) {
                 int32_t c = p->part_key[t][m], q = p->part_q[t][m];
                 for (int e = 0; e < len; e++)
-                    keep[e] |= ((int32_t)(d[e] & KEY_MAX) == c) & (h[e] < q);
+                    keep[e] |= (((int32_t)(d[e] >> 16) & KEY_MAX) == c) & (h[e] < q);
             }
         }
-        for (int e = 0; e < len; e++) d[e] &= (uint16_t)-keep[e];
+        for (int e = 0; e < len; e++) d[e] &= -keep[e];
     } else if (p->mask == MASK_RANDOM) {
         int32_t p0 = p->p0[m];
         row_hash(p, m, elem, len, h);
-        for (int e = 0; e < len; e++) d[e] &= (uint16_t)-(uint16_t)(h[e] < p0);
+        for (int e = 0; e < len; e++) d[e] &= -(uint32_t)(h[e] < p0);
     }
     float s = p->scale[m];
-    for (int e = 0; e < len; e++) t[e] = bf16_to_f32(d[e]) * s;
+    for (int e = 0; e < len; e++) t[e] = bits_to_f32(d[e]) * s;
 }
 
 /* out = bf16(merged delta * lam + B); elem: the hash index of out[0] */
