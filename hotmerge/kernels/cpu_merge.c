@@ -160,10 +160,31 @@ void hm_merge_bf16(const hm_plan *p, const uint16_t *const *rows, const uint16_t
     for (int64_t lo = 0; lo < n; lo += BLOCK) {
         int len = (int)(n - lo < BLOCK ? n - lo : BLOCK);
         for (int e = 0; e < len; e++) b[e] = bf16_to_f32(base[lo + e]);
-        for (int m = 0; m < k; m++) row_terms(p, m, rows[m] + lo, b, elem + lo, len, terms[m]);
-        for (int e = 0; e < len; e++) acc[e] = terms[0][e];
-        for (int m = 1; m < k; m++)
-            for (int e = 0; e < len; e++) acc[e] = acc[e] + terms[m][e];
+        if (p->consensus) {
+            /* every row's terms are needed twice */
+            for (int m = 0; m < k; m++) row_terms(p, m, rows[m] + lo, b, elem + lo, len, terms[m]);
+            for (int e = 0; e < len; e++) acc[e] = terms[0][e];
+            for (int m = 1; m < k; m++)
+                for (int e = 0; e < len; e++) acc[e] = acc[e] + terms[m][e];
+        } else if (p->mask == MASK_NONE) {
+            /* task_arithmetic: straight into the sum, the smallest working set */
+            for (int m = 0; m < k; m++) {
+                const uint16_t *x = rows[m] + lo;
+                float s = p->scale[m];
+                if (m == 0)
+                    for (int e = 0; e < len; e++)
+                        acc[e] = bits_to_f32(round_to_bf16_bits(bf16_to_f32(x[e]) - b[e])) * s;
+                else
+                    for (int e = 0; e < len; e++)
+                        acc[e] = acc[e] + bits_to_f32(round_to_bf16_bits(bf16_to_f32(x[e]) - b[e])) * s;
+            }
+        } else {
+            row_terms(p, 0, rows[0] + lo, b, elem + lo, len, acc);
+            for (int m = 1; m < k; m++) {
+                row_terms(p, m, rows[m] + lo, b, elem + lo, len, terms[0]);
+                for (int e = 0; e < len; e++) acc[e] = acc[e] + terms[0][e];
+            }
+        }
         if (p->consensus) {
             /* mixed = s * sum(max(s * t, 0)), s = sign of the total (+1 for +0) */
             float sgn[BLOCK], divisor[BLOCK];
