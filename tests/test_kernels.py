@@ -519,6 +519,24 @@ def test_native_kernel_is_used_where_it_applies(monkeypatch):
             assert calls == ([kernel] * len(flat.segments) if kernel else []), method
 
 
+def test_without_a_compiler_the_torch_path_merges(monkeypatch, caplog):
+    monkeypatch.setenv("HOTMERGE_NATIVE", "1")
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_failure", None)
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    flat = _zero_edge_layout(seed=25)
+    table = F.build_table("ties", flat, {"weight": [0.5, 0.3, 0.8], "density": 0.5}, normalize=True)
+    out = torch.zeros(flat.total, dtype=torch.bfloat16)
+    with caplog.at_level("WARNING", logger="hotmerge"):
+        F.apply(flat, table, out)
+    assert not native.available() and "no C compiler" in native.failure()
+    assert "torch path" in caplog.text
+    monkeypatch.setenv("HOTMERGE_NATIVE", "0")
+    expected = torch.zeros(flat.total, dtype=torch.bfloat16)
+    F.apply(flat, table, expected)
+    assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
+
+
 def test_native_equals_torch_on_random_layouts(monkeypatch):
     """Random model counts, shapes, delta scales, weights (negative too), densities,
     normalize and lambda: the C kernel and the torch fast path give the same bits."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
@@ -105,6 +106,9 @@ def library() -> Optional[ctypes.CDLL]:
                 _lib = _build()
             except Exception as exc:  # no compiler, or it failed: the torch path is used
                 _failure = str(exc)
+                logging.getLogger("hotmerge").warning(
+                    "the native CPU merge kernel could not be built (%s); merges use the slower "
+                    "torch path (install a C compiler, or set HOTMERGE_NATIVE=0 to silence this)", _failure)
     return _lib
 
 
