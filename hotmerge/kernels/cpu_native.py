@@ -39,6 +39,7 @@ _lock = threading.Lock()
 _lib = None
 _failure: Optional[str] = None
 _pool: Optional[ThreadPoolExecutor] = None
+_pool_size = 0
 
 
 def _cpu_flags() -> str:
@@ -124,13 +125,14 @@ def failure() -> Optional[str]:
 
 def _parallel(n: int, call) -> None:
     """call(lo, hi) over [0, n), split over torch's thread count (ctypes drops the GIL)."""
-    global _pool
+    global _pool, _pool_size
     threads = max(1, min(torch.get_num_threads(), n // MIN_PER_THREAD))
     if threads == 1:
         call(0, n)
         return
-    if _pool is None or _pool._max_workers < threads:
+    if _pool_size < threads:
         _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="hotmerge-native")
+        _pool_size = threads
     step = -(-n // threads)
     step += -step % 64  # whole cache lines per thread
     futures = [_pool.submit(call, lo, min(n, lo + step)) for lo in range(0, n, step)]
@@ -161,7 +163,7 @@ def combine(rows: Sequence[torch.Tensor], coef: Sequence[float], fix: bool, div:
 
 
 class MergePlan(ctypes.Structure):
-    """hm_plan of cpu_merge.c: one segment's delta merge (see fused._native_merge)."""
+    """hm_plan of cpu_merge.c: one segment's delta merge (filled by fused._native_plan)."""
 
     _fields_ = [
         ("k", ctypes.c_int), ("scale", ctypes.c_float * MAX_ROWS),

@@ -1035,12 +1035,12 @@ def _merge_segment_fast(flat: FlatSources, table: CoefficientTable, scale: np.nd
         weights = [float(table.weight[j, m]) for m in rows]
         wcol = _cols(weights, f32, dev) if k else None
         w_pos = bool(k) and min(weights) > 0
-        div = 1.0
+        div, fix = 1.0, False
     else:
         div = float(table.div[j]) if table.normalize else 1.0
         fix = _sum_fix_needed([float(scale[j, m]) for m in rows])
     if k and cache is None and _native_ok(flat):
-        native_plan = _native_plan(table, plan, scale, j, div, fix if not consensus else False)
+        native_plan = _native_plan(table, plan, scale, j, div, fix)
         if native_plan is not None:
             span = slice(seg.offset, seg.offset + seg.numel)
             native.merge(native_plan, [flat.models[m, span] for m in rows], flat.base[span],
