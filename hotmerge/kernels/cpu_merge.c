@@ -1,8 +1,10 @@
-/* Fused CPU merge of bf16 sources: linear and slerp (hm_combine_bf16), and sums of
- * deltas with TIES' sign consensus, magnitude-range masks (ties, breadcrumbs) and
- * DARE's random masks (hm_merge_bf16), compiled at first
- * use by cpu_native.py. One pass per element block: each source is read once, the
- * result written once, everything in between stays in registers / L1.
+/* Fused CPU merge of bf16 sources, compiled at first use by cpu_native.py:
+ *   hm_combine_bf16  linear and slerp (weighted sums of the sources)
+ *   hm_merge_bf16    sums of deltas, with TIES' sign consensus, magnitude-range masks
+ *                    (ties, breadcrumbs) or DARE's random masks
+ *   hm_l1_bf16       the masked L1 norms that DARE rescales by
+ * One pass per element block: each source is read once, the result written once,
+ * everything in between stays in L1.
  *
  * Bit-identical to fused._merge_segment_fast: the same float32 operations in the
  * same order (compiled with -ffp-contract=off, no fast-math, so no FMA and no
