@@ -24,18 +24,15 @@ static inline float bf16_to_f32(uint16_t v) {
     return f;
 }
 
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    u += 0x7FFFu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
 /* The float32 bits of f rounded to bf16 (to nearest even): the bf16 in the upper half. */
 static inline uint32_t round_to_bf16_bits(float f) {
     uint32_t u;
     memcpy(&u, &f, 4);
     return (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    return (uint16_t)(round_to_bf16_bits(f) >> 16);
 }
 
 static inline float bits_to_f32(uint32_t u) {
@@ -151,6 +148,42 @@ static void row_terms(const hm_plan *p, int m, const uint16_t *x, const float *b
     for (int e = 0; e < len; e++) t[e] = bits_to_f32(d[e]) * s;
 }
 
+/* TIES over a block: acc = s * sum(max(s * t_m, 0)), s = sign of the total (+1 for +0),
+ * divided by the agreeing weights when normalizing; every row's terms are used twice. */
+static void consensus_block(const hm_plan *p, const uint16_t *const *rows, const float *b,
+                            int64_t elem, int64_t lo, int len, float terms[][BLOCK], float *acc) {
+    float sgn[BLOCK], divisor[BLOCK];
+    int k = p->k;
+    for (int m = 0; m < k; m++) row_terms(p, m, rows[m] + lo, b, elem, len, terms[m]);
+    for (int e = 0; e < len; e++) acc[e] = terms[0][e];
+    for (int m = 1; m < k; m++)
+        for (int e = 0; e < len; e++) acc[e] = acc[e] + terms[m][e];
+    for (int e = 0; e < len; e++) sgn[e] = copysignf(1.0f, acc[e]);
+    for (int m = 0; m < k; m++)
+        for (int e = 0; e < len; e++) {
+            float v = terms[m][e] * sgn[e];
+            terms[m][e] = v > 0.0f ? v : 0.0f;
+        }
+    for (int e = 0; e < len; e++) acc[e] = terms[0][e];
+    for (int m = 1; m < k; m++)
+        for (int e = 0; e < len; e++) acc[e] = acc[e] + terms[m][e];
+    for (int e = 0; e < len; e++) acc[e] = acc[e] * sgn[e] + 0.0f;
+    if (!p->normalize)
+        return;
+    float w0 = p->weight[0], w_min = p->w_min;
+    for (int e = 0; e < len; e++) divisor[e] = terms[0][e] > 0.0f ? w0 : 0.0f;
+    for (int m = 1; m < k; m++) {
+        float w = p->weight[m];
+        for (int e = 0; e < len; e++) divisor[e] = divisor[e] + (terms[m][e] > 0.0f ? w : 0.0f);
+    }
+    if (p->w_pos) {
+        for (int e = 0; e < len; e++) divisor[e] = divisor[e] >= w_min ? divisor[e] : w_min;
+    } else {
+        for (int e = 0; e < len; e++) divisor[e] = divisor[e] == 0.0f ? 1.0f : divisor[e];
+    }
+    for (int e = 0; e < len; e++) acc[e] = acc[e] / divisor[e];
+}
+
 /* out = bf16(merged delta * lam + B); elem: the hash index of out[0] */
 void hm_merge_bf16(const hm_plan *p, const uint16_t *const *rows, const uint16_t *base,
                    int64_t elem, uint16_t *out, int64_t n) {
@@ -163,58 +196,27 @@ void hm_merge_bf16(const hm_plan *p, const uint16_t *const *rows, const uint16_t
         int len = (int)(n - lo < BLOCK ? n - lo : BLOCK);
         for (int e = 0; e < len; e++) b[e] = bf16_to_f32(base[lo + e]);
         if (p->consensus) {
-            /* every row's terms are needed twice */
-            for (int m = 0; m < k; m++) row_terms(p, m, rows[m] + lo, b, elem + lo, len, terms[m]);
-            for (int e = 0; e < len; e++) acc[e] = terms[0][e];
-            for (int m = 1; m < k; m++)
-                for (int e = 0; e < len; e++) acc[e] = acc[e] + terms[m][e];
-        } else if (p->mask == MASK_NONE) {
-            /* task_arithmetic: straight into the sum, the smallest working set */
-            for (int m = 0; m < k; m++) {
-                const uint16_t *x = rows[m] + lo;
-                float s = p->scale[m];
-                if (m == 0)
-                    for (int e = 0; e < len; e++)
-                        acc[e] = bits_to_f32(round_to_bf16_bits(bf16_to_f32(x[e]) - b[e])) * s;
-                else
-                    for (int e = 0; e < len; e++)
-                        acc[e] = acc[e] + bits_to_f32(round_to_bf16_bits(bf16_to_f32(x[e]) - b[e])) * s;
-            }
+            consensus_block(p, rows, b, elem + lo, lo, len, terms, acc);
         } else {
-            row_terms(p, 0, rows[0] + lo, b, elem + lo, len, acc);
-            for (int m = 1; m < k; m++) {
-                row_terms(p, m, rows[m] + lo, b, elem + lo, len, terms[0]);
-                for (int e = 0; e < len; e++) acc[e] = acc[e] + terms[0][e];
-            }
-        }
-        if (p->consensus) {
-            /* mixed = s * sum(max(s * t, 0)), s = sign of the total (+1 for +0) */
-            float sgn[BLOCK], divisor[BLOCK];
-            for (int e = 0; e < len; e++) sgn[e] = copysignf(1.0f, acc[e]);
-            for (int m = 0; m < k; m++)
-                for (int e = 0; e < len; e++) {
-                    float v = terms[m][e] * sgn[e];
-                    terms[m][e] = v > 0.0f ? v : 0.0f;
+            if (p->mask == MASK_NONE) {
+                /* task_arithmetic: straight into the sum, the smallest working set */
+                for (int m = 0; m < k; m++) {
+                    const uint16_t *x = rows[m] + lo;
+                    float s = p->scale[m];
+                    if (m == 0)
+                        for (int e = 0; e < len; e++)
+                            acc[e] = bits_to_f32(round_to_bf16_bits(bf16_to_f32(x[e]) - b[e])) * s;
+                    else
+                        for (int e = 0; e < len; e++)
+                            acc[e] = acc[e] + bits_to_f32(round_to_bf16_bits(bf16_to_f32(x[e]) - b[e])) * s;
                 }
-            for (int e = 0; e < len; e++) acc[e] = terms[0][e];
-            for (int m = 1; m < k; m++)
-                for (int e = 0; e < len; e++) acc[e] = acc[e] + terms[m][e];
-            for (int e = 0; e < len; e++) acc[e] = acc[e] * sgn[e] + 0.0f;
-            if (p->normalize) {
-                float w0 = p->weight[0], w_min = p->w_min;
-                for (int e = 0; e < len; e++) divisor[e] = terms[0][e] > 0.0f ? w0 : 0.0f;
+            } else {
+                row_terms(p, 0, rows[0] + lo, b, elem + lo, len, acc);
                 for (int m = 1; m < k; m++) {
-                    float w = p->weight[m];
-                    for (int e = 0; e < len; e++) divisor[e] = divisor[e] + (terms[m][e] > 0.0f ? w : 0.0f);
+                    row_terms(p, m, rows[m] + lo, b, elem + lo, len, terms[0]);
+                    for (int e = 0; e < len; e++) acc[e] = acc[e] + terms[0][e];
                 }
-                if (p->w_pos) {
-                    for (int e = 0; e < len; e++) divisor[e] = divisor[e] >= w_min ? divisor[e] : w_min;
-                } else {
-                    for (int e = 0; e < len; e++) divisor[e] = divisor[e] == 0.0f ? 1.0f : divisor[e];
-                }
-                for (int e = 0; e < len; e++) acc[e] = acc[e] / divisor[e];
             }
-        } else {
             if (p->fix)
                 for (int e = 0; e < len; e++) acc[e] = acc[e] + 0.0f;
             if (div != 1.0f)

@@ -999,13 +999,13 @@ def _merge_segment_fast(flat: FlatSources, table: CoefficientTable, scale: np.nd
     threads = torch.get_num_threads()
     if spec.combine:
         rows = [m for m in range(flat.n_models) if table.coef[j, m] != 0]
-        ccol = _cols([float(table.coef[j, m]) for m in rows], f32, dev) if rows else None
+        coefs = [float(table.coef[j, m]) for m in rows]
         div = float(table.div[j])
         if rows and _native_ok(flat):
-            native.combine([flat.models[m, seg.offset: seg.offset + seg.numel] for m in rows],
-                           [float(table.coef[j, m]) for m in rows], True, div,
+            native.combine([flat.models[m, seg.offset: seg.offset + seg.numel] for m in rows], coefs, True, div,
                            _out_slice(out, flat, j, 0, seg.numel))
             return
+        ccol = _cols(coefs, f32, dev) if rows else None
         div_t = _f32(div)
         for lo, hi, P in _steps(seg.numel, threads):
             h = (hi - lo) // P
@@ -1027,14 +1027,8 @@ def _merge_segment_fast(flat: FlatSources, table: CoefficientTable, scale: np.nd
         plan = _MaskPlan(flat, table, j, [m for m in range(flat.n_models) if scale[j, m] != 0])
     rows = plan.rows
     k = len(rows)
-    scol = _cols([float(scale[j, m]) for m in rows], f32, dev) if k else None
-    lam = float(table.lambda_)
-    lam_t = _f32(lam)
     consensus = spec.consensus
     if consensus:
-        weights = [float(table.weight[j, m]) for m in rows]
-        wcol = _cols(weights, f32, dev) if k else None
-        w_pos = bool(k) and min(weights) > 0
         div, fix = 1.0, False
     else:
         div = float(table.div[j]) if table.normalize else 1.0
@@ -1046,6 +1040,13 @@ def _merge_segment_fast(flat: FlatSources, table: CoefficientTable, scale: np.nd
             native.merge(native_plan, [flat.models[m, span] for m in rows], flat.base[span],
                          seg.elem_offset, _out_slice(out, flat, j, 0, seg.numel))
             return
+    scol = _cols([float(scale[j, m]) for m in rows], f32, dev) if k else None
+    lam = float(table.lambda_)
+    lam_t = _f32(lam)
+    if consensus:
+        weights = [float(table.weight[j, m]) for m in rows]
+        wcol = _cols(weights, f32, dev) if k else None
+        w_pos = bool(k) and min(weights) > 0
     div_t = _f32(div)
     for lo, hi, P in _steps(seg.numel, threads):
         h = (hi - lo) // P
@@ -1216,8 +1217,7 @@ def _apply_streamed(flat: FlatSources, table: CoefficientTable, out, scr: _Scrat
             plan = _MaskPlan(flat, table, j, rows)
             nbytes = len(plan.rows) * seg.numel * flat.models.element_size()
             # The C kernel recomputes the masked deltas faster than a cache returns them.
-            native_merges = _native_ok(flat) and plan.mode == R.SPARSE_RANDOM \
-                and len(plan.rows) <= native.MAX_ROWS
+            native_merges = _native_ok(flat) and _native_masks(plan) is not None
             if nbytes <= _CACHE_BYTES and not native_merges:
                 cache = scr.get("delta_cache", flat.dtype, len(plan.rows) * seg.numel)
                 sums = _l1_pass(flat, j, plan, scr, cache)
