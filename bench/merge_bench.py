@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-METHODS = ["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
-           "breadcrumbs_ties", "della", "della_linear", "slerp"]
-NO_BASE = ("linear", "slerp")
+from hotmerge.kernels.methods import METHODS as REGISTRY
+
+METHODS = list(REGISTRY)
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ def candidate_params(method: str, n_segments: int, n_models: int, rng: np.random
     if method == "slerp":
         return {"t": rng.uniform(0.1, 0.5, n_segments), "pair": np.array([0, 1])}
     params = {"weight": rng.uniform(0.2, 1.0, (n_segments, n_models))}
-    if method not in ("linear", "task_arithmetic"):
+    if "density" in REGISTRY[method].genes:
         params["density"] = rng.uniform(0.3, 0.7, (n_segments, n_models))
     return params
 
@@ -136,7 +136,7 @@ def run(preset: str, layers: int | None, n_models: int, dtype_name: str, methods
         table = build_table(method, flat, params, normalize=True)
         table_s = time.perf_counter() - started
         apply_s = timer(lambda: apply(flat, table, out), repeats)
-        reads = n_models + (0 if method in NO_BASE else 1)
+        reads = n_models + (1 if REGISTRY[method].needs_base else 0)
         moved = (reads + 1) * total * elem
         floor_s = moved / copy_bw
         rows.append({"method": method, "apply_s": apply_s, "table_s": table_s, "stats_once_s": stats_s,

@@ -11,7 +11,7 @@ import yaml
 from safetensors.torch import load_file
 
 from hotmerge.engine.config import parse_config, validate_config
-from hotmerge.engine.export import load_merge_config
+from hotmerge.engine.mergeconfig import load_merge_config
 
 CASES = [
     dict(merge_method="ties", layer_granularity=2, filters=["self_attn"]),
@@ -35,15 +35,17 @@ def test_merge_config_round_trips_to_the_same_recipe(toy_family, tmp_path, case)
     x = np.random.default_rng(1).uniform(0.05, 1.0, genome.size)
     path = tmp_path / "best_config.yaml"
     path.write_text(yaml.safe_dump(genome.to_mergekit_config(x)))
-    again, y = load_merge_config(path)
-    original, loaded = genome.decode(x), again.genome().decode(y)
+    again, loaded = load_merge_config(path)
+    original = genome.decode(x)
+    assert (loaded.normalize, loaded.rescale, loaded.lambda_) == (original.normalize, original.rescale, 1.0)
     for name in validated.reference.tensors:
         a, b = original.tensor(name), loaded.tensor(name)
         if case["merge_method"] == "slerp":
-            before, after = validated.config.genome.models, again.config.genome.models
+            before, after = validated.config.genome.models, loaded.models
             assert (before[a.base], before[a.other]) == (after[b.base], after[b.other])
             assert b.t == pytest.approx(a.t, abs=1e-12)
         else:
+            assert loaded.models == tuple(validated.config.genome.models)
             for key, value in a.params.items():
                 np.testing.assert_allclose(b.params[key], value, atol=1e-12)
 

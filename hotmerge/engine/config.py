@@ -31,33 +31,31 @@ from pydantic import (
 
 from hotmerge.engine.errors import ConfigError
 from hotmerge.engine.modelinfo import ModelInfo
+from hotmerge.kernels.methods import METHOD_NAMES, get_method
 
-# mergekit-evolve's own five methods, then the task-arithmetic variants hotmerge adds.
-EVOLVE_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "slerp")
-EXTRA_METHODS = (
-    "dare_linear",
-    "breadcrumbs",
-    "breadcrumbs_ties",
-    "della",
-    "della_linear",
-)
-MERGE_METHODS = EVOLVE_METHODS + EXTRA_METHODS
+MERGE_METHODS = METHOD_NAMES
 # Every method of the task-arithmetic family works on deltas from a base model.
-BASE_METHODS = tuple(m for m in MERGE_METHODS if m not in ("linear", "slerp"))
+BASE_METHODS = tuple(m for m in METHOD_NAMES if get_method(m).needs_base)
 
 _STRICT = ConfigDict(extra="forbid", frozen=True)
 
 
-def _resolve_path(value: str, info: ValidationInfo) -> str:
+def _absolute(value: str, base_dir) -> str:
     """Relative paths: against the config file's folder when that exists, else the CWD."""
     if os.path.isabs(value):
         return os.path.normpath(value)
-    base_dir = (info.context or {}).get("base_dir")
-    if base_dir is not None:
-        candidate = os.path.join(base_dir, value)
-        if os.path.exists(candidate):
-            return os.path.normpath(os.path.abspath(candidate))
+    if base_dir is not None and os.path.exists(os.path.join(base_dir, value)):
+        return os.path.normpath(os.path.abspath(os.path.join(base_dir, value)))
     return os.path.normpath(os.path.abspath(value))
+
+
+def _resolve_path(value: str, info: ValidationInfo) -> str:
+    return _absolute(value, (info.context or {}).get("base_dir"))
+
+
+def resolve_model_path(value: str, base_dir=None) -> str:
+    """A model reference of a config as an absolute path (ValueError: why it is not one)."""
+    return _absolute(_check_model_string(value), base_dir)
 
 
 def _check_model_string(value: str) -> str:

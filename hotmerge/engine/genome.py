@@ -40,36 +40,18 @@ import numpy as np
 
 from hotmerge.engine.config import GenomeConfig
 from hotmerge.engine.modelinfo import layer_index
+from hotmerge.kernels.methods import METHODS
 
 # Genes per (layer group, model, filter set), in genotype order.
-METHOD_PARAMS: dict[str, tuple[str, ...]] = {
-    "linear": ("weight",),
-    "task_arithmetic": ("weight",),
-    "ties": ("weight", "density"),
-    "dare_ties": ("weight", "density"),
-    "slerp": ("t",),
-    # beyond mergekit-evolve's five: the same genes as ties
-    "dare_linear": ("weight", "density"),
-    "breadcrumbs": ("weight", "density"),
-    "breadcrumbs_ties": ("weight", "density"),
-    "della": ("weight", "density"),
-    "della_linear": ("weight", "density"),
-}
+METHOD_PARAMS: dict[str, tuple[str, ...]] = {name: spec.genes for name, spec in METHODS.items()}
 
-# Per-model parameters that are not searched: mergekit 0.1.5's defaults.
+# Per-model parameters that are not searched (gamma, epsilon): mergekit 0.1.5's defaults.
+# (task_arithmetic's density is left out: it does nothing without a sparsification.)
 FIXED_PARAMS: dict[str, dict[str, float]] = {
-    "breadcrumbs": {"gamma": 0.01},
-    "breadcrumbs_ties": {"gamma": 0.01},
-    "della": {"epsilon": 0.15},
-    "della_linear": {"epsilon": 0.15},
+    name: {p.name: p.default for p in spec.tensor_params if p.name not in spec.genes + ("density",)}
+    for name, spec in METHODS.items()
+    if any(p.name not in spec.genes + ("density",) for p in spec.tensor_params)
 }
-
-# mergekit-evolve's normalize default is on for ties, dare_ties and linear; the added
-# methods follow the same rule by kind: on where TIES sign consensus is used.
-NORMALIZE_BY_DEFAULT = ("linear", "ties", "dare_ties", "breadcrumbs_ties", "della")
-# mergekit 0.1.5 method defaults that the emitted config does not override.
-RESCALE_BY_DEFAULT = ("dare_ties", "dare_linear", "della", "della_linear")
-TASK_ARITHMETIC_FAMILY = tuple(m for m in METHOD_PARAMS if m not in ("linear", "slerp"))
 
 # Keeps DELLA's density strictly inside (epsilon, 1 - epsilon).
 DELLA_DENSITY_MARGIN = 1e-3
@@ -170,7 +152,7 @@ class Recipe:
                 params[name] = _gradient(column, loc.t)
             else:
                 params[name] = column[loc.group].copy()
-        if self.method in TASK_ARITHMETIC_FAMILY and self.base_index is not None:
+        if METHODS[self.method].needs_base and self.base_index is not None:
             active[self.base_index] = False
             params["weight"][self.base_index] = 0.0
         for name, v in self.fixed.items():
@@ -218,7 +200,8 @@ class Genome:
         )
         self.size = int(np.prod(self.shape))
         n = genome_def.normalize
-        self.normalize = self.method in NORMALIZE_BY_DEFAULT if n is None else n
+        # mergekit-evolve writes normalize explicitly: its own default when unset.
+        self.normalize = METHODS[self.method].evolve_normalize if n is None else n
 
     @property
     def base_index(self) -> Optional[int]:
@@ -294,7 +277,7 @@ class Genome:
             base_model=self.base_model,
             base_index=self.base_index,
             normalize=self.normalize,
-            rescale=self.method in RESCALE_BY_DEFAULT,
+            rescale=METHODS[self.method].default_rescale,
             int8_mask=True,
             fixed=dict(FIXED_PARAMS.get(self.method, {})),
             values={} if slerp else self.param_values(geno),

@@ -11,12 +11,12 @@ import math
 from dataclasses import dataclass
 
 from hotmerge.engine.config import ValidatedConfig
+from hotmerge.kernels.methods import get_method
 
 BYTES_PER_ELEMENT = 2  # bf16 everywhere
-# Per (model, tensor): cumulative histogram over the 32768 |x| bit patterns (int64),
-# for methods that rank magnitudes (ties, breadcrumbs, della).
+# Per (model, tensor): at most a cumulative histogram over the 32768 |x| bit patterns
+# (int64), built at load for every method with a base (kernels/stats.py).
 HISTOGRAM_BYTES = 32768 * 8
-RANKING_METHODS = ("ties", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear")
 
 
 def default_popsize(genome_size: int) -> int:
@@ -46,14 +46,19 @@ def memory_plan(validated: ValidatedConfig, population_size: int | None = None,
                 device_total: int | None = None, device: str = "cpu") -> MemoryPlan:
     genome_cfg = validated.config.genome
     ref = validated.reference
-    model_bytes = sum(t.numel for t in ref.tensors.values()) * BYTES_PER_ELEMENT
+    parameters = sum(t.numel for t in ref.tensors.values())
+    model_bytes = parameters * BYTES_PER_ELEMENT
     n_models = len(genome_cfg.models)
     rows = [("live model", model_bytes)]
     if genome_cfg.base_model is not None:
         rows.append(("base (resident)", model_bytes))
     rows.append((f"sources: {n_models} models (resident)", n_models * model_bytes))
-    if genome_cfg.merge_method in RANKING_METHODS:
+    method = get_method(genome_cfg.merge_method)
+    if method.needs_base:
         rows.append(("statistics: magnitude histograms", n_models * len(ref.tensors) * HISTOGRAM_BYTES))
+    if method.rank_code_bytes_per_parameter:
+        rows.append(("statistics: della rank codes",
+                     n_models * parameters * method.rank_code_bytes_per_parameter))
     genome = validated.genome()
     return MemoryPlan(rows=rows, device=device, device_total=device_total,
                       genome_shape=genome.shape, genome_size=genome.size,

@@ -335,7 +335,7 @@ def build_table(
     rows = flat.param_rows()
     p = _param_dict(spec, params)
     dtype = flat.dtype
-    st = flat.ensure_stats(della=spec.sparse_mode == R.SPARSE_RANKED, slerp=method == "slerp")
+    st = flat.ensure_stats(della=spec.needs_rank_codes, slerp=spec.needs_slerp_constants)
     if rescale is None:
         rescale = spec.default_rescale
     f32 = np.float32

@@ -55,66 +55,24 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 
-# ---------------------------------------------------------------------------
-# Method table (mergekit 0.1.5 registry defaults)
+# The method table lives in methods.py (the one registry); re-exported for the kernels.
+from .methods import (  # noqa: F401
+    DEFAULT_EPSILON,
+    DEFAULT_GAMMA,
+    METHODS,
+    SPARSE_NONE,
+    SPARSE_RANDOM,
+    SPARSE_RANGE,
+    SPARSE_RANKED,
+    MethodSpec,
+    get_method,
+)
 
-SPARSE_NONE = 0  # keep every delta
-SPARSE_RANGE = 1  # keep |delta| keys in (lo, hi), a share of lo and hi (ties, breadcrumbs)
-SPARSE_RANDOM = 2  # keep with probability density (dare)
-SPARSE_RANKED = 3  # keep with a probability linear in the row rank of |delta| (della)
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    name: str
-    combine: bool  # linear/slerp: weighted sum of the sources, no base, no delta
-    sparsify: Optional[str]  # mergekit SparsificationMethod name
-    sparse_mode: int
-    consensus: bool  # TIES 'sum' sign consensus
-    default_normalize: bool
-    default_rescale: bool
-    params: tuple  # per-model parameters, in genotype order
-
-
-def _gta(name, sparsify, mode, consensus, normalize, rescale, params):
-    return MethodSpec(name, False, sparsify, mode, consensus, normalize, rescale, params)
-
-
-METHODS: dict = {
-    m.name: m
-    for m in (
-        MethodSpec("linear", True, None, SPARSE_NONE, False, True, False, ("weight",)),
-        MethodSpec("slerp", True, None, SPARSE_NONE, False, False, False, ("t",)),
-        _gta("task_arithmetic", None, SPARSE_NONE, False, False, False, ("weight",)),
-        _gta("ties", "magnitude", SPARSE_RANGE, True, True, False, ("weight", "density")),
-        _gta("dare_ties", "random", SPARSE_RANDOM, True, False, True, ("weight", "density")),
-        _gta("dare_linear", "random", SPARSE_RANDOM, False, False, True, ("weight", "density")),
-        _gta("breadcrumbs", "magnitude_outliers", SPARSE_RANGE, False, False, False,
-             ("weight", "density", "gamma")),
-        _gta("breadcrumbs_ties", "magnitude_outliers", SPARSE_RANGE, True, False, False,
-             ("weight", "density", "gamma")),
-        _gta("della", "della_magprune", SPARSE_RANKED, True, True, True,
-             ("weight", "density", "epsilon")),
-        _gta("della_linear", "della_magprune", SPARSE_RANKED, False, False, True,
-             ("weight", "density", "epsilon")),
-    )
-}
-
-# mergekit's defaults for the per-model scalars of the outlier and della pruners
-DEFAULT_GAMMA = 0.01
-DEFAULT_EPSILON = 0.15
 RESCALE_EPS = 1e-7  # mergekit's rescaled_masked_tensor eps
 LINEAR_DIV_EPS = 1e-8  # mergekit: |sum of weights| below this divides by 1
 SLERP_DOT_THRESHOLD = 0.9995
 SLERP_EPS = 1e-8
 KEY_MAX = 0x7FFF  # largest |x| bit pattern of a 16-bit float (NaN patterns included)
-
-
-def get_method(name: str) -> MethodSpec:
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise ValueError(f"unknown merge method {name!r}; known: {sorted(METHODS)}") from None
 
 
 # ---------------------------------------------------------------------------

@@ -29,7 +29,12 @@ shape, dtype) is overwritten with noise and the prompt logprobs of a probe batch
 change, then the reference weights are written back and the logprobs must return to
 their first values. If a write is ignored (a CPU GEMM kernel computing from a packed
 copy), re-packing after every write is switched on and the proof is repeated; if a
-write still changes nothing, start-up fails with a RuntimeError.
+write still changes nothing, start-up fails with a SetupError.
+
+No silent fallbacks: an engine that does not start, a source tensor that the model's
+loader ignores (it would stay unmerged in every candidate), a layout the worker
+cannot map and a failed proof all stop start-up with a SetupError (one line, naming
+--no-vllm, the transformers runtime).
 
 Memory: the KV cache is sized explicitly (`kv_cache_bytes_for`: max_num_seqs full
 sequences, at least two, capped at 1 GiB on CPU / 8 GiB on GPU; or kv_cache_bytes=),
@@ -63,8 +68,9 @@ from typing import Optional
 import numpy as np
 
 from hotmerge.engine.config import ValidatedConfig
-from hotmerge.engine.errors import ConfigError
+from hotmerge.engine.errors import ConfigError, SetupError
 from hotmerge.engine.runtime.vllm_worker import pack_array, unpack_tensor
+from hotmerge.kernels.methods import METHODS
 
 EXTENSION = "hotmerge.engine.runtime.vllm_worker.HotmergeWorkerExtension"
 
@@ -74,7 +80,7 @@ KV_CAP_CPU = 1 << 30
 KV_CAP_GPU = 8 << 30
 KV_FLOOR = 16 << 20
 DEFAULT_MAX_NUM_SEQS = 256
-TP_METHODS = ("linear", "task_arithmetic")  # exact per tensor-parallel shard
+TP_METHODS = tuple(m for m, spec in METHODS.items() if spec.tensor_parallel_exact)
 PROBE_TOL = 1e-6  # logprob change that counts as "the write was seen"
 
 
@@ -132,7 +138,6 @@ class VLLMRuntime:
                  tensor_parallel_size: int = 1, max_model_len: Optional[int] = None,
                  kv_cache_bytes: Optional[int] = None, enforce_eager: Optional[bool] = None,
                  prove_writes: bool = True):
-        from transformers import AutoConfig, AutoTokenizer
         from vllm import LLM
 
         genome = validated.config.genome
@@ -168,20 +173,36 @@ class VLLMRuntime:
             if utilization is not None:
                 engine_kwargs["gpu_memory_utilization"] = utilization
         started = time.perf_counter()
-        self.llm = LLM(
-            model=self.reference,
-            tokenizer=tokenizer_source,
-            dtype="bfloat16",
-            seed=self.seed,
-            tensor_parallel_size=self.tp,
-            enforce_eager=on_cpu if enforce_eager is None else enforce_eager,
-            kv_cache_memory_bytes=self.kv_cache_bytes,
-            max_model_len=max_model_len,
-            max_num_seqs=max_num_seqs,
-            worker_extension_cls=EXTENSION,
-            **engine_kwargs,
-        )
+        self.llm = None
+        try:
+            self.llm = LLM(
+                model=self.reference,
+                tokenizer=tokenizer_source,
+                dtype="bfloat16",
+                seed=self.seed,
+                tensor_parallel_size=self.tp,
+                enforce_eager=on_cpu if enforce_eager is None else enforce_eager,
+                kv_cache_memory_bytes=self.kv_cache_bytes,
+                max_model_len=max_model_len,
+                max_num_seqs=max_num_seqs,
+                worker_extension_cls=EXTENSION,
+                **engine_kwargs,
+            )
+        except Exception as error:
+            message = " ".join(str(error).split())[:300]
+            raise SetupError(f"the vLLM engine did not start on {self.reference} ({type(error).__name__}: "
+                             f"{message}): use the transformers runtime (--no-vllm); HOTMERGE_DEBUG=1 "
+                             "shows vLLM's traceback") from error
         self.seconds = {"engine": time.perf_counter() - started}
+        try:
+            self._setup(reference_info, tokenizer_source, batch_size, prove_writes)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, reference_info, tokenizer_source, batch_size, prove_writes: bool) -> None:
+        """After the engine started: the worker's layout, the lm-eval adapter, the write proof."""
+        from transformers import AutoConfig, AutoTokenizer
 
         started = time.perf_counter()
         spec = {
@@ -194,14 +215,19 @@ class VLLMRuntime:
             "method": self.method,
             "tp": self.tp,
         }
-        self.layout = self.llm.collective_rpc("hotmerge_setup", args=(spec,))[0]
+        layouts = self.llm.collective_rpc("hotmerge_setup", args=(spec,))
         self.seconds["setup"] = time.perf_counter() - started
-        if self.layout["unmapped"]:
-            import logging
-
-            logging.getLogger(__name__).warning(
-                "vLLM's loader ignores %d source tensor(s) (e.g. %s); they are not merged",
-                len(self.layout["unmapped"]), self.layout["unmapped"][0])
+        for layout in layouts:
+            if "setup_error" in layout:
+                raise SetupError(layout["setup_error"])
+        self.layout = layouts[0]
+        # A tensor some rank holds is merged there; one that no rank holds never is.
+        unmapped = sorted(set.intersection(*(set(layout["unmapped"]) for layout in layouts)))
+        if unmapped:
+            raise SetupError(
+                f"vLLM's loader for {self.reference} ignores {len(unmapped)} source tensor(s) "
+                f"({', '.join(unmapped[:3])}{', ...' if len(unmapped) > 3 else ''}), so every candidate "
+                "would be scored with them unmerged: use the transformers runtime (--no-vllm)")
 
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
         hf_config = AutoConfig.from_pretrained(self.reference)
@@ -354,17 +380,18 @@ class VLLMRuntime:
             repack = bool(state["repack"])
             still = [g for g in ignored if not self._seen(g, baseline)] if repack else ignored
             if still:
-                raise RuntimeError(
+                raise SetupError(
                     f"writing into the live weights of {', '.join(still)} does not change the "
                     "model's output (the engine computes from a private copy of them, e.g. "
                     "a packed CPU GEMM weight) and re-packing did not help: use the "
-                    "transformers runtime (--backend hf)")
+                    "transformers runtime (--no-vllm)")
         after = self._probe_logprobs()
         drift = float(np.max(np.abs(after - baseline)))
         if drift > PROBE_TOL:
-            raise RuntimeError(
+            raise SetupError(
                 f"writing the reference weights back did not restore the output (logprobs moved "
-                f"by {drift:.3g}): the live weights are not fully under hotmerge's control")
+                f"by {drift:.3g}): the live weights are not fully under hotmerge's control; use the "
+                "transformers runtime (--no-vllm)")
         return {"groups": groups, "ignored_before_repack": ignored, "repack": repack}
 
 

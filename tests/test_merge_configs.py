@@ -1,0 +1,273 @@
+"""Plain mergekit merge configs (the files `mergekit-yaml` takes), every parameter away from
+its default: hotmerge's export equals mergekit 0.1.5's merge of the same file, or refuses
+with one line that names what it cannot honour."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from hotmerge.engine.errors import ConfigError
+from hotmerge.engine.export import export_merge
+from hotmerge.engine.mergeconfig import read_merge_config
+from hotmerge.kernels.methods import METHODS, Sparsification
+
+ULPS = 4  # mergekit rounds to bf16 after every step, hotmerge once (see test_parity.py)
+
+
+def _family(toy_family):
+    return str(toy_family.base), [str(p) for p in toy_family.experts]
+
+
+def _models(experts, params):
+    return [{"model": m, "parameters": p} for m, p in zip(experts, params)]
+
+
+def _cases(base, ex):
+    """name -> merge config; each sets parameters away from mergekit's defaults."""
+    return {
+        "ties-lambda": {
+            "merge_method": "ties", "base_model": base, "dtype": "bfloat16",
+            "parameters": {"lambda": 0.5},
+            "models": _models(ex, [{"weight": 0.7, "density": 0.6}, {"weight": 0.5, "density": 0.4},
+                                   {"weight": 0.9, "density": 0.8}])},
+        "ties-global-weight-no-normalize": {
+            "merge_method": "ties", "base_model": base, "dtype": "bfloat16",
+            "parameters": {"weight": 0.6, "normalize": False, "int8_mask": True},
+            "models": _models(ex, [{"density": 0.5}, {"density": [0.3, 0.9]}, {"density": 0.7}])},
+        "breadcrumbs-gamma": {
+            "merge_method": "breadcrumbs", "base_model": base, "dtype": "bfloat16",
+            "models": _models(ex, [{"weight": 0.8, "density": 0.7, "gamma": 0.05},
+                                   {"weight": 0.6, "density": 0.9, "gamma": 0.02},
+                                   {"weight": 1.1, "density": 0.8, "gamma": 0.1}])},
+        "breadcrumbs_ties-default-normalize": {
+            "merge_method": "breadcrumbs_ties", "base_model": base, "dtype": "bfloat16",
+            "models": _models(ex, [{"weight": 0.8, "density": 0.8, "gamma": 0.03},
+                                   {"weight": 0.6, "density": 0.9},
+                                   {"weight": 0.9, "density": 0.85, "gamma": 0.0}])},
+        # density 1 keeps DARE/DELLA deterministic: what is left is their normalize and
+        # rescale defaults (dare_ties: off / on; della: on / on), lambda and epsilon.
+        "dare_ties-default-normalize": {
+            "merge_method": "dare_ties", "base_model": base, "dtype": "bfloat16",
+            "models": _models(ex, [{"weight": 0.8, "density": 1.0}, {"weight": 0.6, "density": 1.0},
+                                   {"weight": 0.9}])},
+        "dare_linear-lambda-rescale": {
+            "merge_method": "dare_linear", "base_model": base, "dtype": "bfloat16",
+            "parameters": {"lambda": 1.5, "rescale": False, "normalize": True},
+            "models": _models(ex, [{"weight": 0.3}, {"weight": 0.5}, {"weight": 0.2}])},
+        "della-epsilon": {
+            "merge_method": "della", "base_model": base, "dtype": "bfloat16",
+            "parameters": {"epsilon": 0.05},
+            "models": _models(ex, [{"weight": 0.7, "density": 1.0}, {"weight": 0.4, "density": 1.0},
+                                   {"weight": 0.9, "density": 1.0, "epsilon": 0.1}])},
+        "della_linear-normalize": {
+            "merge_method": "della_linear", "base_model": base, "dtype": "bfloat16",
+            "parameters": {"normalize": True, "lambda": 0.8},
+            "models": _models(ex, [{"weight": 0.7, "density": 1.0}, {"weight": 0.4, "density": 1.0},
+                                   {"weight": 0.9, "density": 1.0}])},
+        "task_arithmetic-filters-gradients": {
+            "merge_method": "task_arithmetic", "base_model": base, "dtype": "bfloat16",
+            "parameters": {"lambda": 0.7, "normalize": True},
+            "models": _models(ex, [
+                {"weight": [{"filter": "self_attn", "value": [0.2, 0.9]}, {"filter": "mlp", "value": 0.4},
+                            {"value": 1.0}]},
+                {"weight": [0.5, 0.1, 0.8]},
+                {"weight": [{"filter": "q_proj", "value": 1.2}, {"value": [1.0, 0.3]}]}])},
+        "linear-no-normalize": {
+            "merge_method": "linear", "dtype": "bfloat16", "parameters": {"normalize": False},
+            "models": _models([base, *ex], [{"weight": 0.4}, {"weight": [{"filter": "mlp", "value": 0.1},
+                                                                       {"value": 0.3}]},
+                                            {"weight": 0.2}, {"weight": [0.1, 0.4]}])},
+        "slerp-classic": {
+            "merge_method": "slerp", "base_model": ex[0], "dtype": "bfloat16",
+            "slices": [{"sources": [{"model": ex[0], "layer_range": [0, 4]},
+                                    {"model": ex[1], "layer_range": [0, 4]}]}],
+            "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                                 {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
+                                 {"value": 0.5}]}},
+        "ties-slices": {
+            "merge_method": "ties", "base_model": base, "dtype": "bfloat16",
+            "parameters": {"normalize": False},
+            "slices": [
+                {"sources": [{"model": base, "layer_range": [0, 2]},
+                             {"model": ex[0], "layer_range": [0, 2], "parameters": {"weight": 0.9}},
+                             {"model": ex[1], "layer_range": [0, 2], "parameters": {"weight": 0.4}}],
+                 "parameters": {"density": 0.6}},
+                {"sources": [{"model": base, "layer_range": [2, 4]},
+                             {"model": ex[1], "layer_range": [2, 4], "parameters": {"weight": 0.7}},
+                             {"model": ex[2], "layer_range": [2, 4],
+                              "parameters": {"weight": 0.5, "density": 0.3}}],
+                 "parameters": {"density": 0.8, "weight": 1.0}}]},
+    }
+
+
+CASE_NAMES = list(_cases("b", ["m0", "m1", "m2"]))
+
+
+def _mergekit(config: dict, out) -> dict:
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    run_merge(MergeConfiguration.model_validate(config), str(out),
+              MergeOptions(copy_tokenizer=False, lazy_unpickle=False, random_seed=0))
+    return load_file(str(out / "model.safetensors"))
+
+
+def _tensors(path: str) -> dict:
+    return load_file(f"{path}/model.safetensors")
+
+
+def _ambiguous(recipe, name, base, sources) -> torch.Tensor:
+    """Where the tools may legitimately differ in sign-consensus merges: where the kept
+    terms nearly cancel (mergekit's bf16 sum may flip the majority sign), and, with
+    magnitude pruning, elements whose |delta| equals a cut value (mergekit's argsort
+    picks among them by position)."""
+    spec = METHODS[recipe.method]
+    shape = sources[0][name].shape
+    if not spec.consensus:
+        return torch.zeros(shape, dtype=torch.bool)
+    magnitude_cut = spec.sparsification in (Sparsification.magnitude, Sparsification.magnitude_outliers)
+    params = recipe.tensor(name).params
+    ambiguous = torch.zeros(shape, dtype=torch.bool)
+    kept_terms, cut_terms = [], []
+    for i, src in enumerate(sources):
+        delta = (src[name].float() - base[name].float()).to(torch.bfloat16).float()
+        term = float(params["weight"][i]) * delta
+        density = float(params["density"][i])
+        if density >= 1 or params["weight"][i] == 0 or not magnitude_cut:
+            kept_terms.append(term)
+            continue
+        ordered = delta.abs().flatten().sort().values
+        n = ordered.numel()
+        keep = int(density * n)
+        if spec.sparsification is Sparsification.magnitude_outliers:
+            n_top = int(float(params["gamma"][i]) * n)
+            n_bot = n - keep - n_top
+            if n_bot < 0:
+                n_top, n_bot = n_top + n_bot, 0
+            lo, hi = ordered[n_bot], ordered[n - n_top - 1]
+        else:
+            lo, hi = ordered[n - max(keep, 1)], ordered[-1]
+        magnitude = delta.abs()
+        at_cut = (magnitude == lo) | (magnitude == hi)
+        ambiguous |= at_cut
+        kept_terms.append(torch.where((magnitude > lo) & (magnitude < hi), term, 0.0))
+        cut_terms.append(torch.where(at_cut, term.abs(), 0.0))
+    kept = torch.stack(kept_terms)
+    undecided = torch.stack(cut_terms).sum(0) if cut_terms else torch.zeros(shape)
+    ambiguous |= kept.sum(0).abs() <= undecided + 2.0 ** -6 * kept.abs().sum(0)
+    return ambiguous
+
+
+def _assert_equal_to_mergekit(validated, recipe, ours: dict, theirs: dict) -> None:
+    sources = [_tensors(m) for m in recipe.models]
+    base = _tensors(recipe.base_model) if recipe.base_model else None
+    lam = abs(recipe.lambda_)
+    bad_total = 0
+    for name, a in ours.items():
+        a32, b32 = a.float(), theirs[name].float()
+        tolerance = ULPS * torch.maximum(a32.abs(), b32.abs()) * 2.0 ** -7
+        if base is not None:
+            # a few ulps of the terms mergekit sums in bf16 (they can dwarf the result)
+            deltas = sum((s[name].float() - base[name].float()).abs() for s in sources)
+            tolerance = tolerance + 2.0 ** -6 * max(1.0, lam) * deltas
+        else:
+            tolerance = tolerance + 2.0 ** -7 * sum(s[name].float().abs() for s in sources)
+        bad = (a32 - b32).abs() > tolerance
+        if base is not None:
+            bad &= ~_ambiguous(recipe, name, base, sources)
+        bad_total += int(bad.sum())
+    assert bad_total == 0, f"{bad_total} elements differ from mergekit beyond bf16 rounding"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASE_NAMES)
+def test_plain_merge_config_equals_mergekit(toy_family, tmp_path, case):
+    base, experts = _family(toy_family)
+    config = _cases(base, experts)[case]
+    validated, recipe = read_merge_config(config)
+    ours = load_file(str(export_merge(validated, recipe, tmp_path / "ours") / "model.safetensors"))
+    theirs = _mergekit(config, tmp_path / "mergekit")
+    assert set(ours) <= set(theirs)
+    _assert_equal_to_mergekit(validated, recipe, ours, theirs)
+
+
+def test_defaults_and_overrides_are_resolved_as_mergekit_does(toy_family):
+    base, ex = _family(toy_family)
+    cases = _cases(base, ex)
+    _, dare = read_merge_config(cases["dare_ties-default-normalize"])
+    assert dare.normalize is False and dare.rescale is True and dare.lambda_ == 1.0
+    _, bt = read_merge_config(cases["breadcrumbs_ties-default-normalize"])
+    assert bt.normalize is False
+    name = "model.layers.1.mlp.up_proj.weight"
+    np.testing.assert_allclose(bt.tensor(name).params["gamma"], [0.03, 0.01, 0.0])
+    _, ties = read_merge_config(cases["ties-lambda"])
+    assert ties.normalize is True and ties.lambda_ == 0.5
+    _, della = read_merge_config(cases["della-epsilon"])
+    np.testing.assert_allclose(della.tensor(name).params["epsilon"], [0.05, 0.05, 0.1])
+    # gradient over 4 layers: layer 1 sits at t = 1/3 of [0.5, 0.1, 0.8] (2 intervals)
+    _, ta = read_merge_config(cases["task_arithmetic-filters-gradients"])
+    w = ta.tensor(name).params["weight"]
+    assert w[0] == pytest.approx(0.4)  # the mlp filter
+    assert w[1] == pytest.approx(0.5 + (0.1 - 0.5) * (2 / 3))
+    assert w[2] == pytest.approx(1.0 + (0.3 - 1.0) / 3)
+    assert ta.tensor("model.layers.1.self_attn.q_proj.weight").params["weight"][2] == pytest.approx(1.2)
+    # embeddings: first slice at t = 0; final norm: last slice at t = 0
+    assert ta.tensor("model.embed_tokens.weight").params["weight"][1] == pytest.approx(0.5)
+    _, sl = read_merge_config(cases["ties-slices"])
+    top = sl.tensor("model.layers.3.mlp.up_proj.weight").params
+    models = list(sl.models)
+    assert top["weight"][models.index(ex[0])] == 0 and top["weight"][models.index(ex[2])] == 0.5
+    assert top["density"][models.index(ex[1])] == 0.8 and top["density"][models.index(ex[2])] == 0.3
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"parameters": {"lambda": [0.5, 1.0]}}, "lambda"),
+    ({"parameters": {"normalize": [{"filter": "mlp", "value": False}, {"value": True}]}}, "normalize"),
+    ({"parameters": {"lamda": 0.5}}, "lamda"),
+    ({"dtype": "float32"}, "dtype"),
+    ({"modules": {"text": {}}}, "modules"),
+    ({"chat_template": "chatml"}, "chat_template"),
+    ({"merge_mehtod": "ties"}, "merge_mehtod"),
+    ({"merge_method": "model_stock"}, "model_stock"),
+])
+def test_what_cannot_be_honoured_is_refused_by_name(toy_family, change, named):
+    base, ex = _family(toy_family)
+    config = {**_cases(base, ex)["ties-lambda"], **change}
+    with pytest.raises(ConfigError, match=named):
+        read_merge_config(config)
+
+
+def test_slices_that_reorder_layers_are_refused(toy_family):
+    base, ex = _family(toy_family)
+    config = {"merge_method": "task_arithmetic", "base_model": base, "dtype": "bfloat16",
+              "slices": [{"sources": [{"model": base, "layer_range": [0, 2]},
+                                      {"model": ex[0], "layer_range": [2, 4], "parameters": {"weight": 1}}]}]}
+    with pytest.raises(ConfigError, match="same layers"):
+        read_merge_config(config)
+
+
+def test_della_density_outside_epsilon_band_is_refused(toy_family):
+    base, ex = _family(toy_family)
+    config = {"merge_method": "della", "base_model": base, "dtype": "bfloat16",
+              "models": _models(ex, [{"weight": 1, "density": 0.1, "epsilon": 0.15}] * 3)}
+    with pytest.raises(ConfigError, match="epsilon"):
+        read_merge_config(config)
+
+
+def test_export_cli_refuses_in_one_line_and_leaves_nothing(toy_family, tmp_path):
+    base, ex = _family(toy_family)
+    config = tmp_path / "merge.yaml"
+    config.write_text(yaml.safe_dump({**_cases(base, ex)["ties-lambda"], "parameters": {"lambda": [0.5, 1]}}))
+    out = tmp_path / "merged"
+    done = subprocess.run([sys.executable, "-m", "hotmerge", "export", str(config), str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "lambda" in lines[0]
+    assert not out.exists() and not (tmp_path / "merged.partial").exists()
