@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from hotmerge.kernels import cpu_native as native
-from hotmerge.kernels import fused as F
+from hotmerge import kernels as F
+from hotmerge.kernels import cpu_backend
 from hotmerge.kernels import reference as R
 from hotmerge.kernels.stats import MagnitudeHistogram
 
@@ -315,7 +316,7 @@ def test_l1_rescale_exact(method):
     flat = F.FlatSources.from_tensors([[x] for x in xs], [base])
     table = F.build_table(method, flat, {"weight": [1.0, 1.0], "density": [0.4, 0.4], "epsilon": 0.1},
                           normalize=False, seed=5)
-    kept = F._l1_kept_torch(flat, table)
+    kept = cpu_backend.l1_kept(flat, table)
     scale = table.scales(kept)
     assert np.allclose(kept * scale, table.l1, rtol=1e-6)
 
@@ -439,7 +440,7 @@ def test_slerp_genes_decoding():
 
 
 # ---------------------------------------------------------------------------
-# (c2) the CPU fast path (fused._merge_segment_fast) against the chunk path
+# (c2) the CPU fast path (cpu_backend.merge_segment_fast) against the chunk path
 # (merge_chunk_torch), bit for bit. Small steps (monkeypatched) make these small
 # layouts run through many steps, each split into one part per thread.
 
@@ -575,8 +576,8 @@ def test_native_equals_torch_on_random_layouts(monkeypatch):
                          ids=["bf16-native", "bf16-torch", "fp16-torch"])
 def test_fast_path_equals_chunk_path(monkeypatch, threads, dtype, use_native):
     _native(monkeypatch, use_native)
-    monkeypatch.setattr(F, "_GRAIN", 16)
-    monkeypatch.setattr(F, "_COLS", 96)
+    monkeypatch.setattr(cpu_backend, "_GRAIN", 16)
+    monkeypatch.setattr(cpu_backend, "_COLS", 96)
     flat = _zero_edge_layout(seed=21, dtype=dtype)
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -594,7 +595,7 @@ def test_fast_path_equals_chunk_path(monkeypatch, threads, dtype, use_native):
                     fast, slow = (torch.full((flat.total,), 3.0, dtype=dtype) for _ in range(2))
                     raised = [_apply_or_bad(flat, table, fast)]
                     with monkeypatch.context() as mp:
-                        mp.setattr(F, "_fast_ok", lambda flat: False)
+                        mp.setattr(cpu_backend, "fast_ok", lambda flat: False)
                         raised.append(_apply_or_bad(flat, table, slow))
                     assert raised[0] == raised[1], (method, wname, normalize)
                     assert torch.equal(fast.view(torch.int16), slow.view(torch.int16)), (method, wname, normalize)
@@ -608,12 +609,12 @@ def test_fast_path_equals_chunk_path(monkeypatch, threads, dtype, use_native):
 def test_fast_path_random_masks(monkeypatch, variant):
     """DARE / DELLA rescale: masked L1 per segment then the merge (cached masked
     deltas, or recomputed), or the L1 pass over all segments first."""
-    monkeypatch.setattr(F, "_GRAIN", 16)
-    monkeypatch.setattr(F, "_COLS", 96)
+    monkeypatch.setattr(cpu_backend, "_GRAIN", 16)
+    monkeypatch.setattr(cpu_backend, "_COLS", 96)
     if variant == "cache_too_small":
-        monkeypatch.setattr(F, "_CACHE_BYTES", 64)
+        monkeypatch.setattr(cpu_backend, "_CACHE_BYTES", 64)
     if variant == "not_streamed":
-        monkeypatch.setattr(F, "_stream_ok", lambda flat, table: False)
+        monkeypatch.setattr(cpu_backend, "stream_ok", lambda flat, table: False)
     flat = _zero_edge_layout(seed=22)
     # deltas of 2^30 next to ~1e-3 ones: the masked L1 there takes the reference summation
     seg = flat.segments[1]
@@ -627,12 +628,12 @@ def test_fast_path_random_masks(monkeypatch, variant):
             fast = torch.zeros(flat.total, dtype=torch.bfloat16)
             F.apply(flat, table, fast, backend="torch")
             with monkeypatch.context() as mp:
-                mp.setattr(F, "_fast_ok", lambda flat: False)
+                mp.setattr(cpu_backend, "fast_ok", lambda flat: False)
                 slow = torch.zeros(flat.total, dtype=torch.bfloat16)
                 F.apply(flat, table, slow, backend="torch")
-                kept_slow = F._l1_kept_torch(flat, table)
+                kept_slow = cpu_backend.l1_kept(flat, table)
             assert torch.equal(fast.view(torch.int16), slow.view(torch.int16)), (method, w)
-            assert np.array_equal(F._l1_kept_torch(flat, table), kept_slow, equal_nan=True)
+            assert np.array_equal(cpu_backend.l1_kept(flat, table), kept_slow, equal_nan=True)
 
 
 def test_l1_exactness_guard(monkeypatch):
@@ -645,8 +646,8 @@ def test_l1_exactness_guard(monkeypatch):
     flat.stats = None
     table = F.build_table("dare_linear", flat, {"weight": [0.5, 0.3, 0.8], "density": 0.5},
                           normalize=False, seed=3)
-    assert not F._l1_sum_is_exact(flat, 1, 0)
-    assert F._l1_sum_is_exact(flat, 1, 1) and F._l1_sum_is_exact(flat, 4, 0)
+    assert not cpu_backend._l1_sum_is_exact(flat, 1, 0)
+    assert cpu_backend._l1_sum_is_exact(flat, 1, 1) and cpu_backend._l1_sum_is_exact(flat, 4, 0)
     # where accepted: any order of the float64 sum gives the same bits
     s4 = flat.segments[4]
     a = (flat.models[0, s4.offset: s4.offset + s4.numel].float()
@@ -656,10 +657,10 @@ def test_l1_exactness_guard(monkeypatch):
     assert len(sums | {float(a.sum()), float(a.flip(0).cumsum(0)[-1])}) == 1
     # where rejected: the reference summation is used
     calls = []
-    ref = F._l1_kept_reference
-    monkeypatch.setattr(F, "_l1_kept_reference",
+    ref = cpu_backend.l1_kept_reference
+    monkeypatch.setattr(cpu_backend, "l1_kept_reference",
                         lambda flat, table, j, m: calls.append((j, m)) or ref(flat, table, j, m))
-    F._l1_kept_torch(flat, table)
+    cpu_backend.l1_kept(flat, table)
     assert (1, 0) in calls and (1, 1) not in calls
 
 
@@ -667,8 +668,8 @@ def test_l1_exactness_guard(monkeypatch):
 def test_fast_path_matches_reference_on_edges(monkeypatch, use_native):
     """The fast path against the per-tensor oracle itself, on the zero-edge layout."""
     _native(monkeypatch, use_native)
-    monkeypatch.setattr(F, "_GRAIN", 16)
-    monkeypatch.setattr(F, "_COLS", 96)
+    monkeypatch.setattr(cpu_backend, "_GRAIN", 16)
+    monkeypatch.setattr(cpu_backend, "_COLS", 96)
     flat = _zero_edge_layout(seed=23)
     base = [flat.base[s.offset: s.offset + s.numel].clone() for s in flat.segments]
     models = [[flat.models[m, s.offset: s.offset + s.numel].clone() for s in flat.segments] for m in range(M)]
@@ -740,7 +741,7 @@ def test_unproven_but_finite_is_written():
     flat.stats = None
     params = {"weight": [0.3, 0.3, 0.3]}
     table = F.build_table("task_arithmetic", flat, params, normalize=False)
-    assert F.unproven_segments(flat, table, table.scales()) == [0]
+    assert F.finite.unproven_segments(flat, table, table.scales()) == [0]
     out = _sentinel(flat)
     F.apply(flat, table, out, backend="torch")
     assert torch.equal(_gather(flat, out), _expected(flat, base, models, "task_arithmetic", params,

@@ -6,7 +6,7 @@ the C kernel does the same float32 operations per element in one pass, so result
 are bit-identical while the time approaches the memory-copy floor. It covers bf16
 sources for linear and slerp (`combine`) and for sums of deltas (`merge`): plain
 (task_arithmetic), with TIES' sign consensus, magnitude-range masks (ties,
-breadcrumbs) and DARE's random masks, up to MAX_ROWS models. fused.py uses it when
+breadcrumbs) and DARE's random masks, up to MAX_ROWS models. cpu_backend.py uses it when
 `available()` and falls back to its torch path otherwise (DELLA's ranked masks, fp16).
 
 HOTMERGE_NATIVE=0 turns it off. The shared library is cached under
@@ -163,7 +163,7 @@ def combine(rows: Sequence[torch.Tensor], coef: Sequence[float], fix: bool, div:
 
 
 class MergePlan(ctypes.Structure):
-    """hm_plan of cpu_merge.c: one segment's delta merge (filled by fused._native_plan)."""
+    """hm_plan of cpu_merge.c: one segment's delta merge (filled by cpu_backend._native_plan)."""
 
     _fields_ = [
         ("k", ctypes.c_int), ("scale", ctypes.c_float * MAX_ROWS),
@@ -193,7 +193,7 @@ def l1(plan: MergePlan, rows: Sequence[torch.Tensor], base: torch.Tensor, elem0:
     """Per row, the float64 sum of |masked delta| (plan's masks; its merge fields unused).
 
     Threads sum their parts, which are then added: callers use this only where every
-    summation order gives the same value (fused._l1_sum_is_exact)."""
+    summation order gives the same value (cpu_backend._l1_sum_is_exact)."""
     lib = library()
     n = base.numel()
     parts = []

@@ -1,7 +1,7 @@
 """Per-tensor torch oracle: what one merge method does to one tensor.
 
 Straightforward float32 code, written to equal mergekit 0.1.5 (the parity target)
-and to be the definition that the fused engine (fused.py, triton_merge.py) must
+and to be the definition that the fused engine (dispatch.py and its backends) must
 reproduce. Inputs are bf16 (or fp16) tensors; the result has the input dtype.
 
 Semantics, and where they knowingly differ from mergekit:

