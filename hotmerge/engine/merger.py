@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from hotmerge.engine.config import ValidatedConfig
-from hotmerge.engine.deltas import ResidentSources
 from hotmerge.engine.errors import ConfigError
+from hotmerge.engine.modelinfo import iter_tensors
 from hotmerge.kernels import FlatSources, apply, build_table
 
 
@@ -37,16 +37,17 @@ class Merger:
             )
         self.live = [live[name] for name in live]
         self.names = list(live)
-        device = self.live[0].device
-        sources = ResidentSources(validated, self.names, device=device)
-        self.flat = FlatSources.from_tensors(
-            [[model[name] for name in self.names] for model in sources.models],
-            [sources.base[name] for name in self.names] if sources.base is not None else None,
-            self.names,
-            device=device,
-            dtype=torch.bfloat16,
-        )
-        del sources
+        # Sources are read one tensor at a time straight into the flat layout, so the
+        # load's peak is what stays resident plus one tensor.
+        self.flat = FlatSources.allocate(
+            [source_names[name].shape for name in self.names], self.names, len(validated.models),
+            with_base=validated.base is not None, dtype=torch.bfloat16, device=self.live[0].device)
+        index = {name: j for j, name in enumerate(self.names)}
+        for m, info in [*enumerate(validated.models), (None, validated.base)]:
+            if info is None:
+                continue
+            for name, tensor in iter_tensors(info, self.names, dtype=torch.bfloat16):
+                self.flat.write(m, index[name], tensor)
         self.seed = seed
 
     @torch.no_grad()

@@ -96,6 +96,43 @@ class FlatSources:
         self._launch: dict = {}  # backend caches (block maps, device tables)
 
     @classmethod
+    def allocate(
+        cls,
+        shapes: Sequence[Sequence[int]],
+        names: Sequence[str],
+        n_models: int,
+        *,
+        with_base: bool,
+        dtype: torch.dtype,
+        device="cpu",
+        model_keys: Optional[Sequence[int]] = None,
+        align: int = 16,
+    ) -> "FlatSources":
+        """A zeroed layout of one segment per tensor, to be filled with `write` in place.
+
+        Segment j is tensor j; its tensor_key is tensor_key_of(names[j]). Segment
+        offsets and the total are padded to multiples of `align` elements (zeros),
+        which lets the GPU kernel use aligned vector loads. Filling tensor by tensor
+        keeps the load's peak memory at the layout plus one tensor."""
+        segments, offset = [], 0
+        for shape, name in zip(shapes, names):
+            numel = int(np.prod(shape, dtype=np.int64))
+            segments.append(Segment(offset=offset, numel=numel, tensor_key=tensor_key_of(name),
+                                    row_len=R.default_row_len(shape), name=name))
+            offset += -(-numel // align) * align
+        models = torch.zeros((n_models, offset), dtype=dtype, device=device)
+        base = torch.zeros(offset, dtype=dtype, device=device) if with_base else None
+        return cls(models, segments, base, model_keys)
+
+    def write(self, model: Optional[int], j: int, tensor: torch.Tensor) -> None:
+        """Copy one source tensor into segment j of model `model` (None: the base)."""
+        seg = self.segments[j]
+        if tensor.numel() != seg.numel:
+            raise ValueError(f"segment {seg.name!r} holds {seg.numel} elements, got {tensor.numel()}")
+        row = self.base if model is None else self.models[model]
+        row[seg.offset: seg.offset + seg.numel] = tensor.reshape(-1).to(device=row.device, dtype=row.dtype)
+
+    @classmethod
     def from_tensors(
         cls,
         models: Sequence[Sequence[torch.Tensor]],
@@ -107,35 +144,18 @@ class FlatSources:
         model_keys: Optional[Sequence[int]] = None,
         align: int = 16,
     ) -> "FlatSources":
-        """Pack per-model lists of tensors (same shapes across models) into one layout.
-
-        Segment j is tensor j; its tensor_key is tensor_key_of(names[j]). Segment
-        offsets and the total are padded to multiples of `align` elements (zeros),
-        which lets the GPU kernel use aligned vector loads."""
+        """Pack per-model lists of tensors (same shapes across models) into one layout."""
         ref = models[0]
         names = list(names) if names is not None else [str(j) for j in range(len(ref))]
-        dtype = dtype or ref[0].dtype
-        device = device if device is not None else ref[0].device
-        segments, offset = [], 0
-        for j, t in enumerate(ref):
-            segments.append(Segment(
-                offset=offset, numel=t.numel(), tensor_key=tensor_key_of(names[j]),
-                row_len=R.default_row_len(t.shape), name=names[j],
-            ))
-            offset += -(-t.numel() // align) * align
-        total = offset
-
-        def pack(tensors):
+        flat = cls.allocate([t.shape for t in ref], names, len(models), with_base=base is not None,
+                            dtype=dtype or ref[0].dtype, device=device if device is not None else ref[0].device,
+                            model_keys=model_keys, align=align)
+        for m, tensors in enumerate([*models, base] if base is not None else models):
             if len(tensors) != len(ref) or any(a.shape != b.shape for a, b in zip(tensors, ref)):
                 raise ValueError("every model must have the same tensors and shapes")
-            buf = torch.zeros(total, dtype=dtype, device=device)
-            for s, t in zip(segments, tensors):
-                buf[s.offset: s.offset + s.numel] = t.reshape(-1).to(device=device, dtype=dtype)
-            return buf
-
-        flat_models = torch.stack([pack(ts) for ts in models]).contiguous()
-        flat_base = pack(base) if base is not None else None
-        return cls(flat_models, segments, flat_base, model_keys)
+            for j, t in enumerate(tensors):
+                flat.write(None if m == len(models) else m, j, t)
+        return flat
 
     @property
     def n_models(self) -> int:
