@@ -108,8 +108,19 @@ def _num_layers(config: dict) -> Optional[int]:
     return None
 
 
+# Bytes per element of the safetensors dtype codes (the format's own list).
+DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}
+RESAVE = "re-download or re-save the model"
+
+
 def _read_tensor_index(folder: Path) -> dict[str, TensorInfo]:
     index_file = folder / "model.safetensors.index.json"
+    weight_map = None
     if index_file.is_file():
         try:
             weight_map = json.loads(index_file.read_text())["weight_map"]
@@ -117,6 +128,13 @@ def _read_tensor_index(folder: Path) -> dict[str, TensorInfo]:
             raise ConfigError(
                 f"cannot read {index_file} ({e}): re-save the model with save_pretrained()"
             ) from e
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+        ):
+            raise ConfigError(
+                f"{index_file}: weight_map is not a mapping of tensor names to file names: "
+                "re-save the model with save_pretrained()"
+            )
         files = sorted(set(weight_map.values()))
     else:
         files = sorted(p.name for p in folder.glob("*.safetensors"))
@@ -127,22 +145,100 @@ def _read_tensor_index(folder: Path) -> dict[str, TensorInfo]:
         )
     tensors: dict[str, TensorInfo] = {}
     for name in files:
-        tensors.update(_read_header(folder / name))
+        for tname, info in _read_header(folder / name).items():
+            if tname in tensors:
+                raise ConfigError(f"tensor {tname} is in both {tensors[tname].file} and {name} "
+                                  f"of {folder}: {RESAVE}")
+            tensors[tname] = info
+    if weight_map is not None:
+        for tname, file in weight_map.items():
+            if tensors.get(tname) is None or tensors[tname].file != Path(file).name:
+                raise ConfigError(f"{index_file} puts tensor {tname} in {file}, which does not hold "
+                                  f"it: {RESAVE}")
     return tensors
 
 
 def _read_header(file: Path) -> dict[str, TensorInfo]:
+    """The tensors of one safetensors file, after checking that the file holds what its
+    header promises: every tensor's byte range matches its dtype and shape, and the file
+    is long enough for all of them (a download or copy cut short is caught here, before
+    anything is loaded)."""
     if not file.is_file():
-        raise ConfigError(f"{file} is missing: re-download or re-save the model")
+        raise ConfigError(f"{file} is missing: {RESAVE}")
     try:
+        size = file.stat().st_size
         with open(file, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
+            start = f.read(8)
+            if len(start) < 8:
+                raise ConfigError(f"{file} is {size} bytes, too short for a safetensors file: {RESAVE}")
+            (n,) = struct.unpack("<Q", start)
+            if 8 + n > size:
+                raise ConfigError(f"{file} is cut short: its header alone needs {8 + n} bytes but the "
+                                  f"file has {size}: {RESAVE}")
             header = json.loads(f.read(n))
     except (OSError, ValueError, struct.error) as e:
-        raise ConfigError(f"{file} is not a valid safetensors file ({e}): re-save the model") from e
+        raise ConfigError(f"{file} is not a valid safetensors file ({e}): {RESAVE}") from e
+    if not isinstance(header, dict):
+        raise ConfigError(f"{file} is not a valid safetensors file (its header is not a JSON object): {RESAVE}")
+    data_bytes = size - 8 - n
+    needed = 0
     out = {}
     for tname, meta in header.items():
         if tname == "__metadata__":
             continue
-        out[tname] = TensorInfo(shape=tuple(meta["shape"]), dtype=meta["dtype"], file=file.name)
+        problem = _entry_problem(meta)
+        if problem is not None:
+            raise ConfigError(f"{file}: the header entry of tensor {tname} {problem}: {RESAVE}")
+        info = TensorInfo(shape=tuple(meta["shape"]), dtype=meta["dtype"], file=file.name)
+        begin, end = meta["data_offsets"]
+        itemsize = DTYPE_BYTES.get(info.dtype)
+        if itemsize is not None and end - begin != info.numel * itemsize:
+            raise ConfigError(f"{file}: tensor {tname} ({info.dtype}, shape {list(info.shape)}) needs "
+                              f"{info.numel * itemsize} bytes but its header gives it {end - begin}: {RESAVE}")
+        needed = max(needed, end)
+        out[tname] = info
+    if needed > data_bytes:
+        raise ConfigError(f"{file} is cut short: its header describes {needed} bytes of tensor data but "
+                          f"the file holds {data_bytes} (an interrupted download or copy?): {RESAVE}")
     return out
+
+
+def _entry_problem(meta) -> Optional[str]:
+    """What is wrong with one tensor's header entry, or None."""
+    if not isinstance(meta, dict):
+        return "is not a JSON object"
+    dtype, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
+    if not isinstance(dtype, str):
+        return "has no dtype"
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        return "has no shape of non-negative integers"
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets)
+            or offsets[0] > offsets[1]):
+        return "has no data_offsets [begin, end]"
+    return None
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def iter_tensors(info: ModelInfo, names, dtype=None, device="cpu"):
+    """(name, tensor) for each of `names`, read one at a time from the files the folder's
+    header index (single file or sharded with model.safetensors.index.json) assigns them.
+
+    The one reader of model weights: so a stray *.safetensors beside the shards (a
+    consolidated copy, say) is never read, and a missing tensor is a ConfigError."""
+    from safetensors import safe_open
+
+    names = list(names)
+    missing = [n for n in names if n not in info.tensors]
+    if missing:
+        raise ConfigError(f"{info.path} lacks tensor {missing[0]}: merge only models with the base's layout")
+    by_file: dict[str, list[str]] = {}
+    for name in names:
+        by_file.setdefault(info.tensors[name].file, []).append(name)
+    for file, file_names in by_file.items():
+        with safe_open(str(Path(info.path) / file), framework="pt", device="cpu") as f:
+            for name in file_names:
+                tensor = f.get_tensor(name)
+                yield name, tensor.to(dtype=dtype or tensor.dtype, device=device)
