@@ -229,22 +229,12 @@ def _shared_prefix(a: list, b: list) -> int:
     return n
 
 
-def _safetensors_files(folder: str) -> list:
-    from pathlib import Path
-
-    return sorted(str(p) for p in Path(folder).glob("*.safetensors"))
-
-
 def _iter_checkpoint(folder: str, names=None):
-    """(name, tensor) pairs of a model folder, read one at a time."""
-    from safetensors import safe_open
+    """(name, tensor) pairs of a model folder, read one at a time through its header index."""
+    from hotmerge.engine.modelinfo import ModelInfo, iter_tensors
 
-    wanted = set(names) if names is not None else None
-    for file in _safetensors_files(folder):
-        with safe_open(file, framework="pt", device="cpu") as f:
-            for name in f.keys():
-                if wanted is None or name in wanted:
-                    yield name, f.get_tensor(name)
+    info = ModelInfo.from_path(folder)
+    return iter_tensors(info, info.tensors if names is None else [n for n in names if n in info.tensors])
 
 
 def _find_src_box(region: torch.Tensor, source: torch.Tensor) -> Optional[list]:
