@@ -10,6 +10,14 @@ Every finished evaluation is appended to the run's history before anything else
 happens, and the search state is saved after every generation, so a run killed
 at any moment resumes with no finished evaluation lost: a resumed run asks
 CMA-ES for the same generation again and takes the results it already has.
+
+Failures (engine/errors.py): a candidate error is recorded and scored worst. A bug
+(any other exception in a candidate) is recorded too, with its traceback in the run
+directory's errors/ folder; when one rank, rank 0 included, raises bugs for
+MAX_BUGS_IN_A_ROW candidates in a row, no more candidates are handed out, the
+generation is left untold, and the run stops with its state saved. A resumed run
+asks that generation again and evaluates its candidates that met a bug again, so once
+the bug is fixed the search goes on as if they had never failed.
 """
 
 from __future__ import annotations
@@ -20,18 +28,30 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from hotmerge.engine.errors import BUG
 from hotmerge.engine.search import Search
 from hotmerge.engine.storage import RunDir
 
 RESULT_BYTES = 1 << 18
 CMD_STOP, CMD_EVAL = 0.0, 1.0
-MAX_CONSECUTIVE_FAILURES = 3
+MAX_BUGS_IN_A_ROW = 3
+
+
+@dataclass
+class BugStop:
+    """Why the coordinator stopped handing out candidates: bugs in a row on one rank."""
+
+    rank: int
+    count: int
+    error: str
+    traceback_file: Path | None
 
 
 @dataclass
@@ -100,7 +120,8 @@ class Coordinator:
         for record in self.history.values():
             self._track(record)
         self._lock = threading.Lock()
-        self.retired: set[int] = set()
+        self.bugs_in_a_row: dict[int, int] = {}
+        self.bug_stop: BugStop | None = None
 
     def _track(self, record: dict) -> None:
         score = record.get("score")
@@ -130,7 +151,8 @@ class Coordinator:
         todo = deque()
         for index, x in enumerate(candidates):
             old = self.history.get((generation, index))
-            if old is not None and same_genotype(old["genotype"], x):
+            # A bug says nothing about the candidate: a resumed run evaluates it again.
+            if old is not None and old.get("failure") != BUG and same_genotype(old["genotype"], x):
                 records[index] = old
             else:
                 todo.append(index)
@@ -139,10 +161,12 @@ class Coordinator:
             record = {"generation": generation, "index": index, "rank": rank,
                       "genotype": candidates[index].tolist(), **result, "finished_at": time.time()}
             with self._lock:
+                self._record_bug(record)
                 self.run.append_history(record)
+                if (generation, index) not in self.history:  # a bug evaluated again counts once
+                    self.progress.evaluations += 1
                 self.history[(generation, index)] = record
                 records[index] = record
-                self.progress.evaluations += 1
                 self.progress.new_evaluations += 1
                 self._track(record)
                 self.on_result(record)
@@ -155,7 +179,7 @@ class Coordinator:
 
         threads = [
             threading.Thread(target=self._feed_rank, args=(rank, candidates, take, finish), daemon=True)
-            for rank in range(1, self.world_size) if rank not in self.retired
+            for rank in range(1, self.world_size)
         ]
         for thread in threads:
             thread.start()
@@ -167,26 +191,44 @@ class Coordinator:
             self.stop_requested = True
         for thread in threads:
             thread.join()
-        if len(records) < len(candidates):
-            return None
+        if self.bug_stop is not None or len(records) < len(candidates):
+            return None  # not told: a resumed run evaluates what is missing (bugs included)
         return [records[i].get("score") for i in range(len(candidates))]
 
+    def _record_bug(self, record: dict) -> None:
+        """Keep a bug's traceback in the run directory and count bugs in a row per rank."""
+        rank = record["rank"]
+        text = record.pop("traceback", None)
+        if record.get("failure") != BUG:
+            self.bugs_in_a_row[rank] = 0
+            return
+        path = None
+        if text:
+            name = f"g{record['generation']:04d}-c{record['index']:03d}-r{rank}.txt"
+            path = self.run.save_traceback(name, text)
+            record["traceback_file"] = str(path.relative_to(self.run.path))
+        count = self.bugs_in_a_row.get(rank, 0) + 1
+        self.bugs_in_a_row[rank] = count
+        where = f"; traceback in {path}" if path is not None else ""
+        self.log(f"bug in candidate {record['index']} of generation {record['generation']} on rank {rank}: "
+                 f"{record.get('error')}{where}")
+        if count >= MAX_BUGS_IN_A_ROW and self.bug_stop is None:
+            self.bug_stop = BugStop(rank=rank, count=count, error=str(record.get("error")), traceback_file=path)
+            self.stop_requested = True
+
     def _feed_rank(self, rank: int, candidates, take, finish) -> None:
-        failures = 0
         while (index := take()) is not None:
-            message = torch.zeros(2 + self.genotype_size, dtype=torch.float64)
-            message[0], message[1] = CMD_EVAL, index
-            message[2:] = torch.from_numpy(candidates[index])
-            dist.send(message, dst=rank)
-            reply = torch.zeros(RESULT_BYTES, dtype=torch.uint8)
-            dist.recv(reply, src=rank)
-            result = _decode_result(reply)
-            finish(index, result, rank)
-            failures = failures + 1 if result.get("score") is None else 0
-            if failures >= MAX_CONSECUTIVE_FAILURES:
-                self.log(f"rank {rank} failed {failures} candidates in a row; the other ranks take its work")
-                self.retired.add(rank)
-                return
+            finish(index, self._remote_evaluate(rank, index, candidates[index]), rank)
+
+    def _remote_evaluate(self, rank: int, index: int, x: np.ndarray) -> dict:
+        """Have `rank` evaluate candidate `index` (genotype x); its result dict."""
+        message = torch.zeros(2 + self.genotype_size, dtype=torch.float64)
+        message[0], message[1] = CMD_EVAL, index
+        message[2:] = torch.from_numpy(x)
+        dist.send(message, dst=rank)
+        reply = torch.zeros(RESULT_BYTES, dtype=torch.uint8)
+        dist.recv(reply, src=rank)
+        return _decode_result(reply)
 
     def _stop_workers(self) -> None:
         if self.world_size <= 1:
@@ -211,7 +253,8 @@ def worker_loop(evaluate: Callable[[np.ndarray], dict], genotype_size: int) -> N
 def _encode_result(result: dict[str, Any]) -> torch.Tensor:
     data = json.dumps(result, default=float).encode()
     if len(data) + 4 > RESULT_BYTES:
-        data = json.dumps({"score": None, "error": "result too large to send"}).encode()
+        data = json.dumps({"score": None, "failure": BUG,
+                           "error": f"the result is too large to send ({len(data)} bytes)"}).encode()
     buffer = torch.zeros(RESULT_BYTES, dtype=torch.uint8)
     buffer[:4] = torch.tensor(list(len(data).to_bytes(4, "little")), dtype=torch.uint8)
     buffer[4:4 + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)

@@ -14,7 +14,7 @@ import yaml
 
 from hotmerge.engine.config import load_config, validate_config
 from hotmerge.engine.coordinator import Coordinator, distributed_context, worker_loop
-from hotmerge.engine.errors import ConfigError, RunFailed
+from hotmerge.engine.errors import BugsInARow, ConfigError, RunFailed
 from hotmerge.engine.search import Search
 from hotmerge.engine.storage import RunDir
 
@@ -69,6 +69,13 @@ def original_model_names(config_path: Path, resolved: list[str], base: str | Non
     return names
 
 
+def check_task_search_paths(paths) -> None:
+    """--task-search-path folders must exist (lm-eval would skip a missing one silently)."""
+    for path in paths:
+        if not Path(path).is_dir():
+            raise ConfigError(f"--task-search-path {path} is not a folder: give a folder of lm-eval task YAML")
+
+
 def pin_devices(options: EvolveOptions) -> str | None:
     """Give each torchrun rank on a node its own GPUs: local rank x tensor-parallel size.
 
@@ -113,26 +120,29 @@ def evolve(config_path: Path, options: EvolveOptions, console=None) -> dict | No
 
     from hotmerge.engine.worker import CandidateWorker
 
+    # Every check comes before anything is written: a run refused here (a bad storage
+    # path, a different run there, unknown tasks, an engine that cannot start) leaves
+    # no run directory behind for the next call to "resume".
     run = RunDir(options.storage_path)
+    run.check_path()
+    check_task_search_paths(options.task_search_path)
     if options.resume and not run.exists():
         raise ConfigError(f"--resume: {run.path} holds no run to resume: drop --resume to start one there")
-    if rank == 0:
-        meta = {
-            "config": yaml.safe_load(config_path.read_text()),
-            "config_path": str(Path(config_path).resolve()),
-            "seed": options.random_seed,
-            "sigma0": options.sigma0,
-            "population_size": options.population_size,
-            "backend": "vllm" if options.vllm else "hf",
-            "max_fevals": options.max_fevals,
-            "world_size": world,
-            "genome_shape": list(genome.shape),
-            "versions": versions(),
-            "command": sys.argv,
-        }
-        resuming = run.start(meta, RESUME_KEYS)
-        if resuming:
-            log(f"resuming the run in {run.path}")
+    meta = {
+        "config": yaml.safe_load(config_path.read_text()),
+        "config_path": str(Path(config_path).resolve()),
+        "seed": options.random_seed,
+        "sigma0": options.sigma0,
+        "population_size": options.population_size,
+        "backend": "vllm" if options.vllm else "hf",
+        "max_fevals": options.max_fevals,
+        "world_size": world,
+        "genome_shape": list(genome.shape),
+        "versions": versions(),
+        "command": sys.argv,
+    }
+    if rank == 0 and run.check(meta, RESUME_KEYS):
+        log(f"resuming the run in {run.path}")
     worker = CandidateWorker(
         validated,
         backend="vllm" if options.vllm else "hf",
@@ -142,6 +152,8 @@ def evolve(config_path: Path, options: EvolveOptions, console=None) -> dict | No
         task_paths=list(options.task_search_path),
         tensor_parallel_size=options.tensor_parallel_size,
     )
+    if rank == 0:
+        run.start(meta, RESUME_KEYS)
     if rank != 0:
         worker_loop(worker.evaluate, genome.size)
         return None
@@ -184,6 +196,13 @@ def evolve(config_path: Path, options: EvolveOptions, console=None) -> dict | No
     finally:
         signal.signal(signal.SIGTERM, previous)
         sinks.close()
+    if coordinator.bug_stop is not None:
+        stop = coordinator.bug_stop
+        where = stop.traceback_file or run.history_file
+        raise BugsInARow(
+            f"stopped after {stop.count} bugs in a row on rank {stop.rank} ({stop.error}); traceback in "
+            f"{where}; the state is saved: fix the bug and run the same command to resume",
+            traceback_file=stop.traceback_file)
     if best["score"] is None:
         raise RunFailed(f"every candidate failed: see the errors in {run.history_file}")
     run.save_best(genome.to_mergekit_config(best["genotype"], names))

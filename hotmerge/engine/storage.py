@@ -4,6 +4,10 @@
   history.jsonl     one line per finished evaluation, flushed and fsynced
   search.pkl        CMA-ES state after the last completed generation (atomic)
   best_config.yaml  mergekit merge config of the best candidate so far (atomic)
+  errors/           one file per candidate that met a bug: its traceback
+
+Nothing is written before the run has passed every check (`check`), so a run
+refused at start-up leaves no folder behind.
 """
 
 from __future__ import annotations
@@ -40,6 +44,31 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
+def check_folder_target(path: Path, what: str) -> None:
+    """Refuse, before any work, a folder that hotmerge is to create or write into but cannot.
+
+    `what` names the argument in the message (e.g. "--storage-path")."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{what} {path} is a file, not a folder: pick a folder (it is created if missing)")
+    existing = path.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{what} {path} cannot be created: {existing} is a file, not a folder: "
+                          "pick another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {path}: {existing} is not writable: pick a folder you can write to")
+
+
+def check_file_target(path: Path, what: str) -> None:
+    """Refuse, before any work, a file path that hotmerge is to write but cannot."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{what} {path} is a folder: give the path of a file to write")
+    check_folder_target(path.absolute().parent, f"{what} {path}: its folder")
+
+
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -51,20 +80,53 @@ class RunDir:
     def exists(self) -> bool:
         return self.meta_file.is_file()
 
+    @property
+    def errors_dir(self) -> Path:
+        return self.path / "errors"
+
+    def check_path(self) -> None:
+        """Refuse a storage path that cannot hold a run, before anything is written."""
+        check_folder_target(self.path, "--storage-path")
+        if self.meta_file.exists() and not self.meta_file.is_file():
+            raise ConfigError(f"{self.meta_file} is not a file: pick another --storage-path")
+
+    def read_meta(self) -> dict[str, Any]:
+        try:
+            meta = json.loads(self.meta_file.read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot read {self.meta_file} ({e}): is {self.path} a hotmerge run "
+                              "directory? Pick a new --storage-path") from e
+        if not isinstance(meta, dict):
+            raise ConfigError(f"{self.meta_file} is not a hotmerge run.json: pick a new --storage-path")
+        return meta
+
+    def check(self, meta: dict[str, Any], resume_keys: tuple[str, ...]) -> bool:
+        """Whether `meta` may start or resume a run here, writing nothing. True when resuming."""
+        self.check_path()
+        if not self.exists():
+            return False
+        old = self.read_meta()
+        for key in resume_keys:
+            if old.get(key) != meta.get(key):
+                raise ConfigError(
+                    f"{self.path} holds a run with a different {key}: resume it with the same "
+                    "config and options, or pick a new --storage-path"
+                )
+        return True
+
     def start(self, meta: dict[str, Any], resume_keys: tuple[str, ...]) -> bool:
         """Create the run, or check that an existing one is the same run. True when resuming."""
-        if self.exists():
-            old = json.loads(self.meta_file.read_text())
-            for key in resume_keys:
-                if old.get(key) != meta.get(key):
-                    raise ConfigError(
-                        f"{self.path} holds a run with a different {key}: resume it with the same "
-                        "config and options, or pick a new --storage-path"
-                    )
+        if self.check(meta, resume_keys):
             return True
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write(self.meta_file, json.dumps(meta, indent=2, default=str).encode())
         return False
+
+    def save_traceback(self, name: str, text: str) -> Path:
+        """Keep a bug's traceback as errors/NAME; returns its path."""
+        path = self.errors_dir / name
+        atomic_write(path, text.encode())
+        return path
 
     def append_history(self, record: dict[str, Any]) -> None:
         line = json.dumps(record, default=_jsonable) + "\n"

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import math
 import time
 import traceback
 
 import numpy as np
 
 from hotmerge.engine.config import ValidatedConfig
+from hotmerge.engine.errors import BUG, CANDIDATE, CandidateError, candidate_error_types
 from hotmerge.engine.scoring import TaskSuite
+
+# A traceback travels to rank 0 inside a fixed-size message: keep its tail.
+MAX_TRACEBACK_CHARS = 32_000
 
 
 class CandidateWorker:
@@ -18,6 +23,7 @@ class CandidateWorker:
         cfg = validated.config
         self.runtime_config = validated
         self.genome = validated.genome()
+        self.candidate_errors = candidate_error_types()
         started = time.perf_counter()
         if backend == "vllm":
             from hotmerge.engine.runtime.vllm import VLLMRuntime
@@ -28,34 +34,70 @@ class CandidateWorker:
             from hotmerge.engine.runtime.hf import HFRuntime
 
             self.runtime = HFRuntime(validated, device=device, batch_size=batch_size, seed=seed)
-        self.suite = TaskSuite(
-            cfg.tasks,
-            include_paths=[*cfg.task_paths, *task_paths],
-            limit=cfg.limit,
-            num_fewshot=cfg.num_fewshot,
-            shuffle=cfg.shuffle,
-            seed=seed,
-            apply_chat_template=cfg.apply_chat_template,
-            fewshot_as_multiturn=cfg.fewshot_as_multiturn,
-            lm=self.runtime.lm,
-        )
+        try:
+            self.suite = TaskSuite(
+                cfg.tasks,
+                include_paths=[*cfg.task_paths, *task_paths],
+                limit=cfg.limit,
+                num_fewshot=cfg.num_fewshot,
+                shuffle=cfg.shuffle,
+                seed=seed,
+                apply_chat_template=cfg.apply_chat_template,
+                fewshot_as_multiturn=cfg.fewshot_as_multiturn,
+                lm=self.runtime.lm,
+            )
+        except BaseException:
+            self.close()
+            raise
         self.startup_seconds = time.perf_counter() - started
 
-    def evaluate(self, x: np.ndarray) -> dict:
-        """Score one genotype. Failures come back as a result with score None and the error."""
+    def close(self) -> None:
+        close = getattr(self.runtime, "close", None)
+        if close is not None:
+            close()
+
+    def _score(self, x: np.ndarray, seconds: dict, started: float) -> dict:
+        recipe = self.genome.decode(x)
+        self.runtime.apply(recipe)
+        seconds["apply"] = time.perf_counter() - started
+        scores = self.suite.evaluate(self.runtime.lm)
+        seconds.update(scores.seconds)
+        if not math.isfinite(scores.score):
+            raise CandidateError(f"the merged model's score is {scores.score}")
+        return {"score": scores.score, "results": scores.results, "error": None}
+
+    def evaluate(self, x: np.ndarray, *, raise_bugs: bool = False) -> dict:
+        """Score one genotype.
+
+        A candidate error (engine/errors.py: a non-finite merge, a model whose metrics are
+        not finite) comes back as a result with score None, the error and failure
+        "candidate". Any other exception is a bug: with raise_bugs it propagates;
+        otherwise it comes back with failure "bug" and its traceback, for the
+        coordinator to record and count.
+        """
         seconds = {}
         started = time.perf_counter()
-        params = {k: v.tolist() for k, v in self.genome.param_values(x).items()}
+        params = None
         try:
-            recipe = self.genome.decode(x)
-            self.runtime.apply(recipe)
-            seconds["apply"] = time.perf_counter() - started
-            scores = self.suite.evaluate(self.runtime.lm)
-            seconds.update(scores.seconds)
-            result = {"score": scores.score, "results": scores.results, "error": None}
-        except Exception as error:  # a failed candidate must not stop the search
-            last = traceback.extract_tb(error.__traceback__)[-1]
-            result = {"score": None, "results": None,
-                      "error": f"{type(error).__name__}: {error} (at {last.filename}:{last.lineno})"}
+            params = {k: v.tolist() for k, v in self.genome.param_values(x).items()}
+            result = self._score(x, seconds, started)
+        except self.candidate_errors as error:
+            result = {"score": None, "results": None, "failure": CANDIDATE, "error": _describe(error)}
+        except Exception as error:
+            if raise_bugs:
+                raise
+            text = traceback.format_exc()
+            if len(text) > MAX_TRACEBACK_CHARS:
+                text = "...\n" + text[-MAX_TRACEBACK_CHARS:]
+            result = {"score": None, "results": None, "failure": BUG, "error": _describe(error),
+                      "traceback": text}
         seconds["total"] = time.perf_counter() - started
         return {**result, "params": params, "seconds": seconds}
+
+
+def _describe(error: BaseException) -> str:
+    """One line: the exception's type, message and where it was raised."""
+    message = " ".join(str(error).split())
+    frames = traceback.extract_tb(error.__traceback__)
+    where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    return f"{type(error).__name__}: {message}{where}"

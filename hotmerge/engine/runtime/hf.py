@@ -7,13 +7,31 @@ import logging
 import torch
 
 from hotmerge.engine.config import ValidatedConfig
+from hotmerge.engine.errors import ConfigError, SetupError
 from hotmerge.engine.merger import Merger
 
 
 def pick_device(device: str | None) -> str:
-    if device:
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """The device to run on: the one asked for, after checking that it is there; else cuda if present."""
+    if not device:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(f"--device {device} is not a device: use cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"--device {device}: this machine has no CUDA device: use --device cpu")
+        if parsed.index is not None and parsed.index >= count:
+            raise ConfigError(f"--device {device}: this machine has {count} CUDA device(s): "
+                              f"use cuda:0 to cuda:{count - 1}")
+    elif parsed.type != "cpu":
+        backend = getattr(torch, parsed.type, None)
+        available = getattr(backend, "is_available", None)
+        if available is None or not available():
+            raise ConfigError(f"--device {device} is not available here: use --device cpu")
+    return device
 
 
 class HFRuntime:
@@ -26,8 +44,17 @@ class HFRuntime:
 
         self.device = pick_device(device)
         reference = validated.reference.path
-        self.model = AutoModelForCausalLM.from_pretrained(reference, dtype=torch.bfloat16)
-        self.model.to(self.device).eval()
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(reference, dtype=torch.bfloat16)
+            self.model.to(self.device).eval()
+        except torch.OutOfMemoryError:
+            raise SetupError(f"{reference} does not fit in the memory of {self.device}: use a bigger "
+                             "device, or --device cpu") from None
+        except (OSError, ValueError) as error:
+            message = " ".join(str(error).split())[:300]
+            raise SetupError(f"transformers could not load {reference} ({type(error).__name__}: {message}): "
+                             "check that this transformers supports the model, or try the vLLM runtime (--vllm); "
+                             "HOTMERGE_DEBUG=1 shows the traceback") from error
         tokenizer_source = validated.config.genome.tokenizer_source
         if tokenizer_source in (None, "base", "union"):
             tokenizer_source = reference
