@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from hotmerge.engine.errors import ConfigError, RunFailed
+from hotmerge.engine.errors import CandidateError, ConfigError, HotmergeError, RunFailed, SetupError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 toy_app = typer.Typer(no_args_is_help=True, help="The embedded toy model family.")
@@ -26,8 +28,10 @@ def toy_build(
     force: bool = typer.Option(False, help="Rebuild even if an identical family is there."),
 ) -> None:
     """Train the toy base model and one expert per skill (about half a minute on 2 cores)."""
+    from hotmerge.engine.storage import check_folder_target
     from hotmerge.toy.build import build_family, family_is_current
 
+    check_folder_target(out_dir, "OUT_DIR")
     if not force and family_is_current(out_dir, seed):
         console.print(f"toy family already built in {out_dir}")
         return
@@ -72,8 +76,6 @@ def toy_compare(
     split: str = typer.Option("heldout", help="search or heldout"),
 ) -> None:
     """Score the run's best recipe, mergekit-evolve's x0 recipe and every source model on a toy split."""
-    import json
-
     import numpy as np
 
     from hotmerge.engine.config import load_config, validate_config
@@ -86,7 +88,7 @@ def toy_compare(
     run = RunDir(run_dir)
     if not run.exists():
         raise ConfigError(f"{run_dir} holds no run: pass the --storage-path of a `hotmerge evolve` run")
-    meta = json.loads(run.meta_file.read_text())
+    meta = run.read_meta()
     scored = [r for r in run.read_history() if r.get("score") is not None]
     if not scored:
         raise ConfigError(f"{run_dir} has no successful evaluation yet: let the run go on")
@@ -101,7 +103,9 @@ def toy_compare(
             rows[label] = [scores[t] for t in tasks.values()]
     worker = CandidateWorker(validated, seed=meta["seed"])
     for label, x in [("x0 recipe", worker.genome.x0()), ("best recipe", np.asarray(best["genotype"]))]:
-        result = worker.evaluate(x)
+        result = worker.evaluate(x, raise_bugs=True)
+        if result["score"] is None:
+            raise CandidateError(f"the {label} failed: {result['error']}")
         rows[label] = [result["results"][t]["acc,none"] for t in tasks.values()]
     table = Table(title=f"toy {split} split, multiple choice (acc)")
     table.add_column("model")
@@ -134,7 +138,10 @@ def plan(
     """Print the memory plan and the search size, without loading any weights."""
     from hotmerge.engine.config import load_config, validate_config
     from hotmerge.engine.plan import local_device_memory, memory_plan
+    from hotmerge.engine.runtime.hf import pick_device
 
+    if device:
+        pick_device(device)  # one line, exit 2, for a device this machine does not have
     validated = validate_config(load_config(config))
     name, total = local_device_memory(device)
     p = memory_plan(validated, force_population_size, total, name)
@@ -247,18 +254,23 @@ def eval_command(
     import json
 
     from hotmerge.engine.config import load_config, validate_config
+    from hotmerge.engine.run import check_task_search_paths
+    from hotmerge.engine.storage import check_file_target
     from hotmerge.engine.worker import CandidateWorker
 
     if (genotype is None) == (not x0):
         raise ConfigError("give exactly one of --genotype FILE and --x0")
+    if output is not None:
+        check_file_target(output, "--output")  # before the work, not after it
+    check_task_search_paths(task_search_path)
     validated = _with_tasks(validate_config(load_config(config)), tasks)
     genome = validated.genome()
     x = genome.x0() if x0 else _read_genotype(genotype, genome.size)
     worker = CandidateWorker(validated, backend="vllm" if vllm else "hf", device=device,
                              batch_size=batch_size, seed=random_seed, task_paths=list(task_search_path))
-    result = worker.evaluate(x)
+    result = worker.evaluate(x, raise_bugs=True)
     if result["score"] is None:
-        raise RunFailed(f"the candidate failed: {result['error']}")
+        raise CandidateError(f"the candidate failed: {result['error']}")
     table = Table(title=f"score {result['score']:.4f}")
     table.add_column("task")
     table.add_column("metric")
@@ -270,6 +282,7 @@ def eval_command(
     seconds = {**result["seconds"], "startup": worker.startup_seconds}
     console.print("seconds: " + ", ".join(f"{k} {v:.3f}" for k, v in seconds.items()))
     if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps({"results": result["results"], "score": result["score"],
                                       "seconds": seconds, "genotype": x.tolist()}, indent=2))
 
@@ -286,7 +299,8 @@ def export(
     import yaml
 
     from hotmerge.engine.config import load_config, validate_config
-    from hotmerge.engine.export import export_merge, load_merge_config
+    from hotmerge.engine.export import export_merge
+    from hotmerge.engine.mergeconfig import load_merge_config
 
     try:
         is_merge_config = "merge_method" in (yaml.safe_load(config.read_text()) or {})
@@ -295,15 +309,34 @@ def export(
     if is_merge_config:
         if genotype is not None or x0:
             raise ConfigError("a merge config fixes the recipe: drop --genotype/--x0")
-        validated, x = load_merge_config(config)
+        validated, recipe = load_merge_config(config)
     else:
         if (genotype is None) == (not x0):
             raise ConfigError("with a genome config give exactly one of --genotype FILE and --x0")
         validated = validate_config(load_config(config))
         genome = validated.genome()
-        x = genome.x0() if x0 else _read_genotype(genotype, genome.size)
-    export_merge(validated, x, out_dir, seed=random_seed)
+        recipe = genome.decode(genome.x0() if x0 else _read_genotype(genotype, genome.size))
+    _check_export_target(out_dir, validated)
+    export_merge(validated, recipe, out_dir.absolute(), seed=random_seed)
     console.print(f"merged model written to {out_dir}")
+
+
+def _check_export_target(out_dir: Path, validated) -> None:
+    """OUT_DIR is replaced as a whole: refuse a folder that holds anything but a model
+    hotmerge could have written, and the config's own model folders."""
+    from hotmerge.engine.storage import check_folder_target
+
+    check_folder_target(out_dir, "OUT_DIR")
+    target = out_dir.resolve()
+    genome = validated.config.genome
+    sources = [*genome.models, genome.base_model, genome.tokenizer_source]
+    for source in sources:
+        if source and source not in ("base", "union") and Path(source).resolve() == target:
+            raise ConfigError(f"OUT_DIR {out_dir} is {source}, a model of the merge: writing there "
+                              "would replace it; pick a new folder")
+    if target.is_dir() and any(target.iterdir()) and not (target / "config.json").is_file():
+        raise ConfigError(f"OUT_DIR {out_dir} is a folder that holds other files and no model: "
+                          "the merged model replaces OUT_DIR as a whole; pick a new or empty folder")
 
 
 @app.command()
@@ -317,8 +350,13 @@ def report(
     device: str = typer.Option(None, help="Device for --heldout with transformers (default: cuda if present)."),
 ) -> None:
     """Plots (PNG) and summary.md of a run: progress, best candidate, best genome, Pareto front."""
+    from hotmerge.engine.run import check_task_search_paths
+    from hotmerge.engine.storage import check_folder_target
     from hotmerge.report import build_report
 
+    if out is not None:
+        check_folder_target(out, "--out")
+    check_task_search_paths(task_search_path)
     backend = None if vllm is None else ("vllm" if vllm else "hf")
     result = build_report(run_dir, out, heldout=heldout, task_paths=tuple(task_search_path), backend=backend,
                           device=device, batch_size=batch_size, log=console.print)
@@ -346,16 +384,44 @@ def bench_merge(ctx: typer.Context) -> None:
     module.main(list(ctx.args))
 
 
+# How each error ends the process: one line `error: <message>` on stderr and this exit
+# code (HOTMERGE_DEBUG=1 prints the traceback first). First match wins, so subclasses
+# come before their bases. Any other exception is a bug and keeps Python's traceback.
+EXIT_CODES: list[tuple[type[BaseException], int]] = [
+    (ConfigError, 2),  # bad input, found before any work started
+    (SetupError, 1),  # an engine could not start; the message names the flag to try
+    (CandidateError, 1),  # `hotmerge eval`: the one candidate asked for failed
+    (RunFailed, 1),  # a run stopped (bugs in a row) or produced nothing
+    (HotmergeError, 1),
+]
+
+
+def exit_code(error: BaseException) -> int | None:
+    for kind, code in EXIT_CODES:
+        if isinstance(error, kind):
+            return code
+    return None
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("HOTMERGE_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+
+
 def main() -> None:
+    # hotmerge shows its own progress; lm-eval's tqdm bars would fill stderr, where errors
+    # go. tqdm reads TQDM_* when it is first imported, so this comes before any import.
+    os.environ.setdefault("TQDM_DISABLE", "1")
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     try:
         app()
-    except ConfigError as error:
+    except Exception as error:
+        code = exit_code(error)
+        if code is None:
+            raise
+        if debug_enabled():
+            traceback.print_exc()
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except RunFailed as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(code)
