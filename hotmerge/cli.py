@@ -213,9 +213,11 @@ def _with_tasks(validated, tasks: str | None):
 
     from hotmerge.engine.config import TaskConfig
 
-    if not tasks:
+    if tasks is None:
         return validated
     specs = [TaskConfig.model_validate(name.strip()) for name in tasks.split(",") if name.strip()]
+    if not specs:
+        raise ConfigError(f"--tasks {tasks!r} names no task: give comma-separated lm-eval task names")
     return dataclasses.replace(validated, config=validated.config.model_copy(update={"tasks": specs}))
 
 

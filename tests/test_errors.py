@@ -169,6 +169,7 @@ def test_eval_report_and_toy_refuse_bad_paths_before_work(toy_family, tmp_path):
     _refused(["eval", config, "--x0", "--task-search-path", str(tmp_path / "nowhere")], "--task-search-path")
     _refused(["evolve", config, "--storage-path", str(tmp_path / "run"),
               "--task-search-path", str(tmp_path / "nowhere")], "--task-search-path")
+    _refused(["eval", config, "--x0", "--tasks", ","], "--tasks", "names no task")
     _refused(["toy", "build", str(tmp_path / "a_file")], "OUT_DIR", "is a file")
     assert not (tmp_path / "run").exists()
 
