@@ -119,6 +119,7 @@ def test_storage_path_that_is_a_file(toy_family, tmp_path, where):
     assert tree(tmp_path) == before and blocker.read_text() == "my notes\n"
 
 
+@pytest.mark.slow  # an unknown task name needs lm-eval's full task index (15-20 s)
 def test_run_refused_while_its_tasks_resolve_leaves_nothing(toy_family, tmp_path):
     config = toy_config(toy_family, tmp_path / "toy.yaml", tasks=("toy_capital_mc_search", "no_such_task"))
     run_dir = tmp_path / "run"
@@ -454,6 +455,7 @@ main()
 """
 
 
+@pytest.mark.slow  # two evolve runs
 def test_injected_bug_stops_the_cli_run_and_the_fixed_run_resumes(toy_family, tmp_path):
     from hotmerge.engine.coordinator import MAX_BUGS_IN_A_ROW
 
@@ -532,7 +534,7 @@ def test_vllm_start_up_has_no_silent_fallback(toy_family, tmp_path, monkeypatch)
         VLLMRuntime(validated, prove_writes=False)
     monkeypatch.setattr(_FakeLLM, "fail_start", None)
 
-    extra = "model.layers.0.self_attn.rotary_emb.inv_freq"
+    extra = "model.layers.0.self_attn.gate_bias"
     monkeypatch.setattr(_FakeLLM, "layouts", [_layout([extra])])
     with pytest.raises(SetupError, match=f"ignores 1 source tensor.*{extra}.*unmerged.*--no-vllm"):
         VLLMRuntime(validated, prove_writes=False)

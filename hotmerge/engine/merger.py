@@ -8,22 +8,13 @@ non-finite values raises before anything is written.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from hotmerge.engine.config import ValidatedConfig
-from hotmerge.engine.errors import ConfigError
-from hotmerge.engine.modelinfo import iter_tensors
+from hotmerge.engine.encoding import RecipeRows
+from hotmerge.engine.errors import ConfigError, SetupError
+from hotmerge.engine.modelinfo import is_derived_buffer, iter_tensors
 from hotmerge.kernels import FlatSources, apply, build_table
-
-
-def recipe_params(recipe, names: list[str]) -> dict[str, np.ndarray]:
-    """The recipe as per-segment parameter rows: {param: [S, M]} (slerp: t [S], pair [S, 2])."""
-    tensors = [recipe.tensor(name) for name in names]
-    if recipe.method == "slerp":
-        return {"t": np.array([t.t for t in tensors]),
-                "pair": np.array([(t.base, t.other) for t in tensors], dtype=np.int64)}
-    return {key: np.stack([t.params[key] for t in tensors]) for key in tensors[0].params}
 
 
 class Merger:
@@ -35,6 +26,15 @@ class Merger:
                 f"live parameter {unknown[0]} has no tensor of that name in {validated.reference.path}: "
                 "the models must be saved in the transformers layout"
             )
+        # Every source tensor must be written: one with no live parameter would score
+        # (and export) as the reference's unmerged value. A tied lm_head is the embedding.
+        tied = {"lm_head.weight"} if validated.reference.tie_word_embeddings else set()
+        unmerged = [n for n in source_names if n not in live and n not in tied and not is_derived_buffer(n)]
+        if unmerged:
+            raise SetupError(
+                f"tensor {unmerged[0]} of {validated.reference.path} has no parameter in the model transformers "
+                f"builds from its config.json ({len(unmerged)} such tensors), so it would stay unmerged: fix the "
+                "checkpoint or its config.json")
         self.live = [live[name] for name in live]
         self.names = list(live)
         # Sources are read one tensor at a time straight into the flat layout, so the
@@ -52,7 +52,10 @@ class Merger:
 
     @torch.no_grad()
     def apply(self, recipe) -> None:
-        table = build_table(recipe.method, self.flat, recipe_params(recipe, self.names),
-                            normalize=recipe.normalize, rescale=recipe.rescale,
-                            lambda_=recipe.lambda_, seed=self.seed)
+        self.apply_rows(RecipeRows.encode(recipe, self.names))
+
+    @torch.no_grad()
+    def apply_rows(self, encoded: RecipeRows) -> None:
+        table = build_table(encoded.method, self.flat, encoded.per_segment(), normalize=encoded.normalize,
+                            rescale=encoded.rescale, lambda_=encoded.lambda_, seed=self.seed)
         apply(self.flat, table, [p.data for p in self.live])

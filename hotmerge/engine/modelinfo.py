@@ -24,6 +24,12 @@ def layer_index(tensor_name: str) -> Optional[int]:
     return int(m.group(1)) if m else None
 
 
+def is_derived_buffer(tensor_name: str) -> bool:
+    """Tensors some checkpoints store that are computed from config.json, not learned
+    (rotary inverse frequencies): the same in every source, never merged."""
+    return tensor_name.endswith("rotary_emb.inv_freq")
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     shape: tuple[int, ...]

@@ -12,7 +12,7 @@ Per candidate, `apply(recipe)`:
      tensor; for the toy family about 300-600 bytes, for a 7B Llama a few KB.
      Nothing else crosses to the worker: no weights, no genotype decoding there.
   2. `collective_rpc("hotmerge_apply", table)`: every tensor-parallel rank builds the
-     fused engine's table and writes all segments in place (hotmerge.kernels.fused;
+     fused engine's table and writes all segments in place (hotmerge.kernels.dispatch;
      Triton on CUDA, torch on CPU). A candidate whose merge would hold inf/NaN raises
      hotmerge.kernels.NonFiniteMergeError (as the transformers runtime does) and
      leaves the live weights unchanged.
@@ -68,9 +68,11 @@ from typing import Optional
 import numpy as np
 
 from hotmerge.engine.config import ValidatedConfig
+from hotmerge.engine.encoding import RecipeRows
+from hotmerge.engine.modelinfo import is_derived_buffer
 from hotmerge.engine.errors import ConfigError, SetupError
 from hotmerge.engine.runtime.vllm_worker import pack_array, unpack_tensor
-from hotmerge.kernels.methods import METHODS
+from hotmerge.kernels.methods import METHODS, get_method
 
 EXTENSION = "hotmerge.engine.runtime.vllm_worker.HotmergeWorkerExtension"
 
@@ -222,7 +224,8 @@ class VLLMRuntime:
                 raise SetupError(layout["setup_error"])
         self.layout = layouts[0]
         # A tensor some rank holds is merged there; one that no rank holds never is.
-        unmapped = sorted(set.intersection(*(set(layout["unmapped"]) for layout in layouts)))
+        unmapped = sorted(n for n in set.intersection(*(set(layout["unmapped"]) for layout in layouts))
+                          if not is_derived_buffer(n))
         if unmapped:
             raise SetupError(
                 f"vLLM's loader for {self.reference} ignores {len(unmapped)} source tensor(s) "
@@ -250,49 +253,23 @@ class VLLMRuntime:
     # -- per candidate --------------------------------------------------------
 
     def coefficient_table(self, recipe) -> dict:
-        """The per-candidate rpc payload: distinct parameter rows + a row per source tensor."""
+        """The per-candidate rpc payload: the shared encoding (distinct rows + a row per source tensor)."""
         if tuple(recipe.models) != self.models:
             raise ValueError("the recipe's models differ from the runtime's genome.models")
-        index = np.zeros(len(self.source_names), dtype=np.int32)
-        rows: dict = {}
-        if recipe.method == "slerp":
-            for i, name in enumerate(self.source_names):
-                tensor = recipe.tensor(name)
-                key = (int(tensor.base), int(tensor.other), float(tensor.t))
-                index[i] = rows.setdefault(key, len(rows))
-            keys = list(rows)
-            arrays = {
-                "t": np.array([k[2] for k in keys], dtype=np.float64),
-                "pair": np.array([[k[0], k[1]] for k in keys], dtype=np.int64).reshape(-1, 2),
-            }
-        else:
-            if recipe.method != "linear" and recipe.base_model != self.base_model:
-                raise ValueError("the recipe's base_model differs from the runtime's")
-            if self.tp > 1 and recipe.method not in TP_METHODS:
-                raise ConfigError(f"merge_method {recipe.method} is not supported with "
-                                  f"tensor_parallel_size {self.tp}")
-            param_names = None
-            values = []
-            for i, name in enumerate(self.source_names):
-                params = recipe.tensor(name).params
-                if param_names is None:
-                    param_names = sorted(params)
-                key = tuple(np.concatenate([np.asarray(params[p], dtype=np.float64)
-                                            for p in param_names]).tolist())
-                if key not in rows:
-                    rows[key] = len(rows)
-                    values.append(key)
-                index[i] = rows[key]
-            m = len(self.models)
-            stacked = np.array(values, dtype=np.float64).reshape(len(values), len(param_names), m)
-            arrays = {p: stacked[:, j, :] for j, p in enumerate(param_names)}
+        if get_method(recipe.method).needs_base and recipe.base_model != self.base_model:
+            raise ValueError("the recipe's base_model differs from the runtime's")
+        if self.tp > 1 and recipe.method not in TP_METHODS:
+            raise ConfigError(f"merge_method {recipe.method} is not supported with "
+                              f"tensor_parallel_size {self.tp}")
+        encoded = RecipeRows.encode(recipe, self.source_names)
+        n_rows = len(next(iter(encoded.rows.values())))
         return {
-            "method": recipe.method,
-            "normalize": bool(recipe.normalize),
-            "rescale": bool(recipe.rescale),
-            "lambda": float(recipe.lambda_),
-            "index": pack_array(index.astype(np.min_scalar_type(max(len(rows) - 1, 0)))),
-            "rows": {k: pack_array(v) for k, v in arrays.items()},
+            "method": encoded.method,
+            "normalize": encoded.normalize,
+            "rescale": encoded.rescale,
+            "lambda": encoded.lambda_,
+            "index": pack_array(encoded.index.astype(np.min_scalar_type(max(n_rows - 1, 0)))),
+            "rows": {k: pack_array(v) for k, v in encoded.rows.items()},
         }
 
     def apply(self, recipe) -> None:

@@ -507,18 +507,19 @@ class HotmergeWorkerExtension:
         "invalid", "error": ...}; a refused candidate writes nothing.
         """
         from hotmerge import kernels
+        from hotmerge.engine.encoding import RecipeRows
 
         state = self.hotmerge_state()
         t0 = time.perf_counter()
-        index = unpack_array(table["index"])
-        seg_rows = index[[pl.source for pl in state.placements]]
-        params = {}
-        for key, packed in table["rows"].items():
-            params[key] = unpack_array(packed)[seg_rows]
+        encoded = RecipeRows(method=table["method"], normalize=bool(table["normalize"]),
+                             rescale=bool(table["rescale"]), lambda_=float(table["lambda"]),
+                             index=unpack_array(table["index"]).astype(np.int64),
+                             rows={key: unpack_array(packed) for key, packed in table["rows"].items()})
+        params = encoded.per_segment([pl.source for pl in state.placements])
         try:
             coefficients = kernels.build_table(
-                table["method"], state.flat, params, normalize=bool(table["normalize"]),
-                rescale=bool(table["rescale"]), lambda_=float(table["lambda"]), seed=state.seed)
+                encoded.method, state.flat, params, normalize=encoded.normalize,
+                rescale=encoded.rescale, lambda_=encoded.lambda_, seed=state.seed)
             t1 = time.perf_counter()
             kernels.apply(state.flat, coefficients, state.outs)
         except kernels.NonFiniteMergeError as error:
