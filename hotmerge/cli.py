@@ -207,6 +207,19 @@ def evolve(
                       f"candidate {best['index']}); merge config: {storage_path / 'best_config.yaml'}")
 
 
+def _is_merge_config(path: Path) -> bool:
+    """A mergekit merge config (it has merge_method at the top), else a genome config."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist: check the path") from None
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"cannot read {path} ({e}): pass a merge config or a genome config") from None
+    return isinstance(data, dict) and "merge_method" in data
+
+
 def _with_tasks(validated, tasks: str | None):
     """The validated config, its tasks replaced by a comma-separated list when given."""
     import dataclasses
@@ -241,10 +254,11 @@ def _read_genotype(path: Path, size: int):
 
 @app.command("eval")
 def eval_command(
-    config: Path = typer.Argument(..., help="A genome config (YAML)."),
+    config: Path = typer.Argument(..., help="A genome config, or a mergekit merge config (with --tasks)."),
     genotype: Path = typer.Option(None, help="JSON list of genes (or a history.jsonl line)."),
     x0: bool = typer.Option(False, "--x0", help="Score mergekit-evolve's starting recipe."),
-    tasks: str = typer.Option(None, help="Comma-separated tasks instead of the config's."),
+    tasks: str = typer.Option(None, help="Comma-separated tasks instead of the config's (a merge config "
+                                         "has none: required with one)."),
     output: Path = typer.Option(None, help="Write metrics as JSON (lm-eval results layout)."),
     vllm: bool = typer.Option(False, "--vllm/--no-vllm", help="vLLM backend (default: transformers)."),
     batch_size: int = typer.Option(None, min=1),
@@ -260,14 +274,26 @@ def eval_command(
     from hotmerge.engine.storage import check_file_target
     from hotmerge.engine.worker import CandidateWorker
 
-    if (genotype is None) == (not x0):
+    merge_config = _is_merge_config(config)
+    if merge_config:
+        if genotype is not None or x0:
+            raise ConfigError("a merge config fixes the recipe: drop --genotype/--x0")
+        if tasks is None:
+            raise ConfigError("a merge config names no tasks: give --tasks a,b")
+    elif (genotype is None) == (not x0):
         raise ConfigError("give exactly one of --genotype FILE and --x0")
     if output is not None:
         check_file_target(output, "--output")  # before the work, not after it
     check_task_search_paths(task_search_path)
-    validated = _with_tasks(validate_config(load_config(config)), tasks)
-    genome = validated.genome()
-    x = genome.x0() if x0 else _read_genotype(genotype, genome.size)
+    if merge_config:
+        from hotmerge.engine.mergeconfig import load_merge_config
+
+        validated, x = load_merge_config(config)
+        validated = _with_tasks(validated, tasks)
+    else:
+        validated = _with_tasks(validate_config(load_config(config)), tasks)
+        genome = validated.genome()
+        x = genome.x0() if x0 else _read_genotype(genotype, genome.size)
     worker = CandidateWorker(validated, backend="vllm" if vllm else "hf", device=device,
                              batch_size=batch_size, seed=random_seed, task_paths=list(task_search_path))
     result = worker.evaluate(x, raise_bugs=True)
@@ -285,8 +311,10 @@ def eval_command(
     console.print("seconds: " + ", ".join(f"{k} {v:.3f}" for k, v in seconds.items()))
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps({"results": result["results"], "score": result["score"],
-                                      "seconds": seconds, "genotype": x.tolist()}, indent=2))
+        record = {"results": result["results"], "score": result["score"], "seconds": seconds}
+        if not merge_config:
+            record["genotype"] = x.tolist()
+        output.write_text(json.dumps(record, indent=2))
 
 
 @app.command()
@@ -298,17 +326,11 @@ def export(
     random_seed: int = typer.Option(0, min=0, help="Seeds the DARE/DELLA masks (as in the search)."),
 ) -> None:
     """Write a merged HF model folder (safetensors, config, tokenizer) with hotmerge's merge engine."""
-    import yaml
-
     from hotmerge.engine.config import load_config, validate_config
     from hotmerge.engine.export import export_merge
     from hotmerge.engine.mergeconfig import load_merge_config
 
-    try:
-        is_merge_config = "merge_method" in (yaml.safe_load(config.read_text()) or {})
-    except (OSError, yaml.YAMLError, TypeError) as e:
-        raise ConfigError(f"cannot read {config} ({e}): pass a merge config or a genome config")
-    if is_merge_config:
+    if _is_merge_config(config):
         if genotype is not None or x0:
             raise ConfigError("a merge config fixes the recipe: drop --genotype/--x0")
         validated, recipe = load_merge_config(config)

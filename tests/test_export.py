@@ -50,6 +50,7 @@ def test_merge_config_round_trips_to_the_same_recipe(toy_family, tmp_path, case)
                 np.testing.assert_allclose(b.params[key], value, atol=1e-12)
 
 
+@pytest.mark.slow  # hotmerge export in a subprocess
 def test_export_writes_a_model_that_transformers_loads(toy_family, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -70,6 +71,7 @@ def test_export_writes_a_model_that_transformers_loads(toy_family, tmp_path):
     assert changed == len(base)  # every tensor took part in the merge
 
 
+@pytest.mark.slow  # hotmerge eval in a subprocess
 def test_eval_writes_lm_eval_results_layout(toy_family, tmp_path):
     config = tmp_path / "toy.yaml"
     config.write_text(yaml.safe_dump({
@@ -97,3 +99,31 @@ def test_export_refuses_a_merge_config_with_a_genotype(toy_family, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.strip().startswith("error: ")
     assert not (tmp_path / "o").exists()
+
+
+def test_eval_scores_a_merge_config_as_its_genotype(toy_family, tmp_path):
+    """`hotmerge eval` takes a mergekit merge config (with --tasks) and scores the same model
+    as the genotype that wrote it."""
+    genome_config = tmp_path / "toy.yaml"
+    genome_config.write_text(yaml.safe_dump({
+        "genome": {"models": [str(p) for p in toy_family.experts], "base_model": str(toy_family.base),
+                   "merge_method": "ties", "layer_granularity": 2},
+        "tasks": ["toy_color_mc_search"], "apply_chat_template": False}))
+    validated = validate_config(parse_config(yaml.safe_load(genome_config.read_text())))
+    genome = validated.genome()
+    x = np.random.default_rng(4).uniform(0.2, 1.0, genome.size)
+    (tmp_path / "x.json").write_text(json.dumps(x.tolist()))
+    merge_config = tmp_path / "best_config.yaml"
+    merge_config.write_text(yaml.safe_dump(genome.to_mergekit_config(x)))
+    scores = []
+    for args in (["--genotype", str(tmp_path / "x.json")], ["--tasks", "toy_color_mc_search"]):
+        config = genome_config if "--genotype" in args else merge_config
+        out = tmp_path / f"scores{len(scores)}.json"
+        done = subprocess.run([sys.executable, "-m", "hotmerge", "eval", str(config), *args, "--output", str(out)],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        scores.append(json.loads(out.read_text())["results"]["toy_color_mc_search"]["acc,none"])
+    assert scores[0] == scores[1]
+    done = subprocess.run([sys.executable, "-m", "hotmerge", "eval", str(merge_config)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--tasks" in done.stderr

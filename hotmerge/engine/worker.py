@@ -56,8 +56,7 @@ class CandidateWorker:
         if close is not None:
             close()
 
-    def _score(self, x: np.ndarray, seconds: dict, started: float) -> dict:
-        recipe = self.genome.decode(x)
+    def _score(self, recipe, seconds: dict, started: float) -> dict:
         self.runtime.apply(recipe)
         seconds["apply"] = time.perf_counter() - started
         scores = self.suite.evaluate(self.runtime.lm)
@@ -66,8 +65,8 @@ class CandidateWorker:
             raise CandidateError(f"the merged model's score is {scores.score}")
         return {"score": scores.score, "results": scores.results, "error": None}
 
-    def evaluate(self, x: np.ndarray, *, raise_bugs: bool = False) -> dict:
-        """Score one genotype.
+    def evaluate(self, x, *, raise_bugs: bool = False) -> dict:
+        """Score one genotype (or a recipe already resolved, such as a merge config's).
 
         A candidate error (engine/errors.py: a non-finite merge, a model whose metrics are
         not finite) comes back as a result with score None, the error and failure
@@ -79,8 +78,12 @@ class CandidateWorker:
         started = time.perf_counter()
         params = None
         try:
-            params = {k: v.tolist() for k, v in self.genome.param_values(x).items()}
-            result = self._score(x, seconds, started)
+            if isinstance(x, np.ndarray):
+                params = {k: v.tolist() for k, v in self.genome.param_values(x).items()}
+                recipe = self.genome.decode(x)
+            else:
+                recipe = x
+            result = self._score(recipe, seconds, started)
         except self.candidate_errors as error:
             result = {"score": None, "results": None, "failure": CANDIDATE, "error": _describe(error)}
         except Exception as error:
