@@ -10,6 +10,7 @@ import numpy as np
 
 from hotmerge.engine.config import ValidatedConfig
 from hotmerge.engine.errors import BUG, CANDIDATE, CandidateError, candidate_error_types
+from hotmerge.engine.runtime import start_runtime
 from hotmerge.engine.scoring import TaskSuite
 
 # A traceback travels to rank 0 inside a fixed-size message: keep its tail.
@@ -25,15 +26,8 @@ class CandidateWorker:
         self.genome = validated.genome()
         self.candidate_errors = candidate_error_types()
         started = time.perf_counter()
-        if backend == "vllm":
-            from hotmerge.engine.runtime.vllm import VLLMRuntime
-
-            self.runtime = VLLMRuntime(validated, seed=seed, batch_size=batch_size,
-                                       tensor_parallel_size=tensor_parallel_size)
-        else:
-            from hotmerge.engine.runtime.hf import HFRuntime
-
-            self.runtime = HFRuntime(validated, device=device, batch_size=batch_size, seed=seed)
+        self.runtime = start_runtime(validated, backend=backend, device=device, batch_size=batch_size,
+                                     seed=seed, tensor_parallel_size=tensor_parallel_size)
         try:
             self.suite = TaskSuite(
                 cfg.tasks,
@@ -52,9 +46,7 @@ class CandidateWorker:
         self.startup_seconds = time.perf_counter() - started
 
     def close(self) -> None:
-        close = getattr(self.runtime, "close", None)
-        if close is not None:
-            close()
+        self.runtime.close()
 
     def _score(self, recipe, seconds: dict, started: float) -> dict:
         self.runtime.apply(recipe)

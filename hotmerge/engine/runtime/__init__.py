@@ -1,1 +1,38 @@
-"""Live models that candidates are written into: hf.py (transformers), vllm.py (vLLM)."""
+"""Live models that candidates are written into, behind one contract.
+
+    hf.py           transformers: the model in this process (the light path)
+    vllm.py         vLLM: an engine kept resident, merged into through its worker
+    vllm_worker.py  the code that runs inside vLLM's worker process
+
+Every runtime keeps one model resident and offers:
+    apply(recipe)   write one candidate into the live weights (a recipe from the genome
+                    or a merge config; nothing is written when it raises)
+    lm              an lm-eval LM that scores the live weights
+    close()         free the engine and its memory
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class Runtime(Protocol):
+    lm: object
+
+    def apply(self, recipe) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def start_runtime(validated, *, backend: str, device: str | None = None, batch_size: int | None = None,
+                  seed: int = 0, tensor_parallel_size: int = 1) -> Runtime:
+    """The runtime the backend names, started (model loaded, sources resident)."""
+    if backend == "vllm":
+        from hotmerge.engine.runtime.vllm import VLLMRuntime
+
+        return VLLMRuntime(validated, seed=seed, batch_size=batch_size, tensor_parallel_size=tensor_parallel_size)
+    if backend == "hf":
+        from hotmerge.engine.runtime.hf import HFRuntime
+
+        return HFRuntime(validated, device=device, batch_size=batch_size, seed=seed)
+    raise ValueError(f"unknown backend {backend!r}: use hf or vllm")

@@ -69,3 +69,9 @@ class HFRuntime:
     @torch.no_grad()
     def apply(self, recipe) -> None:
         self.merger.apply(recipe)
+
+    def close(self) -> None:
+        """Drop the model and the resident sources (a closed runtime cannot score)."""
+        self.merger = self.lm = self.model = self.live = None
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
