@@ -404,6 +404,14 @@ class ValidatedConfig:
         """The model the others are checked against (and whose layout the merge has)."""
         return self.base if self.base is not None else self.models[0]
 
+    @property
+    def tokenizer_path(self) -> str:
+        """The folder whose tokenizer the merged model uses: tokenizer_source when it names a
+        model; otherwise the reference's (`base` and `union` give its vocabulary, since every
+        source has the reference's embedding shapes)."""
+        ts = self.config.genome.tokenizer_source
+        return self.reference.path if ts in (None, "base", "union") else ts
+
     def genome(self):
         from hotmerge.engine.genome import Genome
 

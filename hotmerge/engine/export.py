@@ -36,9 +36,7 @@ def export_merge(validated: ValidatedConfig, recipe, out_dir: str | Path, seed: 
     out_dtype = getattr(recipe, "out_dtype", None)
     if out_dtype is not None:
         model = model.to(OUT_DTYPES[out_dtype])  # mergekit casts the merged tensors on save
-    tokenizer_source = validated.config.genome.tokenizer_source
-    if tokenizer_source in (None, "base", "union"):
-        tokenizer_source = reference
+    tokenizer_source = validated.tokenizer_path
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     try:

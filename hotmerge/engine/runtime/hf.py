@@ -55,10 +55,7 @@ class HFRuntime:
             raise SetupError(f"transformers could not load {reference} ({type(error).__name__}: {message}): "
                              "check that this transformers supports the model, or try the vLLM runtime (--vllm); "
                              "HOTMERGE_DEBUG=1 shows the traceback") from error
-        tokenizer_source = validated.config.genome.tokenizer_source
-        if tokenizer_source in (None, "base", "union"):
-            tokenizer_source = reference
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+        self.tokenizer = AutoTokenizer.from_pretrained(validated.tokenizer_path)
         # named_parameters() lists a tied lm_head once, under the embedding's name.
         self.live = {name: p for name, p in self.model.named_parameters()}
         self.merger = Merger(validated, self.live, seed=seed)

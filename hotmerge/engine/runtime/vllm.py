@@ -156,9 +156,7 @@ class VLLMRuntime:
         self.base_model = genome.base_model
         reference_info = validated.reference
         self.source_names = sorted(reference_info.tensors)
-        tokenizer_source = genome.tokenizer_source
-        if tokenizer_source in (None, "base", "union"):
-            tokenizer_source = self.reference
+        tokenizer_source = validated.tokenizer_path
 
         on_cpu = _on_cpu()
         config = reference_info.config
