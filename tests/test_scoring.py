@@ -1,6 +1,8 @@
 """Scoring with requests built once equals lm_eval.simple_evaluate on the same weights,
 for every request type (loglikelihood, generate_until, loglikelihood_rolling)."""
 
+import functools
+
 import numpy as np
 import pytest
 import yaml
@@ -26,18 +28,27 @@ def worker(toy_family, tmp_path_factory):
     return CandidateWorker(validate_config(load_config(path)))
 
 
-def simple_evaluate(model_dir) -> dict:
-    import lm_eval
+@functools.cache
+def full_task_manager():
+    """lm-eval's TaskManager as `lm_eval --include_path` builds it: lm-eval's own ~14,000 task
+    files indexed too (15-20 s), where hotmerge indexes only the folders that hold its tasks."""
     from lm_eval.tasks import TaskManager
 
     from hotmerge.toy.taskfiles import TASKS_DIR
 
+    return TaskManager(include_path=str(TASKS_DIR))
+
+
+def simple_evaluate(model_dir) -> dict:
+    import lm_eval
+
     out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model_dir},dtype=bfloat16",
                                   tasks=[t["name"] for t in TASKS], batch_size=64, device="cpu",
-                                  task_manager=TaskManager(include_path=str(TASKS_DIR)))
+                                  task_manager=full_task_manager())
     return out["results"]
 
 
+@pytest.mark.slow
 def test_scores_equal_simple_evaluate_on_the_exported_merge(worker, tmp_path):
     genome = worker.genome
     for x in (genome.x0(), np.random.default_rng(3).uniform(0.1, 1.0, genome.size)):
@@ -66,3 +77,51 @@ def test_chat_template_is_skipped_when_the_tokenizer_has_none(worker):
     # The config asks for a chat template; the toy tokenizer has none, so prompts stay plain.
     instance = worker.suite.requests["loglikelihood"][0]
     assert instance.arguments[0] == instance.doc["question"]
+
+
+class BundledTasksIndexed(Exception):
+    pass
+
+
+def test_bundled_tasks_are_indexed_only_when_a_task_needs_them(monkeypatch, tmp_path):
+    """Plain tasks found in the include paths resolve from those folders alone; a group, a tag
+    or a task that only lm-eval ships needs lm-eval's own index."""
+    import lm_eval.tasks
+
+    from hotmerge.engine.scoring import task_manager
+
+    real = lm_eval.tasks.TaskManager
+
+    def manager(*args, include_defaults=True, **kwargs):
+        if include_defaults:
+            raise BundledTasksIndexed
+        return real(*args, include_defaults=False, **kwargs)
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", manager)
+    local = task_manager([t["name"] for t in TASKS])
+    assert {t["name"] for t in TASKS} <= set(local.all_subtasks) and len(local.all_tasks) < 100
+    (tmp_path / "pair.yaml").write_text(yaml.safe_dump({
+        "group": "toy_pair", "task": ["toy_sum_mc_search", "toy_color_mc_search"]}))
+    for names, paths in ((["toy_pair"], [tmp_path]), (["toy_mc"], []), (["hellaswag"], []),
+                         (["toy_sum_mc_search", "hellaswag"], [])):
+        with pytest.raises(BundledTasksIndexed):
+            task_manager(names, paths)
+
+
+@pytest.mark.slow
+def test_suite_built_from_lm_evals_full_index_scores_the_same(worker, monkeypatch):
+    """The same tasks from the full index (lm-eval's own tasks too): the same requests, and
+    the same scores bit for bit."""
+    from hotmerge.engine import scoring
+
+    cfg = worker.runtime_config.config
+    monkeypatch.setattr(scoring, "task_manager", lambda names, include_paths=(): full_task_manager())
+    suite = scoring.TaskSuite(cfg.tasks, limit=cfg.limit, num_fewshot=cfg.num_fewshot, shuffle=cfg.shuffle,
+                              apply_chat_template=cfg.apply_chat_template,
+                              fewshot_as_multiturn=cfg.fewshot_as_multiturn, lm=worker.runtime.lm)
+    for kind, requests in worker.suite.requests.items():
+        assert [r.arguments for r in suite.requests[kind]] == [r.arguments for r in requests], kind
+    x = np.random.default_rng(5).uniform(0.1, 1.0, worker.genome.size)
+    mine = worker.evaluate(x)
+    theirs = suite.evaluate(worker.runtime.lm)  # the weights of x are still in place
+    assert theirs.results == mine["results"] and theirs.score == mine["score"]
