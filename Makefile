@@ -1,4 +1,6 @@
 # Two commands set up a fresh machine: `make demo` and `make test`.
+# `make test-fast` leaves out the tests marked slow (vLLM engines, torchrun, evolve runs,
+# mergekit and lm-eval sweeps): a few minutes on 2 cores, for running often.
 # The venv is installed once; it is reinstalled only when pyproject.toml changes.
 
 PYTHON ?= python3
@@ -13,7 +15,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export TQDM_DISABLE ?= 1
 
-.PHONY: install demo test clean
+.PHONY: install demo test test-fast clean
 
 install: $(STAMP)
 
@@ -38,8 +40,12 @@ demo: install
 		--max-fevals $(DEMO_FEVALS) --random-seed 0 --quiet
 	$(VENV)/bin/hotmerge toy compare $(DEMO_RUN)
 
+# The full suite (what CI runs), with the 15 slowest tests listed at the end.
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=15 $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -m "not slow" --durations=10 $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache runs

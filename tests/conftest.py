@@ -1,4 +1,6 @@
 import os
+import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -8,6 +10,24 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
+
+# A test that uses one of these fixtures is slow (`make test-fast` leaves it out) whether or
+# not it is marked: the fixture costs tens of seconds.
+SLOW_FIXTURES = {"search_run"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "slow: tens of seconds or more (vLLM engine starts, torchrun, evolve runs, mergekit and "
+        "lm-eval sweeps); `make test-fast` (pytest -m 'not slow') leaves these out",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -19,3 +39,35 @@ def toy_family():
     if not family_is_current(root, seed=0):
         build_family(root, seed=0, log=lambda *_: None)
     return FamilyPaths(root)
+
+
+@dataclass(frozen=True)
+class SearchRun:
+    config: Path
+    run_dir: Path
+    wandb_dir: Path
+
+
+@pytest.fixture(scope="session")
+def search_run(toy_family, tmp_path_factory):
+    """One finished search, shared by the tests that read a run (report, CSV, W&B offline,
+    TensorBoard) and by those that must reproduce it (kill and resume, torchrun): runs.FEVALS
+    evaluations of runs.search_config, single process, every sink on."""
+    import importlib.util
+
+    from runs import evolve_cmd, search_config
+
+    tmp = tmp_path_factory.mktemp("search")
+    config = search_config(toy_family, tmp / "toy.yaml")
+    run_dir, wandb_dir = tmp / "run", tmp / "wandb"
+    wandb_dir.mkdir()
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(wandb_dir), "WANDB_SILENT": "true",
+           # Any network use would fail: nothing listens here.
+           "WANDB_BASE_URL": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
+           "HTTP_PROXY": "http://127.0.0.1:9"}
+    wandb = ["--wandb", "--wandb-project", "hotmerge-tests"] if importlib.util.find_spec("wandb") else []
+    done = subprocess.run(evolve_cmd(config, run_dir) + wandb, capture_output=True, text=True, timeout=900,
+                          env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "warning: the" not in done.stdout, done.stdout  # no sink failed
+    return SearchRun(config, run_dir, wandb_dir)

@@ -8,103 +8,81 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
+from runs import FEVALS, SEED, evolve_cmd, read_history, search_config, wait_until
 
-HOTMERGE = [sys.executable, "-m", "hotmerge"]
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 
 
-def toy_config(family, path: Path, method="task_arithmetic", **extra) -> Path:
-    config = {
-        "genome": {
-            "models": [str(p) for p in family.experts],
-            "base_model": str(family.base),
-            "merge_method": method,
-            "layer_granularity": 2,
-            "normalize": False,
-        },
-        "tasks": ["toy_capital_mc_search", "toy_color_mc_search", {"name": "toy_sum_mc_search", "weight": 1.0}],
-        "apply_chat_template": False,
-        **extra,
-    }
-    path.write_text(yaml.safe_dump(config))
-    return path
+def outcome(run_dir: Path, *, finished: bool = True) -> dict:
+    return {(r["generation"], r["index"]): (tuple(r["genotype"]), r["score"])
+            for r in read_history(run_dir, finished=finished)}
 
 
-def history(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
-
-
-def outcome(run_dir: Path) -> dict:
-    return {(r["generation"], r["index"]): (tuple(r["genotype"]), r["score"]) for r in history(run_dir)}
-
-
-def evolve_cmd(config: Path, run_dir: Path, fevals: int, *extra: str) -> list[str]:
-    return [*HOTMERGE, "evolve", str(config), "--storage-path", str(run_dir), "--max-fevals", str(fevals),
-            "--force-population-size", "6", "--random-seed", "3", "--quiet", "--no-save-final-model", *extra]
+def wait_for_records(run_dir: Path, n: int, process, timeout: float) -> None:
+    """Until the run has finished n evaluations (the line being written does not count)."""
+    done = wait_until(lambda: len(read_history(run_dir, finished=False)) >= n, timeout=timeout, process=process)
+    assert done, f"{n} evaluations not finished after {timeout} s (exit code {process.poll()})"
 
 
 @pytest.fixture(scope="module")
-def reference_run(toy_family, tmp_path_factory):
-    """An uninterrupted single-process run that the other runs must reproduce."""
-    tmp = tmp_path_factory.mktemp("reference")
-    config = toy_config(toy_family, tmp / "toy.yaml")
-    run_dir = tmp / "run"
-    subprocess.run(evolve_cmd(config, run_dir, 24), check=True, capture_output=True, timeout=600)
-    return config, run_dir
+def reference_run(search_run):
+    """The uninterrupted single-process run (conftest.search_run) the other runs must reproduce."""
+    return search_run.config, search_run.run_dir
 
 
 def test_run_directory_records_everything(reference_run):
     config, run_dir = reference_run
     meta = json.loads((run_dir / "run.json").read_text())
-    assert meta["seed"] == 3 and meta["config"] == yaml.safe_load(config.read_text())
+    assert meta["seed"] == SEED and meta["config"] == yaml.safe_load(config.read_text())
     assert {"torch", "transformers", "lm_eval", "cma"} <= set(meta["versions"])
-    records = history(run_dir)
-    assert len(records) == 24 and all(r["score"] is not None for r in records)
+    records = read_history(run_dir)
+    assert len(records) == FEVALS and all(r["score"] is not None for r in records)
     assert set(records[0]["results"]) == {"toy_capital_mc_search", "toy_color_mc_search", "toy_sum_mc_search"}
     assert {"apply", "forward", "metrics", "total"} <= set(records[0]["seconds"])
     best = max(records, key=lambda r: r["score"])
     merge = yaml.safe_load((run_dir / "best_config.yaml").read_text())
     assert merge["merge_method"] == "task_arithmetic"
-    first = merge["slices"][0]["sources"][0]["parameters"]["weight"]
-    assert first == pytest.approx(abs(best["genotype"][0]))
+    # genes in (group, model, filter set, parameter) order: the filter's, then the catch-all's
+    weight = merge["slices"][0]["sources"][0]["parameters"]["weight"]
+    assert weight[0]["filter"] == "self_attn" and "filter" not in weight[1]
+    assert weight[0]["value"] == pytest.approx(abs(best["genotype"][0]))
+    assert weight[1]["value"] == pytest.approx(abs(best["genotype"][1]))
 
 
 def test_killed_run_resumes_without_losing_evaluations(toy_family, reference_run, tmp_path):
     config, reference_dir = reference_run
     run_dir = tmp_path / "run"
-    process = subprocess.Popen(evolve_cmd(config, run_dir, 24), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    # Kill in the middle of the second generation, mid-write if it happens to be.
-    while time.time() < deadline and process.poll() is None:
-        if (run_dir / "history.jsonl").exists() and len(history(run_dir)) >= 9:
-            break
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    before = outcome(run_dir)
-    assert 9 <= len(before) < 24, "the run was not killed mid-search"
+    process = subprocess.Popen(evolve_cmd(config, run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        # Kill in the middle of the second generation, mid-write if it happens to be.
+        wait_for_records(run_dir, 9, process, timeout=300)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    before = outcome(run_dir, finished=False)
+    assert 9 <= len(before) < FEVALS, "the run was not killed mid-search"
 
-    resumed = subprocess.run(evolve_cmd(config, run_dir, 24), capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(evolve_cmd(config, run_dir), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     after = outcome(run_dir)
     for key, value in before.items():
         assert after[key] == value  # finished evaluations kept, not recomputed
-    assert len(history(run_dir)) == len(after)  # nothing evaluated twice
+    assert len(read_history(run_dir)) == len(after)  # nothing evaluated twice
     assert after == outcome(reference_dir)
     assert (run_dir / "best_config.yaml").read_text() == (reference_dir / "best_config.yaml").read_text()
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_share_the_work(reference_run, tmp_path):
     config, reference_dir = reference_run
     run_dir = tmp_path / "run"
     cmd = [TORCHRUN, "--nproc_per_node=2", f"--master_port={_free_port()}", "-m", "hotmerge",
-           *evolve_cmd(config, run_dir, 24)[3:]]
+           *evolve_cmd(config, run_dir)[3:]]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    ranks = {r["rank"] for r in history(run_dir)}
+    ranks = {r["rank"] for r in read_history(run_dir)}
     assert ranks == {0, 1}
     # Scores do not depend on which rank evaluated a candidate.
     assert outcome(run_dir) == outcome(reference_dir)
@@ -131,19 +109,16 @@ def _rank_pid(parent: int, local_rank: int) -> int | None:
     return None
 
 
+@pytest.mark.slow
 def test_torchrun_restarts_a_crashed_rank_and_resumes(reference_run, tmp_path):
     config, reference_dir = reference_run
     run_dir = tmp_path / "run"
     cmd = [TORCHRUN, "--nproc_per_node=2", "--max-restarts=1", f"--master_port={_free_port()}", "-m", "hotmerge",
-           *evolve_cmd(config, run_dir, 24)[3:]]
+           *evolve_cmd(config, run_dir)[3:]]
     log = tmp_path / "torchrun.log"  # a file, not a pipe: nothing blocks while the test waits
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log.open("w"))
     try:
-        deadline = time.time() + 600
-        while time.time() < deadline and process.poll() is None:
-            if (run_dir / "history.jsonl").exists() and len(history(run_dir)) >= 8:
-                break
-            time.sleep(0.05)
+        wait_for_records(run_dir, 8, process, timeout=600)
         victim = _rank_pid(process.pid, 1)
         assert victim is not None, "rank 1 not found"
         os.kill(victim, signal.SIGKILL)
@@ -154,17 +129,18 @@ def test_torchrun_restarts_a_crashed_rank_and_resumes(reference_run, tmp_path):
             process.kill()
     assert process.returncode == 0, log.read_text()[-3000:]
     after = outcome(run_dir)
-    assert len(history(run_dir)) == len(after)  # nothing evaluated twice
+    records = read_history(run_dir)
+    assert len(records) == len(after)  # nothing evaluated twice
     assert after == outcome(reference_dir)
     # the group was restarted: rank 1 evaluated again after it was killed
-    assert any(r["rank"] == 1 and r["finished_at"] > killed_at for r in history(run_dir))
+    assert any(r["rank"] == 1 and r["finished_at"] > killed_at for r in records)
 
 
 def test_failed_candidate_is_recorded_and_runtime_stays_usable(toy_family, tmp_path):
     from hotmerge.engine.config import load_config, validate_config
     from hotmerge.engine.worker import CandidateWorker
 
-    config = toy_config(toy_family, tmp_path / "toy.yaml")
+    config = search_config(toy_family, tmp_path / "toy.yaml")
     worker = CandidateWorker(validate_config(load_config(config)))
     x0 = worker.genome.x0()
     first = worker.evaluate(x0)
@@ -182,7 +158,7 @@ def test_failed_candidate_is_recorded_and_runtime_stays_usable(toy_family, tmp_p
 def test_bad_config_gets_one_line_and_exit_2(toy_family, tmp_path, problem, text):
     config = tmp_path / "bad.yaml"
     if problem == "granularity":
-        toy_config(toy_family, config)
+        search_config(toy_family, config)
         data = yaml.safe_load(config.read_text())
         data["genome"]["layer_granularity"] = 3
         config.write_text(yaml.safe_dump(data))

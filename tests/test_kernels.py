@@ -538,6 +538,7 @@ def test_without_a_compiler_the_torch_path_merges(monkeypatch, caplog):
     assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
 
 
+@pytest.mark.slow  # a randomised sweep: tens of seconds on two cores
 def test_native_equals_torch_on_random_layouts(monkeypatch):
     """Random model counts, shapes, delta scales, weights (negative too), densities,
     normalize and lambda: the C kernel and the torch fast path give the same bits."""
@@ -824,6 +825,7 @@ def _triton_checks(device="cpu", block=32):
     assert bool((out == 3.0).all())
 
 
+@pytest.mark.slow  # the Triton interpreter, in a subprocess: over a minute on two cores
 def test_triton_interpreter_equals_torch():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
     code = (

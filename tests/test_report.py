@@ -1,67 +1,30 @@
 """`hotmerge report` and the result sinks (CSV, W&B offline, TensorBoard) on one small real run."""
 
 import csv
-import importlib.util
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
+from runs import FEVALS, HELDOUT_TASKS, SEARCH_TASKS, read_history
 from typer.testing import CliRunner
 
 from hotmerge.cli import app
 from hotmerge.engine.sinks import CsvSink, Sink, Sinks
 
-HOTMERGE = [sys.executable, "-m", "hotmerge"]
-SEARCH_TASKS = ["toy_capital_mc_search", "toy_color_mc_search", "toy_sum_mc_search"]
-HELDOUT_TASKS = ["toy_capital_mc_heldout", "toy_color_mc_heldout", "toy_sum_mc_heldout"]
-FEVALS = 30
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def history(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    return read_history(run_dir)
 
 
 @pytest.fixture(scope="module")
-def toy_run(toy_family, tmp_path_factory):
-    """One search with every sink on: W&B offline (no network), CSV, TensorBoard.
-
-    A filter set (S = 2) so the genome heatmap has one panel per parameter and filter.
-    """
-    tmp = tmp_path_factory.mktemp("report")
-    config = tmp / "toy.yaml"
-    config.write_text(yaml.safe_dump({
-        "genome": {
-            "models": [str(p) for p in toy_family.experts],
-            "base_model": str(toy_family.base),
-            "merge_method": "task_arithmetic",
-            "layer_granularity": 2,
-            "normalize": False,
-            "filters": ["self_attn"],
-        },
-        "tasks": SEARCH_TASKS,
-        "apply_chat_template": False,
-    }))
-    run_dir = tmp / "run"
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp / "wandb"), "WANDB_SILENT": "true",
-           # Any network use would fail: nothing listens here.
-           "WANDB_BASE_URL": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
-           "HTTP_PROXY": "http://127.0.0.1:9"}
-    (tmp / "wandb").mkdir()
-    wandb = ["--wandb", "--wandb-project", "hotmerge-tests"] if importlib.util.find_spec("wandb") else []
-    done = subprocess.run(
-        [*HOTMERGE, "evolve", str(config), "--storage-path", str(run_dir), "--max-fevals", str(FEVALS),
-         "--force-population-size", "6", "--random-seed", "1", "--quiet", "--no-save-final-model", *wandb],
-        capture_output=True, text=True, timeout=600, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "warning: the" not in done.stdout, done.stdout  # no sink failed
-    return run_dir, tmp / "wandb"
+def toy_run(search_run):
+    """The shared search (conftest.search_run): every sink on, W&B offline (no network), CSV,
+    TensorBoard; a filter set (S = 2), so the genome heatmap has one panel per parameter and filter."""
+    return search_run.run_dir, search_run.wandb_dir
 
 
 def report(*args: str):

@@ -26,6 +26,7 @@ def _digest(folder: Path) -> str:
     return hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
 
 
+@pytest.mark.slow  # builds (trains) a second family
 def test_family_is_deterministic_from_its_seed(toy_family, tmp_path):
     again = build_family(tmp_path / "again", seed=0, log=lambda *_: None)
     for mine, theirs in zip([toy_family.base, *toy_family.experts], [again.base, *again.experts]):
@@ -46,6 +47,7 @@ def _task_arithmetic_merge(family, out: Path) -> Path:
     return out
 
 
+@pytest.mark.slow  # mergekit-yaml, then lm-eval on five models
 @pytest.mark.parametrize("variant", ["mc", "gen"])
 def test_experts_specialise_and_task_arithmetic_combines_them(toy_family, tmp_path, variant, capsys):
     merged = _task_arithmetic_merge(toy_family, tmp_path / "merged")
