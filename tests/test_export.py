@@ -101,6 +101,7 @@ def test_export_refuses_a_merge_config_with_a_genotype(toy_family, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow  # three hotmerge eval subprocesses
 def test_eval_scores_a_merge_config_as_its_genotype(toy_family, tmp_path):
     """`hotmerge eval` takes a mergekit merge config (with --tasks) and scores the same model
     as the genotype that wrote it."""
