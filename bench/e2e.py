@@ -21,7 +21,7 @@ import numpy as np
 
 def candidates(genome, n: int, seed: int) -> list[np.ndarray]:
     """x0 and then CMA-ES's first samples around it (what a search evaluates first)."""
-    from hotmerge.engine.search import Search
+    from hotmerge.search.strategy import Search
 
     xs = [genome.x0()]
     search = Search(genome.x0(), 1 / 6, seed, max_fevals=n, popsize=max(2, n - 1))
@@ -30,7 +30,7 @@ def candidates(genome, n: int, seed: int) -> list[np.ndarray]:
 
 
 def run_hotmerge(validated, xs, backend: str) -> dict:
-    from hotmerge.engine.worker import CandidateWorker
+    from hotmerge.search.worker import CandidateWorker
 
     started = time.perf_counter()
     worker = CandidateWorker(validated, backend=backend)
@@ -88,8 +88,8 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/e2e.json")
     args = parser.parse_args()
 
-    from hotmerge.engine.config import load_config, validate_config
-    from hotmerge.engine.run import versions
+    from hotmerge.config.evolve import load_config, validate_config
+    from hotmerge.run.evolve import versions
 
     validated = validate_config(load_config(args.config))
     xs = candidates(validated.genome(), args.candidates, args.seed)

@@ -28,10 +28,10 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/soak.json")
     args = parser.parse_args()
 
-    from hotmerge.engine.config import load_config, validate_config
-    from hotmerge.engine.run import versions
-    from hotmerge.engine.search import Search
-    from hotmerge.engine.worker import CandidateWorker
+    from hotmerge.config.evolve import load_config, validate_config
+    from hotmerge.run.evolve import versions
+    from hotmerge.search.strategy import Search
+    from hotmerge.search.worker import CandidateWorker
 
     validated = validate_config(load_config(args.config))
     genome = validated.genome()

@@ -49,8 +49,8 @@ def measure(paths: list[str]) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from hotmerge.engine.config import parse_config, validate_config
-    from hotmerge.engine.merger import Merger
+    from hotmerge.config.evolve import parse_config, validate_config
+    from hotmerge.runtimes.merger import Merger
 
     validated = validate_config(parse_config({
         "genome": {"models": paths[1:], "base_model": paths[0], "merge_method": "ties"},

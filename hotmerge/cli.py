@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from hotmerge.engine.errors import CandidateError, ConfigError, HotmergeError, RunFailed, SetupError
+from hotmerge.errors import CandidateError, ConfigError, HotmergeError, RunFailed, SetupError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 toy_app = typer.Typer(no_args_is_help=True, help="The embedded toy model family.")
@@ -28,7 +28,7 @@ def toy_build(
     force: bool = typer.Option(False, help="Rebuild even if an identical family is there."),
 ) -> None:
     """Train the toy base model and one expert per skill (about half a minute on 2 cores)."""
-    from hotmerge.engine.storage import check_folder_target
+    from hotmerge.run.storage import check_folder_target
     from hotmerge.toy.build import build_family, family_is_current
 
     check_folder_target(out_dir, "OUT_DIR")
@@ -78,9 +78,9 @@ def toy_compare(
     """Score the run's best recipe, mergekit-evolve's x0 recipe and every source model on a toy split."""
     import numpy as np
 
-    from hotmerge.engine.config import load_config, validate_config
-    from hotmerge.engine.storage import RunDir
-    from hotmerge.engine.worker import CandidateWorker
+    from hotmerge.config.evolve import load_config, validate_config
+    from hotmerge.run.storage import RunDir
+    from hotmerge.search.worker import CandidateWorker
     from hotmerge.toy.evaluate import lm_eval_scores
     from hotmerge.toy.taskfiles import task_name
     from hotmerge.toy.world import SKILLS
@@ -136,9 +136,9 @@ def plan(
     device: str = typer.Option(None, help="cpu or cuda (default: cuda if present)."),
 ) -> None:
     """Print the memory plan and the search size, without loading any weights."""
-    from hotmerge.engine.config import load_config, validate_config
-    from hotmerge.engine.plan import local_device_memory, memory_plan
-    from hotmerge.engine.runtime.hf import pick_device
+    from hotmerge.config.evolve import load_config, validate_config
+    from hotmerge.models.plan import local_device_memory, memory_plan
+    from hotmerge.runtimes.hf import pick_device
 
     if device:
         pick_device(device)  # one line, exit 2, for a device this machine does not have
@@ -185,10 +185,10 @@ def evolve(
     wandb_entity: str = typer.Option(None, help="Weights & Biases entity."),
 ) -> None:
     """Search merge recipes with CMA-ES; single process or under `torchrun -m hotmerge evolve`."""
-    from hotmerge.engine.run import EvolveOptions, evolve as run_evolve
+    from hotmerge.run.evolve import EvolveOptions, evolve as run_evolve
 
     if wandb:
-        from hotmerge.engine.sinks import require_wandb
+        from hotmerge.run.sinks import require_wandb
 
         require_wandb()  # one-line exit 2 before any work when wandb is not installed
     elif wandb_project or wandb_entity:  # mergekit-evolve ignores them too; say so
@@ -224,7 +224,7 @@ def _with_tasks(validated, tasks: str | None):
     """The validated config, its tasks replaced by a comma-separated list when given."""
     import dataclasses
 
-    from hotmerge.engine.config import TaskConfig
+    from hotmerge.config.evolve import TaskConfig
 
     if tasks is None:
         return validated
@@ -269,10 +269,10 @@ def eval_command(
     """Score one candidate and print its per-task metrics."""
     import json
 
-    from hotmerge.engine.config import load_config, validate_config
-    from hotmerge.engine.run import check_task_search_paths
-    from hotmerge.engine.storage import check_file_target
-    from hotmerge.engine.worker import CandidateWorker
+    from hotmerge.config.evolve import load_config, validate_config
+    from hotmerge.run.evolve import check_task_search_paths
+    from hotmerge.run.storage import check_file_target
+    from hotmerge.search.worker import CandidateWorker
 
     merge_config = _is_merge_config(config)
     if merge_config:
@@ -286,7 +286,7 @@ def eval_command(
         check_file_target(output, "--output")  # before the work, not after it
     check_task_search_paths(task_search_path)
     if merge_config:
-        from hotmerge.engine.mergeconfig import load_merge_config
+        from hotmerge.config.merge import load_merge_config
 
         validated, x = load_merge_config(config)
         validated = _with_tasks(validated, tasks)
@@ -326,9 +326,9 @@ def export(
     random_seed: int = typer.Option(0, min=0, help="Seeds the DARE/DELLA masks (as in the search)."),
 ) -> None:
     """Write a merged HF model folder (safetensors, config, tokenizer) with hotmerge's merge engine."""
-    from hotmerge.engine.config import load_config, validate_config
-    from hotmerge.engine.export import export_merge
-    from hotmerge.engine.mergeconfig import load_merge_config
+    from hotmerge.config.evolve import load_config, validate_config
+    from hotmerge.run.export import export_merge
+    from hotmerge.config.merge import load_merge_config
 
     if _is_merge_config(config):
         if genotype is not None or x0:
@@ -348,7 +348,7 @@ def export(
 def _check_export_target(out_dir: Path, validated) -> None:
     """OUT_DIR is replaced as a whole: refuse a folder that holds anything but a model
     hotmerge could have written, and the config's own model folders."""
-    from hotmerge.engine.storage import check_folder_target
+    from hotmerge.run.storage import check_folder_target
 
     check_folder_target(out_dir, "OUT_DIR")
     target = out_dir.resolve()
@@ -374,9 +374,9 @@ def report(
     device: str = typer.Option(None, help="Device for --heldout with transformers (default: cuda if present)."),
 ) -> None:
     """Plots (PNG) and summary.md of a run: progress, best candidate, best genome, Pareto front."""
-    from hotmerge.engine.run import check_task_search_paths
-    from hotmerge.engine.storage import check_folder_target
-    from hotmerge.report import build_report
+    from hotmerge.run.evolve import check_task_search_paths
+    from hotmerge.run.storage import check_folder_target
+    from hotmerge.run.report import build_report
 
     if out is not None:
         check_folder_target(out, "--out")

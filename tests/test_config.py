@@ -8,15 +8,15 @@ import shutil
 import pytest
 import yaml
 
-from hotmerge.engine.config import (
+from hotmerge.config.evolve import (
     BASE_METHODS,
     EvolveConfig,
     load_config,
     parse_config,
     validate_config,
 )
-from hotmerge.engine.errors import ConfigError
-from hotmerge.engine.modelinfo import ModelInfo, layer_index
+from hotmerge.errors import ConfigError
+from hotmerge.models.folder import ModelInfo, layer_index
 
 try:
     from tests.tinymodels import make_llama_family

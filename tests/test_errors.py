@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
-from hotmerge.engine.errors import (
+from hotmerge.errors import (
     BUG,
     CANDIDATE,
     BugsInARow,
@@ -189,7 +189,7 @@ def test_resume_of_a_run_whose_run_json_is_broken(toy_family, tmp_path):
 
 
 def test_device_that_is_not_there():
-    from hotmerge.engine.runtime.hf import pick_device
+    from hotmerge.runtimes.hf import pick_device
 
     assert pick_device("cpu") == "cpu"
     with pytest.raises(ConfigError, match="not a device"):
@@ -232,7 +232,7 @@ def _rewrite_header(file: Path, change) -> None:
     ("not an object", "not a JSON object"),
 ])
 def test_damaged_safetensors_is_a_config_error(tmp_path, damage, words):
-    from hotmerge.engine.modelinfo import ModelInfo
+    from hotmerge.models.folder import ModelInfo
 
     folder = _model_folder(tmp_path / "model")
     file = folder / "model.safetensors"
@@ -257,7 +257,7 @@ def test_damaged_safetensors_is_a_config_error(tmp_path, damage, words):
 
 
 def test_sharded_index_that_does_not_match_its_files(tmp_path):
-    from hotmerge.engine.modelinfo import ModelInfo
+    from hotmerge.models.folder import ModelInfo
 
     folder = _model_folder(tmp_path / "model")
     index = folder / "model.safetensors.index.json"
@@ -302,7 +302,7 @@ class _Suite:
         self.score, self.error = score, error
 
     def evaluate(self, lm):
-        from hotmerge.engine.scoring import TaskScores
+        from hotmerge.scoring.suite import TaskScores
 
         if self.error is not None:
             raise self.error
@@ -310,8 +310,8 @@ class _Suite:
 
 
 def _worker(runtime=None, suite=None):
-    from hotmerge.engine.errors import candidate_error_types
-    from hotmerge.engine.worker import CandidateWorker
+    from hotmerge.errors import candidate_error_types
+    from hotmerge.search.worker import CandidateWorker
 
     worker = CandidateWorker.__new__(CandidateWorker)
     worker.genome, worker.runtime, worker.suite = _Genome(), runtime or _Runtime(), suite or _Suite()
@@ -352,9 +352,9 @@ def _bug(x) -> dict:
 
 
 def _coordinator(run_dir: Path, evaluate, world_size=1, cls=None):
-    from hotmerge.engine.coordinator import Coordinator
-    from hotmerge.engine.search import Search
-    from hotmerge.engine.storage import RunDir
+    from hotmerge.search.coordinator import Coordinator
+    from hotmerge.search.strategy import Search
+    from hotmerge.run.storage import RunDir
 
     run = RunDir(run_dir)
     run.path.mkdir(exist_ok=True)
@@ -370,7 +370,7 @@ def _outcome(run_dir: Path) -> dict:
 
 
 def test_bugs_in_a_row_on_rank_0_stop_and_the_resume_finishes(tmp_path):
-    from hotmerge.engine.coordinator import MAX_BUGS_IN_A_ROW
+    from hotmerge.search.coordinator import MAX_BUGS_IN_A_ROW
 
     reference = _coordinator(tmp_path / "reference", _good)
     reference.run_loop()
@@ -399,7 +399,7 @@ def test_bugs_in_a_row_on_rank_0_stop_and_the_resume_finishes(tmp_path):
 def test_bugs_in_a_row_on_another_rank_stop_the_run(tmp_path):
     import time
 
-    from hotmerge.engine.coordinator import MAX_BUGS_IN_A_ROW, Coordinator
+    from hotmerge.search.coordinator import MAX_BUGS_IN_A_ROW, Coordinator
 
     class TwoRanks(Coordinator):
         def _remote_evaluate(self, rank, index, x):  # rank 1, without a process group
@@ -443,7 +443,7 @@ import os
 import sys
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # as hotmerge.cli.main does before its imports
-import hotmerge.engine.merger as merger
+import hotmerge.runtimes.merger as merger
 
 def broken(self, recipe):
     raise ZeroDivisionError("injected bug")
@@ -457,7 +457,7 @@ main()
 
 @pytest.mark.slow  # two evolve runs
 def test_injected_bug_stops_the_cli_run_and_the_fixed_run_resumes(toy_family, tmp_path):
-    from hotmerge.engine.coordinator import MAX_BUGS_IN_A_ROW
+    from hotmerge.search.coordinator import MAX_BUGS_IN_A_ROW
 
     config = toy_config(toy_family, tmp_path / "toy.yaml")
 
@@ -522,8 +522,8 @@ def test_vllm_start_up_has_no_silent_fallback(toy_family, tmp_path, monkeypatch)
     pytest.importorskip("vllm")
     import vllm
 
-    from hotmerge.engine.config import load_config, validate_config
-    from hotmerge.engine.runtime.vllm import VLLMRuntime
+    from hotmerge.config.evolve import load_config, validate_config
+    from hotmerge.runtimes.vllm import VLLMRuntime
 
     validated = validate_config(load_config(toy_config(toy_family, tmp_path / "toy.yaml")))
     monkeypatch.setattr(vllm, "LLM", _FakeLLM)
@@ -550,7 +550,7 @@ def test_vllm_cpu_patch_is_in_place_or_start_up_refuses(monkeypatch):
     pytest.importorskip("vllm")
     from vllm.platforms import current_platform
 
-    from hotmerge.engine.runtime import vllm_worker
+    from hotmerge.runtimes import vllm_worker
 
     assert vllm_worker.PATCH_PROBLEM is None
     if current_platform.is_cpu():

@@ -137,8 +137,8 @@ def test_torchrun_restarts_a_crashed_rank_and_resumes(reference_run, tmp_path):
 
 
 def test_failed_candidate_is_recorded_and_runtime_stays_usable(toy_family, tmp_path):
-    from hotmerge.engine.config import load_config, validate_config
-    from hotmerge.engine.worker import CandidateWorker
+    from hotmerge.config.evolve import load_config, validate_config
+    from hotmerge.search.worker import CandidateWorker
 
     config = search_config(toy_family, tmp_path / "toy.yaml")
     worker = CandidateWorker(validate_config(load_config(config)))

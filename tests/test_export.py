@@ -10,8 +10,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from hotmerge.engine.config import parse_config, validate_config
-from hotmerge.engine.mergeconfig import load_merge_config
+from hotmerge.config.evolve import parse_config, validate_config
+from hotmerge.config.merge import load_merge_config
 
 CASES = [
     dict(merge_method="ties", layer_granularity=2, filters=["self_attn"]),

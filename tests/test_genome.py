@@ -17,8 +17,8 @@ from mergekit.config import MergeConfiguration  # noqa: E402
 from mergekit.evo.genome import ModelGenome, ModelGenomeDefinition  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from hotmerge.engine.config import GenomeConfig  # noqa: E402
-from hotmerge.engine.genome import (  # noqa: E402
+from hotmerge.config.evolve import GenomeConfig  # noqa: E402
+from hotmerge.config.genome import (  # noqa: E402
     FIXED_PARAMS,
     METHOD_PARAMS,
     Genome,

@@ -11,9 +11,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from hotmerge.engine.errors import ConfigError
-from hotmerge.engine.export import export_merge
-from hotmerge.engine.mergeconfig import read_merge_config
+from hotmerge.errors import ConfigError
+from hotmerge.run.export import export_merge
+from hotmerge.config.merge import read_merge_config
 from hotmerge.kernels.methods import METHODS, Sparsification
 
 ULPS = 4  # mergekit rounds to bf16 after every step, hotmerge once (see test_parity.py)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hotmerge.engine.config import parse_config, validate_config
-from hotmerge.engine.merger import Merger
+from hotmerge.config.evolve import parse_config, validate_config
+from hotmerge.runtimes.merger import Merger
 
 # mergekit rounds to bf16 after every step; hotmerge keeps float32 and rounds once.
 # So an element may differ by a few bf16 ulps of the result (ulp = 2^-7 relative),

@@ -11,7 +11,7 @@ from runs import FEVALS, HELDOUT_TASKS, SEARCH_TASKS, read_history
 from typer.testing import CliRunner
 
 from hotmerge.cli import app
-from hotmerge.engine.sinks import CsvSink, Sink, Sinks
+from hotmerge.run.sinks import CsvSink, Sink, Sinks
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -48,7 +48,7 @@ def assert_png(path: Path, min_bytes: int = 8000) -> tuple[int, int]:
 # -- the report ---------------------------------------------------------------------------
 
 def test_report_writes_every_plot(toy_run, tmp_path):
-    from hotmerge.report import build_report
+    from hotmerge.run.report import build_report
 
     run_dir, _ = toy_run
     out = tmp_path / "report"
@@ -112,7 +112,7 @@ def test_report_on_a_run_being_written(toy_run, tmp_path):
 
 
 def test_pareto_with_two_tasks_and_non_dominated():
-    from hotmerge.report import non_dominated
+    from hotmerge.run.report import non_dominated
 
     points = np.array([[1, 0], [0, 1], [0.5, 0.5], [0.4, 0.4], [1, 0], [0.5, 0.6]])
     assert non_dominated(points).tolist() == [True, True, False, False, True, True]

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import yaml
 
-from hotmerge.engine.config import load_config, validate_config
-from hotmerge.engine.export import export_merge
-from hotmerge.engine.worker import CandidateWorker
+from hotmerge.config.evolve import load_config, validate_config
+from hotmerge.run.export import export_merge
+from hotmerge.search.worker import CandidateWorker
 
 TASKS = [
     {"name": "toy_sum_mc_search", "metric": "acc,none"},
@@ -88,7 +88,7 @@ def test_bundled_tasks_are_indexed_only_when_a_task_needs_them(monkeypatch, tmp_
     or a task that only lm-eval ships needs lm-eval's own index."""
     import lm_eval.tasks
 
-    from hotmerge.engine.scoring import task_manager
+    from hotmerge.scoring.suite import task_manager
 
     real = lm_eval.tasks.TaskManager
 
@@ -112,7 +112,7 @@ def test_bundled_tasks_are_indexed_only_when_a_task_needs_them(monkeypatch, tmp_
 def test_suite_built_from_lm_evals_full_index_scores_the_same(worker, monkeypatch):
     """The same tasks from the full index (lm-eval's own tasks too): the same requests, and
     the same scores bit for bit."""
-    from hotmerge.engine import scoring
+    from hotmerge.scoring import suite as scoring
 
     cfg = worker.runtime_config.config
     monkeypatch.setattr(scoring, "task_manager", lambda names, include_paths=(): full_task_manager())

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 
-from hotmerge.engine.config import TaskConfig, parse_config, validate_config
+from hotmerge.config.evolve import TaskConfig, parse_config, validate_config
 from hotmerge.kernels import NonFiniteMergeError
 
 # find_spec, not importorskip: importing vLLM takes 10 s, which collection would pay even when
@@ -106,7 +106,7 @@ def family(toy_family):
 
 @pytest.fixture(scope="module")
 def runtime(family):
-    from hotmerge.engine.runtime.vllm import VLLMRuntime
+    from hotmerge.runtimes.vllm import VLLMRuntime
 
     rt = VLLMRuntime(_validated(family, "dare_ties"), seed=SEED)
     yield rt
@@ -118,7 +118,7 @@ _HF: dict = {}
 
 def _hf(family, method: str):
     """A transformers runtime per method (cheap: a 0.8M-parameter model), kept per module."""
-    from hotmerge.engine.runtime.hf import HFRuntime
+    from hotmerge.runtimes.hf import HFRuntime
 
     key = (str(family.root), method)
     if key not in _HF:
@@ -312,7 +312,7 @@ def test_merge_equals_transformers(runtime, family, method):
 
 @pytest.fixture(scope="module")
 def suite(runtime):
-    from hotmerge.engine.scoring import TaskSuite
+    from hotmerge.scoring.suite import TaskSuite
 
     return TaskSuite(SUITE_TASKS, lm=runtime.lm)
 
@@ -324,7 +324,7 @@ def float32_engines(runtime, family, tmp_path_factory):
     engine is started here on the merged weights, written out by the transformers runtime."""
     from vllm import LLM
 
-    from hotmerge.engine.runtime.vllm import VLLMLM
+    from hotmerge.runtimes.vllm import VLLMLM
 
     validated = _validated(family, "dare_ties")
     recipe = _candidate(validated, seed=3)
@@ -345,7 +345,7 @@ def float32_engines(runtime, family, tmp_path_factory):
 def test_task_scores_equal_transformers_in_float32(float32_engines):
     """The adapter (tokenisation, request batching, rolling windows, greedy decoding, metric
     aggregation) gives HFLM's scores to float32 precision, for every request type."""
-    from hotmerge.engine.scoring import TaskSuite
+    from hotmerge.scoring.suite import TaskSuite
 
     reference, vllm_lm = float32_engines
     suite = TaskSuite(FLOAT32_TASKS, lm=vllm_lm)

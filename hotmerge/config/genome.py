@@ -38,8 +38,8 @@ from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from hotmerge.engine.config import GenomeConfig
-from hotmerge.engine.modelinfo import layer_index
+from hotmerge.config.evolve import GenomeConfig
+from hotmerge.models.folder import layer_index
 from hotmerge.kernels.methods import METHODS
 
 # Genes per (layer group, model, filter set), in genotype order.

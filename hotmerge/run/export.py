@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hotmerge.engine.config import ValidatedConfig
+from hotmerge.config.evolve import ValidatedConfig
 
 OUT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -23,7 +23,7 @@ def export_merge(validated: ValidatedConfig, recipe, out_dir: str | Path, seed: 
     save an HF model folder, atomically: a failed export leaves nothing at out_dir."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hotmerge.engine.merger import Merger
+    from hotmerge.runtimes.merger import Merger
 
     if isinstance(recipe, (np.ndarray, list)):
         recipe = validated.genome().decode(np.asarray(recipe, dtype=np.float64))

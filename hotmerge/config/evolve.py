@@ -29,8 +29,8 @@ from pydantic import (
     model_validator,
 )
 
-from hotmerge.engine.errors import ConfigError
-from hotmerge.engine.modelinfo import ModelInfo
+from hotmerge.errors import ConfigError
+from hotmerge.models.folder import ModelInfo
 from hotmerge.kernels.methods import METHOD_NAMES, get_method
 
 MERGE_METHODS = METHOD_NAMES
@@ -413,7 +413,7 @@ class ValidatedConfig:
         return self.reference.path if ts in (None, "base", "union") else ts
 
     def genome(self):
-        from hotmerge.engine.genome import Genome
+        from hotmerge.config.genome import Genome
 
         return Genome(self.config.genome, self.num_layers)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from hotmerge.engine.errors import ConfigError
+from hotmerge.errors import ConfigError
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 

@@ -15,7 +15,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from hotmerge.engine.errors import ConfigError
+from hotmerge.errors import ConfigError
 from hotmerge.toy.taskfiles import TASKS_DIR
 
 FEWSHOT_SEED = 1234  # lm_eval.simple_evaluate's default fewshot_random_seed

@@ -24,10 +24,10 @@ from typing import Any, Optional
 import numpy as np
 import yaml
 
-from hotmerge.engine.config import ValidatedConfig, parse_config, resolve_model_path, validate_config
-from hotmerge.engine.errors import ConfigError
-from hotmerge.engine.genome import TensorLocation, TensorRecipe, is_pre_weight
-from hotmerge.engine.modelinfo import layer_index
+from hotmerge.config.evolve import ValidatedConfig, parse_config, resolve_model_path, validate_config
+from hotmerge.errors import ConfigError
+from hotmerge.config.genome import TensorLocation, TensorRecipe, is_pre_weight
+from hotmerge.models.folder import layer_index
 from hotmerge.kernels.methods import METHOD_NAMES, METHODS, MethodSpec, Sparsification, get_method
 
 TOP_LEVEL_KEYS = ("merge_method", "base_model", "models", "slices", "modules", "parameters", "dtype",

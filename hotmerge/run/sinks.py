@@ -25,7 +25,7 @@ import string
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
-from hotmerge.engine.errors import ConfigError
+from hotmerge.errors import ConfigError
 
 CSV_NAME = "history.csv"
 TENSORBOARD_DIR = "tensorboard"
@@ -187,7 +187,7 @@ class CsvSink(Sink):
         return [*dict.fromkeys(columns), "genotype"]
 
     def _rewrite(self) -> None:
-        from hotmerge.engine.storage import atomic_write
+        from hotmerge.run.storage import atomic_write
 
         text = io.StringIO()
         writer = csv.DictWriter(text, self.columns, extrasaction="ignore", lineterminator="\n")

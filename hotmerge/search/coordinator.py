@@ -11,7 +11,7 @@ happens, and the search state is saved after every generation, so a run killed
 at any moment resumes with no finished evaluation lost: a resumed run asks
 CMA-ES for the same generation again and takes the results it already has.
 
-Failures (engine/errors.py): a candidate error is recorded and scored worst. A bug
+Failures (errors.py): a candidate error is recorded and scored worst. A bug
 (any other exception in a candidate) is recorded too, with its traceback in the run
 directory's errors/ folder; when one rank, rank 0 included, raises bugs for
 MAX_BUGS_IN_A_ROW candidates in a row, no more candidates are handed out, the
@@ -35,9 +35,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from hotmerge.engine.errors import BUG
-from hotmerge.engine.search import Search
-from hotmerge.engine.storage import RunDir
+from hotmerge.errors import BUG
+from hotmerge.search.strategy import Search
+from hotmerge.run.storage import RunDir
 
 RESULT_BYTES = 1 << 18
 CMD_STOP, CMD_EVAL = 0.0, 1.0

@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from hotmerge.engine.coordinator import Progress
+from hotmerge.search.coordinator import Progress
 
 
 def _fmt(score: float | None) -> str:

@@ -8,10 +8,10 @@ import traceback
 
 import numpy as np
 
-from hotmerge.engine.config import ValidatedConfig
-from hotmerge.engine.errors import BUG, CANDIDATE, CandidateError, candidate_error_types
-from hotmerge.engine.runtime import start_runtime
-from hotmerge.engine.scoring import TaskSuite
+from hotmerge.config.evolve import ValidatedConfig
+from hotmerge.errors import BUG, CANDIDATE, CandidateError, candidate_error_types
+from hotmerge.runtimes import start_runtime
+from hotmerge.scoring.suite import TaskSuite
 
 # A traceback travels to rank 0 inside a fixed-size message: keep its tail.
 MAX_TRACEBACK_CHARS = 32_000
@@ -60,7 +60,7 @@ class CandidateWorker:
     def evaluate(self, x, *, raise_bugs: bool = False) -> dict:
         """Score one genotype (or a recipe already resolved, such as a merge config's).
 
-        A candidate error (engine/errors.py: a non-finite merge, a model whose metrics are
+        A candidate error (errors.py: a non-finite merge, a model whose metrics are
         not finite) comes back as a result with score None, the error and failure
         "candidate". Any other exception is a bug: with raise_bugs it propagates;
         otherwise it comes back with failure "bug" and its traceback, for the

@@ -6,9 +6,9 @@ import logging
 
 import torch
 
-from hotmerge.engine.config import ValidatedConfig
-from hotmerge.engine.errors import ConfigError, SetupError
-from hotmerge.engine.merger import Merger
+from hotmerge.config.evolve import ValidatedConfig
+from hotmerge.errors import ConfigError, SetupError
+from hotmerge.runtimes.merger import Merger
 
 
 def pick_device(device: str | None) -> str:

@@ -27,8 +27,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from hotmerge.engine.errors import ConfigError
-from hotmerge.engine.storage import RunDir
+from hotmerge.errors import ConfigError
+from hotmerge.run.storage import RunDir
 
 PHASES = ("apply", "forward", "metrics", "total")
 MAX_TABLE_ROWS = 25
@@ -367,8 +367,8 @@ def evaluate_heldout(data: RunData, tasks: str, *, task_paths: Sequence[str] = (
                      log: Callable[[str], None] = print) -> dict:
     """Score the best recipe and mergekit-evolve's x0 recipe on other tasks with the run's config."""
     from hotmerge.cli import _with_tasks
-    from hotmerge.engine.config import parse_config, validate_config
-    from hotmerge.engine.worker import CandidateWorker
+    from hotmerge.config.evolve import parse_config, validate_config
+    from hotmerge.search.worker import CandidateWorker
 
     best = data.best
     if best is None:

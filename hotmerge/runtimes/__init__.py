@@ -28,11 +28,11 @@ def start_runtime(validated, *, backend: str, device: str | None = None, batch_s
                   seed: int = 0, tensor_parallel_size: int = 1) -> Runtime:
     """The runtime the backend names, started (model loaded, sources resident)."""
     if backend == "vllm":
-        from hotmerge.engine.runtime.vllm import VLLMRuntime
+        from hotmerge.runtimes.vllm import VLLMRuntime
 
         return VLLMRuntime(validated, seed=seed, batch_size=batch_size, tensor_parallel_size=tensor_parallel_size)
     if backend == "hf":
-        from hotmerge.engine.runtime.hf import HFRuntime
+        from hotmerge.runtimes.hf import HFRuntime
 
         return HFRuntime(validated, device=device, batch_size=batch_size, seed=seed)
     raise ValueError(f"unknown backend {backend!r}: use hf or vllm")

@@ -1,6 +1,6 @@
 """The worker side of the vLLM runtime: injected into vLLM's worker processes.
 
-`LLM(worker_extension_cls="hotmerge.engine.runtime.vllm_worker.HotmergeWorkerExtension")`
+`LLM(worker_extension_cls="hotmerge.runtimes.vllm_worker.HotmergeWorkerExtension")`
 makes vLLM add this class to its worker's bases, so the methods below run inside the
 process that holds the model, called with `llm.collective_rpc("hotmerge_...", args=...)`
 (every method and class attribute starts with `hotmerge_`, so none can clash with the
@@ -231,7 +231,7 @@ def _shared_prefix(a: list, b: list) -> int:
 
 def _iter_checkpoint(folder: str, names=None):
     """(name, tensor) pairs of a model folder, read one at a time through its header index."""
-    from hotmerge.engine.modelinfo import ModelInfo, iter_tensors
+    from hotmerge.models.folder import ModelInfo, iter_tensors
 
     info = ModelInfo.from_path(folder)
     return iter_tensors(info, info.tensors if names is None else [n for n in names if n in info.tensors])
@@ -507,7 +507,7 @@ class HotmergeWorkerExtension:
         "invalid", "error": ...}; a refused candidate writes nothing.
         """
         from hotmerge import kernels
-        from hotmerge.engine.encoding import RecipeRows
+        from hotmerge.runtimes.encoding import RecipeRows
 
         state = self.hotmerge_state()
         t0 = time.perf_counter()

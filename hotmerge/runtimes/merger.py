@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from hotmerge.engine.config import ValidatedConfig
-from hotmerge.engine.encoding import RecipeRows
-from hotmerge.engine.errors import ConfigError, SetupError
-from hotmerge.engine.modelinfo import is_derived_buffer, iter_tensors
+from hotmerge.config.evolve import ValidatedConfig
+from hotmerge.runtimes.encoding import RecipeRows
+from hotmerge.errors import ConfigError, SetupError
+from hotmerge.models.folder import is_derived_buffer, iter_tensors
 from hotmerge.kernels import FlatSources, apply, build_table
 
 

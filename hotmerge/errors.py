@@ -11,7 +11,7 @@
 
 Any other exception raised while a candidate is evaluated is a bug: the worker
 records it with its traceback, the run directory keeps it (`errors/`), and a few
-in a row on one rank stop the run with its state saved (engine/coordinator.py).
+in a row on one rank stop the run with its state saved (search/coordinator.py).
 
 `hotmerge.cli.main` maps these classes to exit codes in one table; with
 HOTMERGE_DEBUG=1 it prints the traceback too.

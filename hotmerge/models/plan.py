@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from hotmerge.engine.config import ValidatedConfig
+from hotmerge.config.evolve import ValidatedConfig
 from hotmerge.kernels.methods import get_method
 
 BYTES_PER_ELEMENT = 2  # bf16 everywhere

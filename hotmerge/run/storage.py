@@ -20,8 +20,8 @@ from typing import Any
 
 import yaml
 
-from hotmerge.engine.errors import ConfigError
-from hotmerge.engine.search import SearchState, dump_state, load_state
+from hotmerge.errors import ConfigError
+from hotmerge.search.strategy import SearchState, dump_state, load_state
 
 
 def atomic_write(path: Path, data: bytes) -> None:

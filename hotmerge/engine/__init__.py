@@ -1,1 +1,0 @@
-"""Everything between a YAML file and a score: config, genome, plan, deltas, scoring."""
