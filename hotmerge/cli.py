@@ -183,6 +183,9 @@ def evolve(
     wandb: bool = typer.Option(False, "--wandb/--no-wandb", help="Log to Weights & Biases."),
     wandb_project: str = typer.Option(None, help="Weights & Biases project."),
     wandb_entity: str = typer.Option(None, help="Weights & Biases entity."),
+    allow_benchmark_tasks: bool = typer.Option(
+        False, "--i-understand-the-depths-of-the-evils-i-am-unleashing",
+        help="Allow tasks named after test benchmarks (mmlu, gsm8k, arc_, ...) as objectives."),
 ) -> None:
     """Search merge recipes with CMA-ES; single process or under `torchrun -m hotmerge evolve`."""
     from hotmerge.run.evolve import EvolveOptions, evolve as run_evolve
@@ -200,6 +203,7 @@ def evolve(
         tensor_parallel_size=tensor_parallel_size, resume=resume,
         save_final_model=save_final_model, quiet=quiet, device=device,
         wandb=wandb, wandb_project=wandb_project, wandb_entity=wandb_entity,
+        allow_benchmark_tasks=allow_benchmark_tasks,
     )
     best = run_evolve(config, options, console=console)
     if best is not None:

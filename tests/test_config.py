@@ -413,3 +413,37 @@ def test_parse_config_dict():
     with pytest.raises(ConfigError) as e:
         parse_config({"genome": {"models": ["/a"], "merge_method": "ties"}, "tasks": ["t"]})
     assert "needs base_model" in str(e.value)
+
+
+@pytest.mark.parametrize("task, refused", [
+    ("mmlu_high_school_biology", True), ("gsm8k", True), ("arc_easy", True), ("leaderboard_ifeval", True),
+    ("gsm8k_train", False), ("toy_sum_mc_search", False), ("my_mmlu", False),
+])
+def test_benchmark_tasks_are_refused_without_the_flag(task, refused):
+    from hotmerge.config.evolve import ALLOW_BENCHMARKS_FLAG, check_benchmark_tasks
+
+    cfg = parse_config({"genome": {"models": ["a", "b"], "merge_method": "linear"}, "tasks": [task]})
+    if refused:
+        with pytest.raises(ConfigError, match=f"{task} is a common benchmark.*{ALLOW_BENCHMARKS_FLAG}"):
+            check_benchmark_tasks(cfg, allow=False)
+        assert check_benchmark_tasks(cfg, allow=True) == [task]
+    else:
+        assert check_benchmark_tasks(cfg, allow=False) == []
+
+
+def test_evolve_refuses_a_benchmark_task_in_one_line_and_lists_the_flag(tmp_path):
+    import subprocess
+    import sys
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"genome": {"models": ["a", "b"], "merge_method": "linear"},
+                                      "tasks": ["hellaswag"]}))
+    done = subprocess.run([sys.executable, "-m", "hotmerge", "evolve", str(config), "--storage-path",
+                           str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "hellaswag" in lines[0] and "--i-understand-the-depths" in lines[0]
+    assert not (tmp_path / "run").exists()
+    shown = subprocess.run([sys.executable, "-m", "hotmerge", "evolve", "--help"], capture_output=True, text=True,
+                           timeout=120, env={**os.environ, "COLUMNS": "200"})
+    assert "--i-understand-the-depths-of-the-evils-i-am-unleashing" in shown.stdout

@@ -258,6 +258,31 @@ class EvolveConfig(BaseModel):
 
 
 # ---------------------------------------------------------------------------
+# The benchmark guard: mergekit-evolve 0.1.5's check_for_naughty_config
+
+# Task-name prefixes of well-known test benchmarks (mergekit.evo.config.NAUGHTY_PREFIXES).
+BENCHMARK_PREFIXES = ("mmlu", "hendrycks", "agieval", "gsm8k", "hellaswag", "winogrande", "arc_", "ai2_arc",
+                      "truthfulqa", "bigbench", "piqa", "openbookqa", "leaderboard")
+ALLOW_BENCHMARKS_FLAG = "--i-understand-the-depths-of-the-evils-i-am-unleashing"
+
+
+def benchmark_tasks(cfg: "EvolveConfig") -> list[str]:
+    """Tasks named after a test benchmark (a `_train` task is a training split: allowed)."""
+    return [t.name for t in cfg.tasks
+            if t.name.startswith(BENCHMARK_PREFIXES) and not t.name.endswith("_train")]
+
+
+def check_benchmark_tasks(cfg: "EvolveConfig", allow: bool) -> list[str]:
+    """Refuse to search against a benchmark's test set unless the user says they mean it;
+    returns the benchmark tasks (for a warning) when allowed."""
+    found = benchmark_tasks(cfg)
+    if found and not allow:
+        raise ConfigError(f"task {found[0]} is a common benchmark: searching against its test set games "
+                          f"the benchmark: use another split, or pass {ALLOW_BENCHMARKS_FLAG} if you mean it")
+    return found
+
+
+# ---------------------------------------------------------------------------
 # Loading
 
 

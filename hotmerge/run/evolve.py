@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from hotmerge.config.evolve import load_config, validate_config
+from hotmerge.config.evolve import check_benchmark_tasks, load_config, validate_config
 from hotmerge.search.coordinator import Coordinator, distributed_context, worker_loop
 from hotmerge.errors import BugsInARow, ConfigError, RunFailed
 from hotmerge.search.strategy import Search
@@ -44,6 +44,7 @@ class EvolveOptions:
     wandb_entity: str | None = None
     csv: bool = True
     tensorboard: bool | None = None
+    allow_benchmark_tasks: bool = False
 
 
 # Changing any of these makes a different run: resuming with other values is refused.
@@ -113,6 +114,8 @@ def evolve(config_path: Path, options: EvolveOptions, console=None) -> dict | No
 
         require_wandb()
     cfg = load_config(config_path)
+    for task in check_benchmark_tasks(cfg, options.allow_benchmark_tasks):
+        log(f"warning: task {task} is a common benchmark; its score measures the search, not the model")
     validated = validate_config(cfg)
     genome = validated.genome()
     rank, world = distributed_context()
