@@ -15,6 +15,7 @@ from hotmerge.kernels import cpu_native as native
 from hotmerge import kernels as F
 from hotmerge.kernels import cpu_backend
 from hotmerge.kernels import reference as R
+from hotmerge.kernels.methods import METHODS
 from hotmerge.kernels.stats import MagnitudeHistogram
 
 REPO = Path(__file__).resolve().parents[1]
@@ -681,6 +682,32 @@ def test_fast_path_matches_reference_on_edges(monkeypatch, use_native):
         F.apply(flat, table, out, backend="torch")
         assert torch.equal(_gather(flat, out).view(torch.int16),
                            _expected(flat, base, models, method, params, normalize=False, seed=2).view(torch.int16))
+
+
+# The parity matrix: every method of the registry on every CPU backend, against the
+# per-tensor reference (the Triton kernels: test_triton_interpreter_equals_torch runs
+# every method the same way, and the CUDA tests on a GPU).
+CPU_BACKENDS = ["torch_chunks", "cpu_fast_torch", "cpu_native"]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("method", list(METHODS))
+def test_parity_matrix(monkeypatch, method, backend):
+    if backend == "torch_chunks":
+        monkeypatch.setattr(cpu_backend, "fast_ok", lambda flat: False)
+    else:
+        _native(monkeypatch, backend == "cpu_native")
+        monkeypatch.setattr(cpu_backend, "_GRAIN", 16)
+        monkeypatch.setattr(cpu_backend, "_COLS", 96)
+    flat, base, models = _layout(seed=31)
+    params = _candidate(method, seed=5)
+    for normalize in (False, True):
+        lam = 0.8 if normalize else 1.0
+        table = F.build_table(method, flat, params, normalize=normalize, lambda_=lam, seed=6)
+        out = torch.full((flat.total,), 5.0, dtype=torch.bfloat16)
+        F.apply(flat, table, out, backend="torch")
+        expected = _expected(flat, base, models, method, params, normalize=normalize, lambda_=lam, seed=6)
+        assert torch.equal(_gather(flat, out), expected), (method, backend, normalize)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
