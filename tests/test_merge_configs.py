@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from hotmerge.errors import ConfigError
 from hotmerge.run.export import export_merge
 from hotmerge.config.merge import read_merge_config
-from hotmerge.kernels.methods import METHODS, Sparsification
+from parity import ambiguous_elements
 
 ULPS = 4  # mergekit rounds to bf16 after every step, hotmerge once (see test_parity.py)
 
@@ -122,48 +122,6 @@ def _tensors(path: str) -> dict:
     return load_file(f"{path}/model.safetensors")
 
 
-def _ambiguous(recipe, name, base, sources) -> torch.Tensor:
-    """Where the tools may legitimately differ in sign-consensus merges: where the kept
-    terms nearly cancel (mergekit's bf16 sum may flip the majority sign), and, with
-    magnitude pruning, elements whose |delta| equals a cut value (mergekit's argsort
-    picks among them by position)."""
-    spec = METHODS[recipe.method]
-    shape = sources[0][name].shape
-    if not spec.consensus:
-        return torch.zeros(shape, dtype=torch.bool)
-    magnitude_cut = spec.sparsification in (Sparsification.magnitude, Sparsification.magnitude_outliers)
-    params = recipe.tensor(name).params
-    ambiguous = torch.zeros(shape, dtype=torch.bool)
-    kept_terms, cut_terms = [], []
-    for i, src in enumerate(sources):
-        delta = (src[name].float() - base[name].float()).to(torch.bfloat16).float()
-        term = float(params["weight"][i]) * delta
-        density = float(params["density"][i])
-        if density >= 1 or params["weight"][i] == 0 or not magnitude_cut:
-            kept_terms.append(term)
-            continue
-        ordered = delta.abs().flatten().sort().values
-        n = ordered.numel()
-        keep = int(density * n)
-        if spec.sparsification is Sparsification.magnitude_outliers:
-            n_top = int(float(params["gamma"][i]) * n)
-            n_bot = n - keep - n_top
-            if n_bot < 0:
-                n_top, n_bot = n_top + n_bot, 0
-            lo, hi = ordered[n_bot], ordered[n - n_top - 1]
-        else:
-            lo, hi = ordered[n - max(keep, 1)], ordered[-1]
-        magnitude = delta.abs()
-        at_cut = (magnitude == lo) | (magnitude == hi)
-        ambiguous |= at_cut
-        kept_terms.append(torch.where((magnitude > lo) & (magnitude < hi), term, 0.0))
-        cut_terms.append(torch.where(at_cut, term.abs(), 0.0))
-    kept = torch.stack(kept_terms)
-    undecided = torch.stack(cut_terms).sum(0) if cut_terms else torch.zeros(shape)
-    ambiguous |= kept.sum(0).abs() <= undecided + 2.0 ** -6 * kept.abs().sum(0)
-    return ambiguous
-
-
 def _assert_equal_to_mergekit(validated, recipe, ours: dict, theirs: dict) -> None:
     sources = [_tensors(m) for m in recipe.models]
     base = _tensors(recipe.base_model) if recipe.base_model else None
@@ -180,7 +138,8 @@ def _assert_equal_to_mergekit(validated, recipe, ours: dict, theirs: dict) -> No
             tolerance = tolerance + 2.0 ** -7 * sum(s[name].float().abs() for s in sources)
         bad = (a32 - b32).abs() > tolerance
         if base is not None:
-            bad &= ~_ambiguous(recipe, name, base, sources)
+            params = recipe.tensor(name).params if recipe.method != "slerp" else {}
+            bad &= ~ambiguous_elements(recipe.method, params, base[name], [src[name] for src in sources])
         bad_total += int(bad.sum())
     assert bad_total == 0, f"{bad_total} elements differ from mergekit beyond bf16 rounding"
 

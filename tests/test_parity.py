@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 
 from hotmerge.config.evolve import parse_config, validate_config
 from hotmerge.runtimes.merger import Merger
+from parity import ambiguous_elements as ambiguous
 
 # mergekit rounds to bf16 after every step; hotmerge keeps float32 and rounds once.
 # So an element may differ by a few bf16 ulps of the result (ulp = 2^-7 relative),
@@ -106,50 +107,10 @@ def intermediate_rounding(validated, name: str, theirs: torch.Tensor) -> torch.T
 
 
 def ambiguous_elements(validated, recipe, name: str) -> torch.Tensor:
-    """Elements where the two tools may legitimately disagree in TIES-family merges.
-
-    mergekit keeps exactly k magnitudes by argsort, so among elements whose |delta|
-    equals a cut value it picks by position; hotmerge picks among them at random with
-    the same expected count. And mergekit's bf16 sign sum can flip the majority sign
-    where the weighted deltas nearly cancel.
-    """
-    method = recipe.method
     genome = validated.config.genome
     base = _tensor(genome.base_model, name) if genome.base_model else None
-    shape = _tensor(genome.models[0], name).shape
-    if base is None or not any(k in method for k in ("ties", "breadcrumbs")):
-        return torch.zeros(shape, dtype=torch.bool)
-    params = recipe.tensor(name).params
-    ambiguous = torch.zeros(shape, dtype=torch.bool)
-    kept_terms, cut_terms = [], []
-    for i, path in enumerate(genome.models):
-        delta = (_tensor(path, name).float() - base.float()).to(torch.bfloat16).float()
-        term = params["weight"][i] * delta
-        density = float(params.get("density", [1.0] * len(genome.models))[i])
-        if density >= 1:
-            kept_terms.append(term)
-            continue
-        ordered = delta.abs().flatten().sort().values
-        n = ordered.numel()
-        keep = int(density * n)
-        if "breadcrumbs" in method:
-            n_top = int(0.01 * n)
-            n_bot = n - keep - n_top
-            if n_bot < 0:
-                n_top, n_bot = n_top + n_bot, 0
-            lo, hi = ordered[n_bot], ordered[n - n_top - 1]
-        else:
-            lo, hi = ordered[n - max(keep, 1)], ordered[-1]
-        magnitude = delta.abs()
-        at_cut = (magnitude == lo) | (magnitude == hi)
-        ambiguous |= at_cut
-        kept_terms.append(torch.where((magnitude > lo) & (magnitude < hi), term, 0.0))
-        cut_terms.append(torch.where(at_cut, term.abs(), 0.0))
-    kept = torch.stack(kept_terms)
-    undecided = torch.stack(cut_terms).sum(0) if cut_terms else torch.zeros(shape)
-    # The majority sign may flip where kept terms nearly cancel.
-    ambiguous |= kept.sum(0).abs() <= undecided + 2.0 ** -6 * kept.abs().sum(0)
-    return ambiguous
+    return ambiguous(recipe.method, recipe.tensor(name).params if recipe.method != "slerp" else {}, base,
+                     [_tensor(p, name) for p in genome.models])
 
 
 _TENSORS: dict = {}
