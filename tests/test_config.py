@@ -447,3 +447,28 @@ def test_evolve_refuses_a_benchmark_task_in_one_line_and_lists_the_flag(tmp_path
     shown = subprocess.run([sys.executable, "-m", "hotmerge", "evolve", "--help"], capture_output=True, text=True,
                            timeout=120, env={**os.environ, "COLUMNS": "200"})
     assert "--i-understand-the-depths-of-the-evils-i-am-unleashing" in shown.stdout
+
+
+def test_tokenizer_source_needs_one_vocabulary(toy_family, tmp_path):
+    """With tokenizer_source mergekit permutes embedding rows into the chosen vocabulary;
+    hotmerge merges rows by index, so it takes tokenizer_source only when every model
+    has the same token ids, and says so otherwise."""
+    import json
+
+    other = tmp_path / "expert_sum_renumbered"
+    shutil.copytree(toy_family.experts[2], other)
+    tokenizer = json.loads((other / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    first, second = sorted(vocab, key=vocab.get)[4:6]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    (other / "tokenizer.json").write_text(json.dumps(tokenizer))
+
+    def genome(models, **extra):
+        return {"genome": {"models": [str(m) for m in models], "base_model": str(toy_family.base),
+                           "merge_method": "task_arithmetic", **extra}, "tasks": ["toy_sum_mc_search"]}
+
+    same = [*toy_family.experts[:2], toy_family.experts[2]]
+    validate_config(parse_config(genome(same, tokenizer_source="base")))
+    validate_config(parse_config(genome([*toy_family.experts[:2], other])))  # rows by index, as mergekit
+    with pytest.raises(ConfigError, match="vocabulary of .*renumbered differs.*tokenizer_source"):
+        validate_config(parse_config(genome([*toy_family.experts[:2], other], tokenizer_source="union")))

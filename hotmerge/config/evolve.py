@@ -476,10 +476,34 @@ def validate_config(cfg: EvolveConfig) -> ValidatedConfig:
         raise ConfigError(
             f"genome.tokenizer_source {ts} is not base, union or an existing model folder: fix the path"
         )
+    if ts is not None:
+        _check_same_vocabulary(list({i.path: i for i in [ref, *models]}.values()), ts)
     for i, p in enumerate(cfg.task_paths):
         if not os.path.exists(p):
             raise ConfigError(f"task_paths[{i}] {p} does not exist: fix the path or remove it")
     return ValidatedConfig(config=cfg, models=models, base=base, num_layers=n)
+
+
+def _check_same_vocabulary(infos: list, tokenizer_source: str) -> None:
+    """With tokenizer_source, mergekit builds the output vocabulary and permutes every
+    model's embedding rows into it. hotmerge merges rows by index, which is the same
+    merge exactly when every tokenizer has the reference's token ids: check that."""
+    from transformers import AutoTokenizer
+
+    vocab = None
+    for info in infos:
+        try:
+            mine = AutoTokenizer.from_pretrained(info.path).get_vocab()
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"tokenizer_source {tokenizer_source} needs every model's tokenizer, and "
+                              f"{info.path} has none that loads ({type(e).__name__}): save the tokenizer with "
+                              "the model, or remove tokenizer_source") from None
+        if vocab is None:
+            vocab = mine
+        elif mine != vocab:
+            raise ConfigError(f"the vocabulary of {info.path} differs from {infos[0].path}'s, and hotmerge cannot "
+                              "yet permute embedding rows into the tokenizer_source vocabulary as mergekit does: "
+                              "merge models that share one tokenizer")
 
 
 def _model_info(path: str, label: str) -> ModelInfo:
