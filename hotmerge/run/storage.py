@@ -76,6 +76,7 @@ class RunDir:
         self.history_file = self.path / "history.jsonl"
         self.search_file = self.path / "search.pkl"
         self.best_file = self.path / "best_config.yaml"
+        self._tail_checked = False  # a kill's unfinished last history line is cut before appending
 
     def exists(self) -> bool:
         return self.meta_file.is_file()
@@ -130,10 +131,25 @@ class RunDir:
 
     def append_history(self, record: dict[str, Any]) -> None:
         line = json.dumps(record, default=_jsonable) + "\n"
+        if not self._tail_checked:
+            self._trim_unfinished_line()
+            self._tail_checked = True
         with open(self.history_file, "a") as f:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
+
+    def _trim_unfinished_line(self) -> None:
+        """Cut a last line that a kill left unfinished, so the next record starts a line of
+        its own (read_history stops at the first line it cannot parse)."""
+        if not self.history_file.is_file():
+            return
+        with open(self.history_file, "rb+") as f:
+            data = f.read()
+            if data and not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
+                f.flush()
+                os.fsync(f.fileno())
 
     def read_history(self) -> list[dict[str, Any]]:
         if not self.history_file.is_file():
