@@ -439,10 +439,9 @@ def main() -> None:
     # hotmerge shows its own progress; lm-eval's tqdm bars would fill stderr, where errors
     # go. tqdm reads TQDM_* when it is first imported, so this comes before any import.
     os.environ.setdefault("TQDM_DISABLE", "1")
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
+    # transformers reads these when (and if) a command imports it.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         app()
     except Exception as error:

@@ -13,27 +13,36 @@
                     `import hotmerge.kernels` never needs a GPU or sets up Triton
 """
 
-from .dispatch import apply
-from .finite import NonFiniteMergeError
-from .layout import FlatSources, Segment, tensor_key_of
-from .methods import METHODS, get_method
-from .reference import merge_tensor, slerp_tensor
-from .stats import SourceStats, compute_stats
-from .table import CoefficientTable, build_table, slerp_from_genes
+import importlib
 
-__all__ = [
-    "CoefficientTable",
-    "FlatSources",
-    "METHODS",
-    "NonFiniteMergeError",
-    "Segment",
-    "SourceStats",
-    "apply",
-    "build_table",
-    "compute_stats",
-    "get_method",
-    "merge_tensor",
-    "slerp_from_genes",
-    "slerp_tensor",
-    "tensor_key_of",
-]
+# Names served from the submodules on first use, so that `hotmerge.kernels.methods` (the
+# registry, read by config validation) does not import torch.
+_EXPORTS = {
+    "apply": "dispatch",
+    "NonFiniteMergeError": "finite",
+    "FlatSources": "layout",
+    "Segment": "layout",
+    "tensor_key_of": "layout",
+    "METHODS": "methods",
+    "get_method": "methods",
+    "merge_tensor": "reference",
+    "slerp_tensor": "reference",
+    "SourceStats": "stats",
+    "compute_stats": "stats",
+    "CoefficientTable": "table",
+    "build_table": "table",
+    "slerp_from_genes": "table",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        if name in ("dispatch", "finite", "layout", "reference", "stats", "table", "torch_backend",
+                    "cpu_backend", "cpu_native", "methods", "triton_merge"):
+            return importlib.import_module(f"{__name__}.{name}")
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value

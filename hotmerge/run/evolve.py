@@ -13,9 +13,7 @@ import numpy as np
 import yaml
 
 from hotmerge.config.evolve import check_benchmark_tasks, load_config, validate_config
-from hotmerge.search.coordinator import Coordinator, distributed_context, worker_loop
 from hotmerge.errors import BugsInARow, ConfigError, RunFailed
-from hotmerge.search.strategy import Search
 from hotmerge.run.storage import RunDir
 
 VERSIONED = ("hotmerge", "torch", "transformers", "lm_eval", "cma", "safetensors", "triton",
@@ -118,6 +116,11 @@ def evolve(config_path: Path, options: EvolveOptions, console=None) -> dict | No
         log(f"warning: task {task} is a common benchmark; its score measures the search, not the model")
     validated = validate_config(cfg)
     genome = validated.genome()
+    # torch.distributed and pycma are imported once the config has passed: a config
+    # error comes back in a second, not after the heavy imports.
+    from hotmerge.search.coordinator import Coordinator, distributed_context, worker_loop
+    from hotmerge.search.strategy import Search
+
     rank, world = distributed_context()
     names = original_model_names(config_path, list(cfg.genome.models), cfg.genome.base_model)
 

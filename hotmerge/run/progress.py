@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from hotmerge.search.coordinator import Progress
+if TYPE_CHECKING:
+    from hotmerge.search.coordinator import Progress
+
 
 
 def _fmt(score: float | None) -> str:

@@ -16,12 +16,14 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from hotmerge.errors import ConfigError
-from hotmerge.search.strategy import SearchState, dump_state, load_state
+
+if TYPE_CHECKING:
+    from hotmerge.search.strategy import SearchState
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -164,13 +166,17 @@ class RunDir:
                     break
         return records
 
-    def save_search(self, state: SearchState) -> SearchState:
+    def save_search(self, state: "SearchState") -> "SearchState":
         """Save the search state; returns it as read back, which is what a resumed run sees."""
+        from hotmerge.search.strategy import dump_state, load_state  # pycma: imported when needed
+
         data = dump_state(state)
         atomic_write(self.search_file, data)
         return load_state(data)
 
-    def load_search(self) -> SearchState | None:
+    def load_search(self) -> "SearchState | None":
+        from hotmerge.search.strategy import load_state
+
         if not self.search_file.is_file():
             return None
         return load_state(self.search_file.read_bytes())
