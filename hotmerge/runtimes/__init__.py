@@ -3,6 +3,7 @@
     hf.py           transformers: the model in this process (the light path)
     vllm.py         vLLM: an engine kept resident, merged into through its worker
     vllm_worker.py  the code that runs inside vLLM's worker process
+    vllm_compat.py  every vLLM internal the two reach, checked against the supported versions
 
 Every runtime keeps one model resident and offers:
     apply(recipe)   write one candidate into the live weights (a recipe from the genome

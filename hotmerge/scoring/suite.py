@@ -4,6 +4,8 @@ Task resolution, request building, filters, per-document metrics and aggregation
 are lm-eval's own (the same calls `lm_eval.evaluator.evaluate` makes), so a score
 equals `lm_eval.simple_evaluate` on the same weights. What differs: requests are
 built once at start-up and only the model's responses change per candidate.
+lm-eval internals (a task's filter names, the per-document memo) are reached through
+lm_eval_compat, which checks the installed lm-eval when a TaskSuite is built.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hotmerge.errors import ConfigError
+from hotmerge.scoring import lm_eval_compat
 from hotmerge.toy.taskfiles import TASKS_DIR
 
 FEWSHOT_SEED = 1234  # lm_eval.simple_evaluate's default fewshot_random_seed
@@ -57,6 +60,7 @@ class TaskSuite:
         `lm` supplies the chat template; the chat template is applied only when
         asked for and the tokenizer has one.
         """
+        lm_eval_compat.check()
         _quiet_lm_eval()
         self.specs = list(tasks)
         names = sorted({spec.name for spec in self.specs})
@@ -98,7 +102,7 @@ class TaskSuite:
         for name, task in self.tasks.items():
             self.docs[name] = list(task.doc_iterator(rank=0, limit=limit, world_size=1))
             for method in ("doc_to_target", "doc_to_choice"):
-                _memoize_per_document(task, method)
+                lm_eval_compat.memoize_per_document(task, method)
         self.requests: dict[str, list] = defaultdict(list)
         for task in self.tasks.values():
             for instance in task.instances:
@@ -109,7 +113,7 @@ class TaskSuite:
     def _check_metric(self, spec) -> None:
         task = self.tasks[spec.name]
         metric, _, filter_key = spec.metric.partition(",")
-        filters = [f.name for f in task._filters] if getattr(task, "_filters", None) else ["none"]
+        filters = lm_eval_compat.task_filter_names(task)
         if metric not in task.aggregation() or (filter_key and filter_key not in filters):
             known = [f"{m},{f}" for m in task.aggregation() for f in filters]
             raise ConfigError(
@@ -188,22 +192,6 @@ def task_manager(names, include_paths=()):
     if set(names) <= set(local.all_subtasks):  # YAML and Python tasks; no groups, no tags
         return local
     return TaskManager(include_path=paths)
-
-
-def _memoize_per_document(task, method: str) -> None:
-    """Cache task.<method>(doc) per document object (only the one-argument form)."""
-    original = getattr(task, method)
-    cache: dict[int, tuple] = {}
-
-    def cached(doc, *args, **kwargs):
-        if args or kwargs:
-            return original(doc, *args, **kwargs)
-        hit = cache.get(id(doc))
-        if hit is None or hit[0] is not doc:
-            hit = cache[id(doc)] = (doc, original(doc))
-        return hit[1]
-
-    setattr(task, method, cached)
 
 
 def _has_chat_template(lm) -> bool:
