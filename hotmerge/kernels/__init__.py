@@ -7,7 +7,7 @@
   table.py          build_table: one candidate's CoefficientTable
   finite.py         the finite-output check (NonFiniteMergeError)
   dispatch.py       apply: one candidate into the live weights, on the device's backend
-  torch_backend.py  the chunked torch path (the engine's definition, any device)
+  torch_backend.py  the chunked torch path (any device; the other backends match its bits)
   cpu_backend.py    the CPU fast path and the C kernel (cpu_native.py, cpu_merge.c)
   triton_merge.py   the Triton kernels (CUDA), imported lazily so that
                     `import hotmerge.kernels` never needs a GPU or sets up Triton

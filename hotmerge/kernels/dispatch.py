@@ -7,7 +7,7 @@ Usage:
 
 Backends: Triton on CUDA (triton_merge: one launch for all segments, plus one
 reduction launch when a random mask needs its L1 rescale); on the CPU the fast path
-and C kernel (cpu_backend) for segments proven finite, the chunked torch definition
+and C kernel (cpu_backend) for segments proven finite, the chunked torch path
 (torch_backend) for the rest. All give the same bits. A candidate whose output would
 be non-finite raises NonFiniteMergeError with the output untouched (finite.py).
 """

@@ -1,4 +1,4 @@
-"""The torch backend: the engine's definition of a merge, segment by segment, in chunks.
+"""The torch backend: reference.merge_tensor's operations, segment by segment, in chunks.
 
 `merge_chunk_torch` follows reference.merge_tensor operation by operation on any
 device; the CPU fast path (cpu_backend) and the Triton kernels (triton_merge) must
