@@ -168,3 +168,14 @@ def test_bad_config_gets_one_line_and_exit_2(toy_family, tmp_path, problem, text
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and text in lines[0]
     assert not run_dir.exists()
+
+
+def test_population_rounds_up_to_a_multiple_of_the_ranks():
+    from hotmerge.models.plan import default_popsize
+    from hotmerge.run.evolve import population_for
+
+    assert default_popsize(16) == 12
+    assert population_for(16, 1, None) is None  # alone: pycma's own default, as mergekit-evolve
+    assert population_for(16, 5, None) == 15
+    assert population_for(16, 4, None) == 12
+    assert population_for(16, 5, 7) == 7  # a forced size is kept

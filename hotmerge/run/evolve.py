@@ -5,6 +5,7 @@ from __future__ import annotations
 import platform
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -47,6 +48,18 @@ class EvolveOptions:
 
 # Changing any of these makes a different run: resuming with other values is refused.
 RESUME_KEYS = ("config", "seed", "sigma0", "population_size", "backend")
+
+
+def population_for(genome_size: int, world: int, forced: int | None) -> int | None:
+    """The population: the forced size, else pycma's default rounded up to a multiple of the
+    number of ranks so that no rank idles at the end of a generation (alone: pycma's own)."""
+    if forced is not None:
+        return forced
+    if world <= 1:
+        return None  # pycma's default, as mergekit-evolve
+    from hotmerge.models.plan import default_popsize
+
+    return -(-default_popsize(genome_size) // world) * world
 
 
 def versions() -> dict[str, str]:
@@ -169,7 +182,7 @@ def evolve(config_path: Path, options: EvolveOptions, console=None) -> dict | No
         search = Search.from_state(state)
     else:
         search = Search(genome.x0(), options.sigma0, options.random_seed, options.max_fevals,
-                        options.population_size, options.timeout)
+                        population_for(genome.size, world, options.population_size), options.timeout)
     best = {"score": None}
 
     view = ProgressView(console, quiet=options.quiet)
@@ -177,7 +190,11 @@ def evolve(config_path: Path, options: EvolveOptions, console=None) -> dict | No
 
     sinks = open_sinks(run, options, log=log)
 
+    busy: dict[int, float] = {}  # seconds each rank spent on candidates in this process
+
     def on_result(record: dict) -> None:
+        rank_of = int(record.get("rank", 0))
+        busy[rank_of] = busy.get(rank_of, 0.0) + float((record.get("seconds") or {}).get("total", 0.0))
         view.update(coordinator.progress, record)
         sinks.log(record, coordinator.progress)
         score = record.get("score")
@@ -196,12 +213,17 @@ def evolve(config_path: Path, options: EvolveOptions, console=None) -> dict | No
         # Alone, SIGTERM stops after the candidate in flight. Under torchrun the agent
         # sends SIGTERM to restart the group after a rank died: exit at once then.
         signal.signal(signal.SIGTERM, lambda *_: setattr(coordinator, "stop_requested", True))
+    started = time.perf_counter()
     try:
         with view:
             coordinator.run_loop()
     finally:
         signal.signal(signal.SIGTERM, previous)
         sinks.close()
+    wall = time.perf_counter() - started
+    if busy and wall > 0:
+        log("busy share of the search's wall time: " + ", ".join(
+            f"rank {r} {100 * busy.get(r, 0.0) / wall:.0f}%" for r in range(world)))
     if coordinator.bug_stop is not None:
         stop = coordinator.bug_stop
         where = stop.traceback_file or run.history_file
