@@ -303,7 +303,8 @@ def eval_command(
     result = worker.evaluate(x, raise_bugs=True)
     if result["score"] is None:
         raise CandidateError(f"the candidate failed: {result['error']}")
-    table = Table(title=f"score {result['score']:.4f}")
+    stderr = result.get("stderr")
+    table = Table(title=f"score {result['score']:.4f}" + (f" ± {stderr:.4f} (standard error)" if stderr else ""))
     table.add_column("task")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -315,7 +316,8 @@ def eval_command(
     console.print("seconds: " + ", ".join(f"{k} {v:.3f}" for k, v in seconds.items()))
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
-        record = {"results": result["results"], "score": result["score"], "seconds": seconds}
+        record = {"results": result["results"], "score": result["score"], "stderr": result.get("stderr"),
+                  "seconds": seconds}
         if not merge_config:
             record["genotype"] = x.tolist()
         output.write_text(json.dumps(record, indent=2))

@@ -1,6 +1,7 @@
 """The search as users run it: CLI, kill and resume, torchrun with two ranks, failures."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -41,6 +42,10 @@ def test_run_directory_records_everything(reference_run):
     assert len(records) == FEVALS and all(r["score"] is not None for r in records)
     assert set(records[0]["results"]) == {"toy_capital_mc_search", "toy_color_mc_search", "toy_sum_mc_search"}
     assert {"apply", "forward", "metrics", "total"} <= set(records[0]["seconds"])
+    for r in records:  # every score carries its standard error: tasks' mean_stderr, in quadrature
+        tasks = r["results"].values()
+        assert r["stderr"] == pytest.approx(math.sqrt(sum(t["acc_stderr,none"] ** 2 for t in tasks)))
+        assert all(0 < t["acc_stderr,none"] < 0.5 or t["acc,none"] in (0, 1) for t in tasks)
     best = max(records, key=lambda r: r["score"])
     merge = yaml.safe_load((run_dir / "best_config.yaml").read_text())
     assert merge["merge_method"] == "task_arithmetic"

@@ -14,8 +14,11 @@ if TYPE_CHECKING:
 
 
 
-def _fmt(score: float | None) -> str:
-    return "-" if score is None else f"{score:.4f}"
+def _fmt(score: float | None, stderr: float | None = None) -> str:
+    """A score, with its standard error when known: the noise a difference must beat."""
+    if score is None:
+        return "-"
+    return f"{score:.4f}" if stderr is None or stderr != stderr else f"{score:.4f} ± {stderr:.4f}"
 
 
 def _eta(seconds: float | None) -> str:
@@ -45,7 +48,7 @@ class ProgressView:
             self.live.update(self._table(p))
             return
         line = (f"gen {record['generation']} cand {record['index']}: "
-                f"score {_fmt(record.get('score'))}  best {_fmt(p.best_score)}  "
+                f"score {_fmt(record.get('score'), record.get('stderr'))}  best {_fmt(p.best_score, p.best_stderr)}  "
                 f"evals {p.evaluations}/{p.max_fevals}  {p.per_minute:.1f}/min  eta {_eta(p.eta_seconds)}")
         if record.get("error"):
             line += f"  FAILED: {record['error']}"
@@ -57,7 +60,7 @@ class ProgressView:
         table.add_column()
         table.add_row("generation", str(p.generation))
         table.add_row("evaluations", f"{p.evaluations} / {p.max_fevals}")
-        table.add_row("best score", _fmt(p.best_score))
+        table.add_row("best score", _fmt(p.best_score, p.best_stderr))
         table.add_row("last score", _fmt(p.last_score))
         table.add_row("failed", str(p.failures))
         table.add_row("candidates / min", f"{p.per_minute:.1f}")

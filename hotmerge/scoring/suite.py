@@ -32,6 +32,8 @@ class TaskScores:
     score: float
     results: dict[str, dict[str, float]]  # lm-eval layout: {task: {"acc,none": ...}}
     seconds: dict[str, float] = field(default_factory=dict)
+    # standard error of the weighted score (None where a metric has no closed-form one)
+    stderr: float | None = None
 
 
 def _quiet_lm_eval() -> None:
@@ -144,14 +146,19 @@ class TaskSuite:
 
         started = time.perf_counter()
         results = {name: self._aggregate(task) for name, task in self.tasks.items()}
-        score = 0.0
+        score, variance = 0.0, 0.0
         for spec in self.specs:
             value = results[spec.name][spec.metric]
             if not math.isfinite(value):
                 raise FloatingPointError(f"task {spec.name} metric {spec.metric} is {value}")
             score += spec.weight * value
+            metric, _, filter_key = spec.metric.partition(",")
+            se = results[spec.name].get(f"{metric}_stderr,{filter_key}")
+            variance = variance + (spec.weight * se) ** 2 if se is not None and variance is not None else None
         seconds["metrics"] = time.perf_counter() - started
-        return TaskScores(score=score, results=results, seconds=seconds)
+        # Tasks are scored on separate items: their errors add in quadrature.
+        stderr = math.sqrt(variance) if variance is not None else None
+        return TaskScores(score=score, results=results, seconds=seconds, stderr=stderr)
 
     def _aggregate(self, task) -> dict[str, float]:
         task.apply_filters()
@@ -168,10 +175,13 @@ class TaskSuite:
                 for metric, value in metrics.items():
                     raw[(metric, filter_key)].append(value)
         aggregations = task.aggregation()
-        return {
-            f"{metric},{filter_key}": float(aggregations[metric](items))
-            for (metric, filter_key), items in raw.items()
-        }
+        out = {}
+        for (metric, filter_key), items in raw.items():
+            out[f"{metric},{filter_key}"] = float(aggregations[metric](items))
+            stderr = closed_form_stderr(aggregations[metric])
+            if stderr is not None:  # lm-eval's own key for it; bootstrapped metrics get none
+                out[f"{metric}_stderr,{filter_key}"] = float(stderr(items)) if len(items) > 1 else float("nan")
+        return out
 
 
 def task_manager(names, include_paths=()):
@@ -192,6 +202,15 @@ def task_manager(names, include_paths=()):
     if set(names) <= set(local.all_subtasks):  # YAML and Python tasks; no groups, no tags
         return local
     return TaskManager(include_path=paths)
+
+
+def closed_form_stderr(aggregation):
+    """lm-eval's closed-form standard error for an aggregation (mean, acc_all), else None.
+
+    lm-eval bootstraps the others (perplexity, bleu, ...), too slow to run per candidate."""
+    from lm_eval.api import metrics
+
+    return {metrics.mean: metrics.mean_stderr, metrics.acc_all: metrics.acc_all_stderr}.get(aggregation)
 
 
 def _has_chat_template(lm) -> bool:

@@ -62,6 +62,7 @@ class Progress:
     evaluations: int = 0
     generation: int = 0
     best_score: float | None = None
+    best_stderr: float | None = None  # the best score's standard error, when its metrics have one
     last_score: float | None = None
     failures: int = 0
     started: float = field(default_factory=time.time)
@@ -130,6 +131,7 @@ class Coordinator:
             self.progress.failures += 1
         elif self.progress.best_score is None or score > self.progress.best_score:
             self.progress.best_score = score
+            self.progress.best_stderr = record.get("stderr")
 
     def run_loop(self) -> None:
         try:

@@ -55,7 +55,7 @@ class CandidateWorker:
         seconds.update(scores.seconds)
         if not math.isfinite(scores.score):
             raise CandidateError(f"the merged model's score is {scores.score}")
-        return {"score": scores.score, "results": scores.results, "error": None}
+        return {"score": scores.score, "stderr": scores.stderr, "results": scores.results, "error": None}
 
     def evaluate(self, x, *, raise_bugs: bool = False) -> dict:
         """Score one genotype (or a recipe already resolved, such as a merge config's).
