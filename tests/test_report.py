@@ -76,7 +76,7 @@ def test_summary_has_best_recipe_metrics_and_timings(toy_run, tmp_path):
     summary = (tmp_path / "summary.md").read_text()
     records = history(run_dir)
     best = max(records, key=lambda r: r["score"])
-    assert f"best score {best['score']:.4f}" in summary
+    assert f"best score {best['score']:.4f}** ± {best['stderr']:.4f} (standard error)" in summary
     for task in SEARCH_TASKS:
         assert f"| {task} | acc,none | 1 | {best['results'][task]['acc,none']:.4f} |" in summary
     assert (run_dir / "best_config.yaml").read_text().strip() in summary

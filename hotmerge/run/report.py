@@ -437,7 +437,8 @@ def write_summary(data: RunData, path: Path, files: dict[str, Path], heldout: Op
     if best is None:
         lines += ["No successful evaluation yet.", ""]
     else:
-        lines += [f"**best score {best['score']:.4f}** (generation {best['generation']}, candidate "
+        noise = f" ± {best['stderr']:.4f} (standard error)" if best.get("stderr") is not None else ""
+        lines += [f"**best score {best['score']:.4f}**{noise} (generation {best['generation']}, candidate "
                   f"{best['index']}, rank {best.get('rank', 0)}), found at evaluation "
                   f"{next(i for i, r in enumerate(records, 1) if r is best)} of {len(records)}.", "",
                   "Search tasks:", "",
