@@ -71,10 +71,9 @@ class BugsInARow(RunFailed):
 def candidate_error_types() -> tuple[type[BaseException], ...]:
     """The exception types that are candidate errors, wherever they are raised.
 
-    The merge kernels raise their own NonFiniteMergeError (a ValueError) and the task
-    scoring raises FloatingPointError for a metric that is not finite; both say the
+    The merge kernels raise their own NonFiniteMergeError (a ValueError): it says the
     candidate is bad, not that the code is.
     """
     from hotmerge.kernels import NonFiniteMergeError
 
-    return (CandidateError, NonFiniteMergeError, FloatingPointError)
+    return (CandidateError, NonFiniteMergeError)

@@ -325,7 +325,7 @@ def test_candidate_errors_score_worst_and_bugs_carry_their_traceback():
     x = np.array([0.5, 0.5])
     assert _worker().evaluate(x)["score"] == 1.0
     for worker in (_worker(runtime=_Runtime(NonFiniteMergeError([3], ["w"]))),
-                   _worker(suite=_Suite(error=FloatingPointError("acc is nan"))),
+                   _worker(suite=_Suite(error=CandidateError("task t metric acc,none is nan"))),
                    _worker(suite=_Suite(score=float("nan")))):
         result = worker.evaluate(x)
         assert result["score"] is None and result["failure"] == CANDIDATE and "traceback" not in result

@@ -17,7 +17,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from hotmerge.errors import ConfigError
+from hotmerge.errors import CandidateError, ConfigError
 from hotmerge.scoring import lm_eval_compat
 from hotmerge.toy.taskfiles import TASKS_DIR
 
@@ -150,7 +150,7 @@ class TaskSuite:
         for spec in self.specs:
             value = results[spec.name][spec.metric]
             if not math.isfinite(value):
-                raise FloatingPointError(f"task {spec.name} metric {spec.metric} is {value}")
+                raise CandidateError(f"task {spec.name} metric {spec.metric} is {value}")
             score += spec.weight * value
             metric, _, filter_key = spec.metric.partition(",")
             se = results[spec.name].get(f"{metric}_stderr,{filter_key}")
