@@ -298,9 +298,14 @@ def test_duplicate_model(cfg_dir):
     assert "twice" in config_error(write(cfg_dir, data))
 
 
-def test_lora_reference(cfg_dir):
+def test_lora_reference_resolves_both_folders_and_checks_the_adapter(cfg_dir):
     data = base_config(models=["models/model_0+adapters/a", "models/model_1"])
-    assert "LoRA" in config_error(write(cfg_dir, data))
+    assert "adapter folder" in config_error(write(cfg_dir, data))
+    (cfg_dir / "adapters" / "a").mkdir(parents=True)
+    cfg = load_config(write(cfg_dir, data))  # both halves beside the config file
+    assert cfg.genome.models[0] == f"{cfg_dir / 'models/model_0'}+{cfg_dir / 'adapters/a'}"
+    assert "adapter_config.json" in config_error(write(cfg_dir, data))
+    assert "model+adapter" in config_error(write(cfg_dir, base_config(models=["models/model_0+", "models/model_1"])))
 
 
 def test_empty_filter(cfg_dir):

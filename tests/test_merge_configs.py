@@ -230,3 +230,56 @@ def test_export_cli_refuses_in_one_line_and_leaves_nothing(toy_family, tmp_path)
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "lambda" in lines[0]
     assert not out.exists() and not (tmp_path / "merged.partial").exists()
+
+
+def _lora_adapter(model_path: str, out) -> str:
+    """A PEFT LoRA adapter for a toy model, with random (non-zero) A and B."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_path)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                        init_lora_weights=False)
+    get_peft_model(model, config).save_pretrained(out)
+    return str(out)
+
+
+@pytest.mark.slow
+def test_lora_source_equals_mergekit(toy_family, tmp_path):
+    """`model+adapter` sources: the adapter is folded in once at load, as mergekit folds it
+    (mergekit-yaml --lora-merge-cache), and the merge equals mergekit's."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    from hotmerge.models.folder import ModelInfo, iter_tensors
+
+    base, ex = _family(toy_family)
+    adapter = _lora_adapter(ex[0], tmp_path / "adapter")
+    config = {"merge_method": "task_arithmetic", "base_model": base, "dtype": "bfloat16",
+              "models": _models([f"{ex[0]}+{adapter}", ex[1]], [{"weight": 0.7}, {"weight": 0.5}])}
+    validated, recipe = read_merge_config(config)
+    assert validated.models[0].lora == adapter
+    ours = load_file(str(export_merge(validated, recipe, tmp_path / "ours") / "model.safetensors"))
+    run_merge(MergeConfiguration.model_validate(config), str(tmp_path / "mergekit"),
+              MergeOptions(copy_tokenizer=False, lazy_unpickle=False, lora_merge_cache=str(tmp_path / "cache")))
+    theirs = load_file(str(tmp_path / "mergekit" / "model.safetensors"))
+    names = list(ours)
+    folded = dict(iter_tensors(ModelInfo.from_path(f"{ex[0]}+{adapter}"), names, dtype=torch.bfloat16))
+    plain = load_file(f"{ex[0]}/model.safetensors")
+    assert any(not torch.equal(folded[n], plain[n]) for n in names if "q_proj" in n)  # the adapter did something
+    base_t, other = load_file(f"{base}/model.safetensors"), load_file(f"{ex[1]}/model.safetensors")
+    for name in names:
+        a, b = ours[name].float(), theirs[name].float()
+        deltas = (folded[name].float() - base_t[name].float()).abs() + (other[name].float() - base_t[name].float()).abs()
+        tolerance = ULPS * torch.maximum(a.abs(), b.abs()) * 2.0 ** -7 + 2.0 ** -6 * deltas
+        assert not ((a - b).abs() > tolerance).any(), name
+
+
+def test_lora_reference_needs_an_adapter_folder(toy_family, tmp_path):
+    base, ex = _family(toy_family)
+    config = {"merge_method": "task_arithmetic", "base_model": base, "dtype": "bfloat16",
+              "models": _models([f"{ex[0]}+{tmp_path}", ex[1]], [{"weight": 0.7}, {"weight": 0.5}])}
+    with pytest.raises(ConfigError, match="adapter_config.json"):
+        read_merge_config(config)

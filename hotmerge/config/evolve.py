@@ -53,20 +53,26 @@ def _resolve_path(value: str, info: ValidationInfo) -> str:
     return _absolute(value, (info.context or {}).get("base_dir"))
 
 
+def _resolve_model(value: str, info: ValidationInfo) -> str:
+    return resolve_model_path(value, (info.context or {}).get("base_dir"))
+
+
 def resolve_model_path(value: str, base_dir=None) -> str:
-    """A model reference of a config as an absolute path (ValueError: why it is not one)."""
-    return _absolute(_check_model_string(value), base_dir)
+    """A model reference of a config as an absolute path (ValueError: why it is not one).
+
+    `model+adapter` (mergekit's LoRA syntax) resolves both folders: `/abs/model+/abs/adapter`."""
+    value = _check_model_string(value)
+    model, plus, adapter = value.partition("+")
+    if plus and not (model.strip() and adapter.strip()):
+        raise ValueError(f"'{value}' is not model+adapter: give both folders, e.g. models/base+adapters/lora")
+    resolved = _absolute(model, base_dir)
+    return f"{resolved}+{_absolute(adapter, base_dir)}" if plus else resolved
 
 
 def _check_model_string(value: str) -> str:
     # mergekit parses "path+lora" and "path@revision"; hotmerge reads local folders only.
     if not value.strip():
         raise ValueError("is empty: give the path of a model folder")
-    if "+" in value:
-        raise ValueError(
-            f"'{value}' is a LoRA reference (path+adapter), which is not supported: "
-            "merge the adapter into its model first and give that folder"
-        )
     if "@" in value:
         raise ValueError(
             f"'{value}' names a revision (path@revision), which is not supported: "
@@ -98,7 +104,7 @@ class GenomeConfig(BaseModel):
         out = []
         for i, v in enumerate(value):
             try:
-                out.append(_resolve_path(_check_model_string(v), info))
+                out.append(_resolve_model(v, info))
             except ValueError as e:
                 raise ValueError(f"entry {i} {e}") from None
         dup = sorted({p for p in out if out.count(p) > 1})
@@ -111,7 +117,7 @@ class GenomeConfig(BaseModel):
     def _base_model(cls, value: Optional[str], info: ValidationInfo) -> Optional[str]:
         if value is None:
             return None
-        return _resolve_path(_check_model_string(value), info)
+        return _resolve_model(value, info)
 
     @field_validator("tokenizer_source")
     @classmethod
@@ -507,9 +513,12 @@ def _check_same_vocabulary(infos: list, tokenizer_source: str) -> None:
 
 
 def _model_info(path: str, label: str) -> ModelInfo:
-    if not os.path.isdir(path):
+    folder, plus, adapter = path.partition("+")
+    if plus and not os.path.isdir(adapter):
+        raise ConfigError(f"{label}: adapter folder {adapter} does not exist: fix the path after the +")
+    if not os.path.isdir(folder):
         raise ConfigError(
-            f"{label}: model folder {path} does not exist: fix the path (relative paths "
+            f"{label}: model folder {folder} does not exist: fix the path (relative paths "
             "are looked up beside the config file, then in the current directory)"
         )
     try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -53,9 +53,18 @@ class ModelInfo:
     num_layers: int
     tie_word_embeddings: bool
     tensors: dict[str, TensorInfo] = field(default_factory=dict)
+    lora: Optional[str] = None  # a PEFT adapter folded into the weights when they are read
 
     @classmethod
     def from_path(cls, path) -> "ModelInfo":
+        """A model folder, or mergekit's `model+adapter` (a PEFT LoRA adapter folder)."""
+        path, plus, adapter = str(path).partition("+")
+        if plus:
+            adapter_config = Path(adapter) / "adapter_config.json"
+            if not adapter_config.is_file():
+                raise ConfigError(f"{adapter} has no adapter_config.json: give a PEFT adapter folder "
+                                  "(saved with save_pretrained) after the +")
+            return replace(cls.from_path(path), lora=str(Path(adapter)))
         folder = Path(path)
         if not folder.is_dir():
             raise ConfigError(
@@ -237,6 +246,9 @@ def iter_tensors(info: ModelInfo, names, dtype=None, device="cpu"):
     from safetensors import safe_open
 
     names = list(names)
+    if info.lora is not None:
+        yield from _folded_tensors(info, names, dtype, device)
+        return
     missing = [n for n in names if n not in info.tensors]
     if missing:
         raise ConfigError(f"{info.path} lacks tensor {missing[0]}: merge only models with the base's layout")
@@ -248,3 +260,27 @@ def iter_tensors(info: ModelInfo, names, dtype=None, device="cpu"):
             for name in file_names:
                 tensor = f.get_tensor(name)
                 yield name, tensor.to(dtype=dtype or tensor.dtype, device=device)
+
+
+def _folded_tensors(info: ModelInfo, names, dtype, device):
+    """The weights of `model+adapter`: the adapter folded in once, as mergekit folds it
+    (transformers loads the model, PEFT's merge_and_unload, both with their defaults;
+    see mergekit.common.ModelReference.merged)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(info.path)
+        folded = PeftModel.from_pretrained(model, info.lora, is_trainable=False).merge_and_unload()
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"cannot fold the adapter {info.lora} into {info.path} ({type(e).__name__}: "
+                          f"{' '.join(str(e).split())[:200]}): give an adapter trained on that model") from None
+    state = folded.state_dict()
+    del model, folded
+    missing = [n for n in names if n not in state]
+    if missing:
+        raise ConfigError(f"{info.path}+{info.lora} lacks tensor {missing[0]} once folded: merge only models "
+                          "with the base's layout")
+    for name in names:
+        tensor = state.pop(name)
+        yield name, tensor.to(dtype=dtype or tensor.dtype, device=device)
