@@ -39,6 +39,11 @@ def _cases(base, ex):
             "merge_method": "ties", "base_model": base, "dtype": "bfloat16",
             "parameters": {"weight": 0.6, "normalize": False, "int8_mask": True},
             "models": _models(ex, [{"density": 0.5}, {"density": [0.3, 0.9]}, {"density": 0.7}])},
+        "ties-float16-out-float32": {
+            "merge_method": "ties", "base_model": base, "dtype": "float16", "out_dtype": "float32",
+            "parameters": {"lambda": 0.8, "rescale": True},
+            "models": _models(ex, [{"weight": 0.7, "density": 0.5}, {"weight": 0.5, "density": 0.7},
+                                   {"weight": 0.9, "density": 0.9}])},
         "breadcrumbs-gamma": {
             "merge_method": "breadcrumbs", "base_model": base, "dtype": "bfloat16",
             "models": _models(ex, [{"weight": 0.8, "density": 0.7, "gamma": 0.05},
@@ -139,7 +144,8 @@ def _assert_equal_to_mergekit(validated, recipe, ours: dict, theirs: dict) -> No
         bad = (a32 - b32).abs() > tolerance
         if base is not None:
             params = recipe.tensor(name).params if recipe.method != "slerp" else {}
-            bad &= ~ambiguous_elements(recipe.method, params, base[name], [src[name] for src in sources])
+            bad &= ~ambiguous_elements(recipe.method, params, base[name], [src[name] for src in sources],
+                                       dtype=getattr(torch, recipe.dtype), rescale=recipe.rescale)
         bad_total += int(bad.sum())
     assert bad_total == 0, f"{bad_total} elements differ from mergekit beyond bf16 rounding"
 

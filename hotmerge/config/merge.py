@@ -35,7 +35,10 @@ TOP_LEVEL_KEYS = ("merge_method", "base_model", "models", "slices", "modules", "
 SLICE_KEYS = ("sources", "base_model", "residual_weight", "parameters")
 SOURCE_KEYS = ("model", "layer_range", "parameters")
 MODEL_KEYS = ("model", "parameters")
-BF16_NAMES = ("bfloat16", "bf16")
+# The merge dtype: mergekit computes in `dtype`, or in the stored dtype without one. The
+# kernels compute in float32 from 16-bit sources and round once (kernels/reference.py).
+MERGE_DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
+STORED_DTYPES = {"BF16": "bfloat16", "F16": "float16"}
 OUT_DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
               "float32": "float32", "fp32": "float32"}
 # The global parameters the engine applies once per merge (the kernels take scalars).
@@ -56,6 +59,7 @@ class MergeConfigRecipe:
     lambda_: float
     int8_mask: bool
     tensors: dict  # source tensor name -> TensorRecipe
+    dtype: str = "bfloat16"  # what the merge computes in (its sources' rounding)
     out_dtype: Optional[str] = None
     base_index: Optional[int] = None
 
@@ -121,7 +125,7 @@ class _Reader:
             genome["tokenizer_source"] = data["tokenizer_source"]
         cfg = parse_config({"genome": genome, "tasks": ["unused"]}, base_dir=base_dir, source=source)
         self.validated = validate_config(cfg)
-        self._check_dtype(data.get("dtype"))
+        self.dtype = self._merge_dtype(data.get("dtype"))
         self._check_layers()
 
     def fail(self, message: str):
@@ -145,18 +149,18 @@ class _Reader:
         if bool(data.get("slices")) == bool(data.get("models")):
             self.fail("exactly one of models: and slices: must be present: write one of them")
 
-    def _check_dtype(self, dtype: Optional[str]) -> None:
-        # hotmerge merges in bf16; mergekit merges in `dtype`, or in the stored dtype without one.
+    def _merge_dtype(self, dtype: Optional[str]) -> str:
         if dtype is not None:
-            if dtype not in BF16_NAMES:
-                self.fail(f"dtype {dtype} is not supported: hotmerge merges in bfloat16: set dtype: bfloat16")
-            return
+            if dtype not in MERGE_DTYPES:
+                self.fail(f"dtype {dtype} is not supported: hotmerge merges 16-bit weights: set dtype to "
+                          "bfloat16 or float16")
+            return MERGE_DTYPES[dtype]
         infos = self.validated.models + ([self.validated.base] if self.validated.base else [])
-        for info in infos:
-            stored = {t.dtype for t in info.tensors.values()}
-            if stored != {"BF16"}:
-                self.fail(f"no dtype, and {info.path} stores {'/'.join(sorted(stored))} tensors, which "
-                          "mergekit would merge in that precision: set dtype: bfloat16")
+        stored = {t.dtype for info in infos for t in info.tensors.values()}
+        if len(stored) != 1 or next(iter(stored)) not in STORED_DTYPES:
+            self.fail(f"no dtype, and the models store {'/'.join(sorted(stored))} tensors, which mergekit "
+                      "would merge in that precision: set dtype: bfloat16 (or float16)")
+        return STORED_DTYPES[stored.pop()]
 
     def _path(self, value: Any, where: str) -> str:
         if not isinstance(value, str):
@@ -290,7 +294,7 @@ class _Reader:
             base_model=None if spec.combine else self.base_model,
             normalize=bool(value["normalize"]), rescale=bool(value["rescale"]),
             lambda_=float(value["lambda"]) if value["lambda"] is not None else 1.0,
-            int8_mask=bool(value["int8_mask"]), tensors=tensors, out_dtype=self.out_dtype)
+            int8_mask=bool(value["int8_mask"]), tensors=tensors, dtype=self.dtype, out_dtype=self.out_dtype)
 
     def _where(self, name: str) -> tuple[_Slice, float]:
         layer = layer_index(name)

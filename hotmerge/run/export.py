@@ -29,8 +29,9 @@ def export_merge(validated: ValidatedConfig, recipe, out_dir: str | Path, seed: 
         recipe = validated.genome().decode(np.asarray(recipe, dtype=np.float64))
     out_dir = Path(out_dir)
     reference = validated.reference.path
-    model = AutoModelForCausalLM.from_pretrained(reference, dtype=torch.bfloat16)
-    merger = Merger(validated, dict(model.named_parameters()), seed=seed)
+    dtype = OUT_DTYPES[getattr(recipe, "dtype", "bfloat16")]  # a merge config may ask for float16
+    model = AutoModelForCausalLM.from_pretrained(reference, dtype=dtype)
+    merger = Merger(validated, dict(model.named_parameters()), seed=seed, dtype=dtype)
     merger.apply(recipe)
     del merger
     out_dtype = getattr(recipe, "out_dtype", None)

@@ -18,7 +18,8 @@ from hotmerge.kernels import FlatSources, apply, build_table
 
 
 class Merger:
-    def __init__(self, validated: ValidatedConfig, live: dict[str, torch.Tensor], seed: int = 0):
+    def __init__(self, validated: ValidatedConfig, live: dict[str, torch.Tensor], seed: int = 0,
+                 dtype: torch.dtype = torch.bfloat16):
         source_names = validated.reference.tensors
         unknown = [n for n in live if n not in source_names]
         if unknown:
@@ -41,12 +42,12 @@ class Merger:
         # load's peak is what stays resident plus one tensor.
         self.flat = FlatSources.allocate(
             [source_names[name].shape for name in self.names], self.names, len(validated.models),
-            with_base=validated.base is not None, dtype=torch.bfloat16, device=self.live[0].device)
+            with_base=validated.base is not None, dtype=dtype, device=self.live[0].device)
         index = {name: j for j, name in enumerate(self.names)}
         for m, info in [*enumerate(validated.models), (None, validated.base)]:
             if info is None:
                 continue
-            for name, tensor in iter_tensors(info, self.names, dtype=torch.bfloat16):
+            for name, tensor in iter_tensors(info, self.names, dtype=dtype):
                 self.flat.write(m, index[name], tensor)
         self.seed = seed
 
