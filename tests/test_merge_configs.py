@@ -289,3 +289,25 @@ def test_lora_reference_needs_an_adapter_folder(toy_family, tmp_path):
               "models": _models([f"{ex[0]}+{tmp_path}", ex[1]], [{"weight": 0.7}, {"weight": 0.5}])}
     with pytest.raises(ConfigError, match="adapter_config.json"):
         read_merge_config(config)
+
+
+def test_sharded_sources_merge_as_single_files(toy_family, tmp_path):
+    """Sources saved as shards with model.safetensors.index.json merge to the same bits as
+    single files, and a stray *.safetensors beside the shards is never read."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    base, ex = _family(toy_family)
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(ex[1], dtype=torch.bfloat16).save_pretrained(sharded, max_shard_size="100KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    stray = {k: torch.full_like(v, 7.0) for k, v in load_file(f"{ex[1]}/model.safetensors").items()}
+    save_file(stray, str(sharded / "consolidated.safetensors"))
+    outs = []
+    for source in (ex[1], str(sharded)):
+        config = {"merge_method": "ties", "base_model": base, "dtype": "bfloat16",
+                  "models": _models([ex[0], source], [{"weight": 0.6, "density": 0.7}, {"weight": 0.8, "density": 0.5}])}
+        validated, recipe = read_merge_config(config)
+        outs.append(load_file(str(export_merge(validated, recipe, tmp_path / f"out{len(outs)}") / "model.safetensors")))
+    assert outs[0].keys() == outs[1].keys()
+    assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
