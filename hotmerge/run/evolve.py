@@ -181,7 +181,9 @@ def evolve(config_path: Path, options: EvolveOptions, console=None) -> dict | No
     if state is not None:
         search = Search.from_state(state)
     else:
-        search = Search(genome.x0(), options.sigma0, options.random_seed, options.max_fevals,
+        # random_init: mergekit-evolve starts from uniform [0, 1) genes instead of its x0.
+        start = genome.x0(random=cfg.random_init, seed=options.random_seed)
+        search = Search(start, options.sigma0, options.random_seed, options.max_fevals,
                         population_for(genome.size, world, options.population_size), options.timeout)
     best = {"score": None}
 
