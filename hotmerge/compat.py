@@ -37,3 +37,10 @@ def module_attribute(module: str, path: str):
     except ImportError:
         return None
     return attribute_path(root, path)
+
+
+def check_reached(reached, missing) -> None:
+    """Every (module, attribute path, why) in `reached` exists; else raise missing(label, why)."""
+    for module, path, why in reached:
+        if module_attribute(module, path) is None:
+            raise missing(f"{module}.{path}", why)

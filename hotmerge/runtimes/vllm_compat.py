@@ -31,7 +31,7 @@ import importlib.metadata
 import logging
 from typing import Optional
 
-from hotmerge.compat import attribute_path, module_attribute, version_in_range
+from hotmerge.compat import attribute_path, check_reached, version_in_range
 from hotmerge.errors import SetupError
 
 # The vLLM versions whose internals this module was checked against (the test suite
@@ -115,20 +115,11 @@ def _reach(obj, label: str, path: str, why: str):
     return value
 
 
-def _module_attribute(module: str, path: str, why: str):
-    value = module_attribute(module, path)
-    if value is None:
-        raise _missing(f"{module}.{path}", why)
-    return value
-
-
 def check_attributes() -> None:
     """Every module-level internal in REACHED (and REACHED_CPU on the CPU) exists."""
-    for module, path, why in REACHED:
-        _module_attribute(module, path, why)
+    check_reached(REACHED, _missing)
     if on_cpu():
-        for module, path, why in REACHED_CPU:
-            _module_attribute(module, path, why)
+        check_reached(REACHED_CPU, _missing)
 
 
 def check() -> str:

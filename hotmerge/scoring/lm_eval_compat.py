@@ -37,7 +37,7 @@ import importlib
 import importlib.metadata
 from typing import Optional
 
-from hotmerge.compat import module_attribute, version_in_range
+from hotmerge.compat import check_reached, version_in_range
 from hotmerge.errors import SetupError
 
 # The lm-eval versions whose internals this module was checked against (pyproject.toml pins it).
@@ -95,17 +95,9 @@ def _missing(label: str, why: str) -> SetupError:
                       f"{SUPPORTED}): {FIX}")
 
 
-def _module_attribute(module: str, path: str, why: str):
-    value = module_attribute(module, path)
-    if value is None:
-        raise _missing(f"{module}.{path}", why)
-    return value
-
-
 def check_attributes() -> None:
     """Every internal in REACHED exists."""
-    for module, path, why in REACHED:
-        _module_attribute(module, path, why)
+    check_reached(REACHED, _missing)
 
 
 def check() -> str:
