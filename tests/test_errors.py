@@ -11,6 +11,7 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -316,6 +317,7 @@ def _worker(runtime=None, suite=None):
     worker = CandidateWorker.__new__(CandidateWorker)
     worker.genome, worker.runtime, worker.suite = _Genome(), runtime or _Runtime(), suite or _Suite()
     worker.candidate_errors = candidate_error_types()
+    worker.applied = None
     return worker
 
 
@@ -360,7 +362,8 @@ def _coordinator(run_dir: Path, evaluate, world_size=1, cls=None):
     run.path.mkdir(exist_ok=True)
     state = run.load_search()
     search = Search.from_state(state) if state is not None else Search(np.full(3, 0.5), 0.2, 1, 24, 6)
-    return (cls or Coordinator)(run, search, evaluate, 24, lambda record: None, world_size=world_size,
+    worker = SimpleNamespace(evaluate=evaluate)
+    return (cls or Coordinator)(run, search, worker, 24, lambda record: None, world_size=world_size,
                                 genotype_size=3, log=lambda *_: None)
 
 
@@ -402,8 +405,8 @@ def test_bugs_in_a_row_on_another_rank_stop_the_run(tmp_path):
     from hotmerge.search.coordinator import MAX_BUGS_IN_A_ROW, Coordinator
 
     class TwoRanks(Coordinator):
-        def _remote_evaluate(self, rank, index, x):  # rank 1, without a process group
-            return _bug(x)
+        def _remote(self, rank, job):  # rank 1, without a process group
+            return _bug(job.x)
 
     def slow_good(x):
         time.sleep(0.02)  # leave rank 1 its share of the generation

@@ -62,6 +62,10 @@ def population_for(genome_size: int, world: int, forced: int | None) -> int | No
     return -(-default_popsize(genome_size) // world) * world
 
 
+def _pm(value: float, stderr: float | None) -> str:
+    return f"{value:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "")
+
+
 def versions() -> dict[str, str]:
     found = {"python": platform.python_version()}
     for name in VERSIONED:
@@ -131,7 +135,7 @@ def evolve(config_path: Path, options: EvolveOptions, console=None) -> dict | No
     genome = validated.genome()
     # torch.distributed and pycma are imported once the config has passed: a config
     # error comes back in a second, not after the heavy imports.
-    from hotmerge.search.coordinator import Coordinator, distributed_context, worker_loop
+    from hotmerge.search.coordinator import Coordinator, Fitness, distributed_context, worker_loop
     from hotmerge.search.strategy import Search
 
     rank, world = distributed_context()
@@ -174,7 +178,7 @@ def evolve(config_path: Path, options: EvolveOptions, console=None) -> dict | No
     if rank == 0:
         run.start(meta, RESUME_KEYS)
     if rank != 0:
-        worker_loop(worker.evaluate, genome.size)
+        worker_loop(worker, genome.size)
         return None
 
     state = run.load_search()
@@ -186,6 +190,14 @@ def evolve(config_path: Path, options: EvolveOptions, console=None) -> dict | No
         search = Search(start, options.sigma0, options.random_seed, options.max_fevals,
                         population_for(genome.size, world, options.population_size), options.timeout)
     best = {"score": None}
+    # Which score picks best_config.yaml: the search score, or the held-out one.
+    select = "heldout_score" if cfg.select_by == "heldout" else "score"
+
+    def is_better(record: dict) -> bool:
+        if record.get("stopped_early"):  # an estimate on part of the items
+            return False
+        value = record.get(select)
+        return value is not None and (best.get(select) is None or value > best[select])
 
     view = ProgressView(console, quiet=options.quiet)
     from hotmerge.run.sinks import open_sinks
@@ -198,17 +210,28 @@ def evolve(config_path: Path, options: EvolveOptions, console=None) -> dict | No
         rank_of = int(record.get("rank", 0))
         busy[rank_of] = busy.get(rank_of, 0.0) + float((record.get("seconds") or {}).get("total", 0.0))
         view.update(coordinator.progress, record)
-        sinks.log(record, coordinator.progress)
-        score = record.get("score")
-        if score is not None and (best["score"] is None or score > best["score"]):
+        if not record.get("xfavorite"):  # the sinks chart generations; the mean is not one
+            sinks.log(record, coordinator.progress)
+        if is_better(record):
+            best.clear()
             best.update(record)
             run.save_best(genome.to_mergekit_config(record["genotype"], names))
 
-    coordinator = Coordinator(run, search, worker.evaluate, options.max_fevals, on_result,
-                              world_size=world, genotype_size=genome.size, log=log)
+    def on_heldout(record: dict) -> None:
+        view.heldout(record)
+        if is_better(record):
+            best.clear()
+            best.update(record)
+            run.save_best(genome.to_mergekit_config(record["genotype"], names))
+
+    fitness = Fitness(racing=cfg.racing, heldout=bool(cfg.heldout_tasks), heldout_top_k=cfg.heldout_top_k,
+                      specs=tuple((t.name, t.metric, t.weight) for t in cfg.tasks))
+    coordinator = Coordinator(run, search, worker, options.max_fevals, on_result,
+                              world_size=world, genotype_size=genome.size, log=log, fitness=fitness,
+                              on_heldout=on_heldout)
     for record in coordinator.history.values():
-        score = record.get("score")
-        if score is not None and (best["score"] is None or score > best["score"]):
+        if is_better(record):
+            best.clear()
             best.update(record)
     previous = signal.getsignal(signal.SIGTERM)
     if world == 1:
@@ -233,8 +256,13 @@ def evolve(config_path: Path, options: EvolveOptions, console=None) -> dict | No
             f"stopped after {stop.count} bugs in a row on rank {stop.rank} ({stop.error}); traceback in "
             f"{where}; the state is saved: fix the bug and run the same command to resume",
             traceback_file=stop.traceback_file)
-    if best["score"] is None:
-        raise RunFailed(f"every candidate failed: see the errors in {run.history_file}")
+    if best.get(select) is None:
+        what = "every candidate failed" if select == "score" else "no candidate has a held-out score"
+        raise RunFailed(f"{what}: see the errors in {run.history_file}")
+    if best.get("heldout_score") is not None:
+        gap = best["score"] - best["heldout_score"]
+        log(f"chosen recipe (by {cfg.select_by} score): search {_pm(best['score'], best.get('stderr'))}, "
+            f"held-out {_pm(best['heldout_score'], best.get('heldout_stderr'))}, gap {gap:+.4f}")
     run.save_best(genome.to_mergekit_config(best["genotype"], names))
     if coordinator.stop_requested:
         log(f"stopped; state saved in {run.path}: run the same command to resume")

@@ -50,8 +50,20 @@ class ProgressView:
         line = (f"gen {record['generation']} cand {record['index']}: "
                 f"score {_fmt(record.get('score'), record.get('stderr'))}  best {_fmt(p.best_score, p.best_stderr)}  "
                 f"evals {p.evaluations}/{p.max_fevals}  {p.per_minute:.1f}/min  eta {_eta(p.eta_seconds)}")
+        if record.get("stopped_early"):
+            line += f"  (raced: stopped {record.get('race')} the best μ after {record.get('items')} items)"
         if record.get("error"):
             line += f"  FAILED: {record['error']}"
+        self.console.print(line, highlight=False)
+
+    def heldout(self, record: dict) -> None:
+        """A record re-scored on the held-out tasks."""
+        if record.get("heldout_score") is None:
+            line = f"held-out: gen {record['generation']} cand {record['index']} FAILED: {record.get('heldout_error')}"
+        else:
+            what = "CMA-ES mean" if record.get("xfavorite") else f"gen {record['generation']} cand {record['index']}"
+            line = (f"held-out: {what}: {_fmt(record['heldout_score'], record.get('heldout_stderr'))} "
+                    f"(search {_fmt(record.get('score'), record.get('stderr'))})")
         self.console.print(line, highlight=False)
 
     def _table(self, p: Progress) -> Table:

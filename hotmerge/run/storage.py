@@ -78,7 +78,8 @@ class RunDir:
         self.history_file = self.path / "history.jsonl"
         self.search_file = self.path / "search.pkl"
         self.best_file = self.path / "best_config.yaml"
-        self._tail_checked = False  # a kill's unfinished last history line is cut before appending
+        self.race_file = self.path / "race.jsonl"
+        self._tails_checked = set()  # files whose unfinished last line (a kill's) is cut before appending
 
     def exists(self) -> bool:
         return self.meta_file.is_file()
@@ -132,39 +133,36 @@ class RunDir:
         return path
 
     def append_history(self, record: dict[str, Any]) -> None:
+        self._append(self.history_file, record)
+
+    def append_race(self, record: dict[str, Any]) -> None:
+        """Keep one round of a raced candidate (its per-item values), for an exact resume."""
+        self._append(self.race_file, record)
+
+    def _append(self, path: Path, record: dict[str, Any]) -> None:
         line = json.dumps(record, default=_jsonable) + "\n"
-        if not self._tail_checked:
-            self._trim_unfinished_line()
-            self._tail_checked = True
-        with open(self.history_file, "a") as f:
+        if path not in self._tails_checked:
+            _trim_unfinished_line(path)
+            self._tails_checked.add(path)
+        with open(path, "a") as f:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
 
-    def _trim_unfinished_line(self) -> None:
-        """Cut a last line that a kill left unfinished, so the next record starts a line of
-        its own (read_history stops at the first line it cannot parse)."""
-        if not self.history_file.is_file():
-            return
-        with open(self.history_file, "rb+") as f:
-            data = f.read()
-            if data and not data.endswith(b"\n"):
-                f.truncate(data.rfind(b"\n") + 1)
-                f.flush()
-                os.fsync(f.fileno())
-
     def read_history(self) -> list[dict[str, Any]]:
-        if not self.history_file.is_file():
-            return []
-        records = []
-        with open(self.history_file) as f:
-            for line in f:
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    # A line cut short by a kill: that evaluation did not finish.
-                    break
-        return records
+        """Every history line, in order. A candidate re-scored on the held-out tasks has a
+        second, fuller line; `records` keeps the last line of each candidate."""
+        return _read_jsonl(self.history_file)
+
+    def records(self) -> list[dict[str, Any]]:
+        """One record per candidate (generation, index): its last line."""
+        latest = {}
+        for record in self.read_history():
+            latest[(record.get("generation"), record.get("index"))] = record
+        return list(latest.values())
+
+    def read_race(self) -> list[dict[str, Any]]:
+        return _read_jsonl(self.race_file)
 
     def save_search(self, state: "SearchState") -> "SearchState":
         """Save the search state; returns it as read back, which is what a resumed run sees."""
@@ -183,6 +181,33 @@ class RunDir:
 
     def save_best(self, merge_config: dict[str, Any]) -> None:
         atomic_write(self.best_file, yaml.safe_dump(merge_config, sort_keys=False).encode())
+
+
+def _trim_unfinished_line(path: Path) -> None:
+    """Cut a last line that a kill left unfinished, so the next record starts a line of
+    its own (_read_jsonl stops at the first line it cannot parse)."""
+    if not path.is_file():
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                # A line cut short by a kill: that evaluation did not finish.
+                break
+    return records
 
 
 def _jsonable(value: Any) -> Any:

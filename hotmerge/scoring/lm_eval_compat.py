@@ -9,6 +9,7 @@ aggregation), the Instance fields, `lm_eval.models.huggingface.HFLM` and
 lm-eval versions in SUPPORTED, reached only through these functions:
 
     task_filter_names(task)           Task._filters
+    apply_filters(task, instances)    Task._filters (Task.apply_filters on some instances only)
     memoize_per_document(task, name)  relies on process_results calling self.doc_to_target/doc_to_choice
     token_scoring_lm()                TemplateLM's private hook _loglikelihood_tokens (fed by _encode_pair)
     add_special_kwargs(...)           lm_eval.models.utils._add_special_kwargs
@@ -115,6 +116,12 @@ def task_filter_names(task) -> list[str]:
     # Task._filters (private): the task's filter ensembles; lm-eval's metric keys are 'metric,filter'.
     filters = getattr(task, "_filters", None)
     return [f.name for f in filters] if filters else ["none"]
+
+
+def apply_filters(task, instances) -> None:
+    """Task.apply_filters on `instances` only (racing scores a subset of the documents)."""
+    for ensemble in getattr(task, "_filters", None) or ():
+        ensemble.apply(instances)
 
 
 def memoize_per_document(task, method: str) -> None:

@@ -126,22 +126,27 @@ class TaskSuite:
     def n_requests(self) -> int:
         return sum(len(reqs) for reqs in self.requests.values())
 
+    def _forward(self, lm, instances) -> None:
+        """Run `instances` through `lm` (an lm-eval LM), one call per request type, in
+        lm-eval's order; their responses land in instance.resps."""
+        by_type = defaultdict(list)
+        for instance in instances:
+            instance.resps = []
+            instance.filtered_resps = {}
+            by_type[instance.request_type].append(instance)
+        for request_type in REQUEST_TYPES:
+            if not by_type.get(request_type):
+                continue
+            cloned = [inst for inst in by_type[request_type] for _ in range(inst.repeats)]
+            responses = getattr(lm, request_type)(cloned, disable_tqdm=True)
+            for response, instance in zip(responses, cloned, strict=True):
+                instance.resps.append(response)
+
     def evaluate(self, lm) -> TaskScores:
         """Run every request through `lm` (an lm-eval LM) and aggregate as lm-eval does."""
         seconds = {}
         started = time.perf_counter()
-        for task in self.tasks.values():
-            for instance in task.instances:
-                instance.resps = []
-                instance.filtered_resps = {}
-        for request_type in REQUEST_TYPES:
-            instances = self.requests.get(request_type)
-            if not instances:
-                continue
-            cloned = [inst for inst in instances for _ in range(inst.repeats)]
-            responses = getattr(lm, request_type)(cloned, disable_tqdm=True)
-            for response, instance in zip(responses, cloned, strict=True):
-                instance.resps.append(response)
+        self._forward(lm, [inst for reqs in self.requests.values() for inst in reqs])
         seconds["forward"] = time.perf_counter() - started
 
         started = time.perf_counter()
@@ -159,6 +164,52 @@ class TaskSuite:
         # Tasks are scored on separate items: their errors add in quadrature.
         stderr = math.sqrt(variance) if variance is not None else None
         return TaskScores(score=score, results=results, seconds=seconds, stderr=stderr)
+
+    @property
+    def doc_counts(self) -> dict[str, int]:
+        """task -> how many documents it scores."""
+        return {name: len(docs) for name, docs in self.docs.items()}
+
+    def check_per_item_means(self) -> None:
+        """Racing needs every metric to be lm-eval's plain mean of per-document values."""
+        from lm_eval.api import metrics
+
+        for spec in self.specs:
+            metric = spec.metric.partition(",")[0]
+            aggregation = self.tasks[spec.name].aggregation()[metric]
+            if aggregation is not metrics.mean:
+                raise ConfigError(
+                    f"racing needs metrics that lm-eval averages per document, and task {spec.name} "
+                    f"aggregates {metric} with {getattr(aggregation, '__name__', aggregation)}: "
+                    "use a mean metric such as acc or exact_match, or turn racing off")
+
+    def item_values(self, lm, positions: dict[str, list[int]]) -> dict[int, list[float]]:
+        """Score the documents at `positions` (task -> indices into its documents) only.
+
+        Returns spec index -> the per-document value of that spec's metric, in the order
+        of `positions`, from lm-eval's own filters and process_results."""
+        chosen = {name: [self.docs[name][i] for i in pos] for name, pos in positions.items()}
+        instances = {}
+        for name, docs in chosen.items():
+            ids = {doc_id for doc_id, _ in docs}
+            instances[name] = [inst for inst in self.tasks[name].instances if inst.doc_id in ids]
+        self._forward(lm, [inst for insts in instances.values() for inst in insts])
+        per_doc = {}
+        for name, docs in chosen.items():
+            task = self.tasks[name]
+            lm_eval_compat.apply_filters(task, instances[name])
+            by_doc = defaultdict(list)
+            for instance in sorted(instances[name], key=lambda x: x.idx):
+                by_doc[instance.doc_id].append(instance)
+            per_doc[name] = {
+                filter_key: [task.process_results(doc, [r.filtered_resps[filter_key] for r in by_doc[doc_id]])
+                             for doc_id, doc in docs]
+                for filter_key in lm_eval_compat.task_filter_names(task)}
+        values = {}
+        for index, spec in enumerate(self.specs):
+            metric, _, filter_key = spec.metric.partition(",")
+            values[index] = [float(m[metric]) for m in per_doc[spec.name][filter_key or "none"]]
+        return values
 
     def _aggregate(self, task) -> dict[str, float]:
         task.apply_filters()

@@ -36,12 +36,47 @@ import torch
 import torch.distributed as dist
 
 from hotmerge.errors import BUG
+from hotmerge.search.racing import Race
 from hotmerge.search.strategy import Search
 from hotmerge.run.storage import RunDir
 
 RESULT_BYTES = 1 << 18
-CMD_STOP, CMD_EVAL = 0.0, 1.0
+CMD_STOP, CMD_EVAL, CMD_ITEMS, CMD_HELDOUT = 0.0, 1.0, 2.0, 3.0
+HEADER = 4  # command, candidate index, generation, round; the genotype follows
 MAX_BUGS_IN_A_ROW = 3
+XFAVORITE_INDEX = -1  # the history index of CMA-ES's mean, scored at the end
+
+
+@dataclass(frozen=True)
+class Job:
+    """One unit of work for a rank: score candidate `index` (genotype x) in one way."""
+
+    command: float
+    index: int
+    x: np.ndarray
+    generation: int = 0
+    round: int = 0
+
+
+def run_job(worker, job: Job) -> dict:
+    """Do `job` on this process's worker (search/worker.py)."""
+    if job.command == CMD_EVAL:
+        return worker.evaluate(job.x)
+    if job.command == CMD_ITEMS:
+        return worker.evaluate_items(job.x, job.generation, job.round)
+    if job.command == CMD_HELDOUT:
+        return worker.evaluate_heldout(job.x)
+    raise ValueError(f"unknown command {job.command}")
+
+
+@dataclass(frozen=True)
+class Fitness:
+    """How candidates are scored beyond one plain evaluation each."""
+
+    racing: "RacingConfig | None" = None  # config.evolve.RacingConfig
+    heldout: bool = False  # re-score on the held-out tasks
+    heldout_top_k: int | None = None  # None: each new best
+    specs: tuple = ()  # (task, weight) of the search tasks, for racing
 
 
 @dataclass
@@ -102,24 +137,28 @@ def same_genotype(a, b) -> bool:
 
 
 class Coordinator:
-    """Rank 0's loop. `evaluate(x) -> result dict` runs one candidate on this process."""
+    """Rank 0's loop. `worker` (search/worker.py) scores candidates on this process."""
 
-    def __init__(self, run: RunDir, search: Search, evaluate: Callable[[np.ndarray], dict],
-                 max_fevals: int, on_result: Callable[[dict], None], world_size: int = 1,
-                 genotype_size: int = 0, log: Callable[[str], None] = print):
+    def __init__(self, run: RunDir, search: Search, worker, max_fevals: int, on_result: Callable[[dict], None],
+                 world_size: int = 1, genotype_size: int = 0, log: Callable[[str], None] = print,
+                 fitness: Fitness = Fitness(), on_heldout: Callable[[dict], None] = lambda record: None):
         self.run = run
         self.search = search
-        self.evaluate = evaluate
+        self.worker = worker
         self.max_fevals = max_fevals
         self.on_result = on_result
+        self.on_heldout = on_heldout
         self.world_size = world_size
         self.genotype_size = genotype_size
         self.log = log
+        self.fitness = fitness
         self.stop_requested = False
-        self.history = {(r["generation"], r["index"]): r for r in run.read_history()}
-        self.progress = Progress(max_fevals=max_fevals, evaluations=len(self.history))
+        self.history = {(r["generation"], r["index"]): r for r in run.records()}
+        self.progress = Progress(max_fevals=max_fevals,
+                                 evaluations=sum(1 for key in self.history if key[1] != XFAVORITE_INDEX))
         for record in self.history.values():
             self._track(record)
+        self.race_cache = {(r["generation"], r["index"], r["round"]): r for r in run.read_race()}
         self._lock = threading.Lock()
         self.bugs_in_a_row: dict[int, int] = {}
         self.bug_stop: BugStop | None = None
@@ -129,6 +168,8 @@ class Coordinator:
         self.progress.last_score = score
         if score is None:
             self.progress.failures += 1
+        elif record.get("stopped_early"):
+            pass  # an estimate on part of the items: never the best
         elif self.progress.best_score is None or score > self.progress.best_score:
             self.progress.best_score = score
             self.progress.best_stderr = record.get("stderr")
@@ -139,63 +180,253 @@ class Coordinator:
                 candidates = self.search.ask()
                 generation = self.search.generation
                 self.progress.generation = generation
-                scores = self._evaluate_generation(generation, candidates)
+                if self.fitness.racing is not None:
+                    scores = self._race_generation(generation, candidates)
+                else:
+                    scores = self._evaluate_generation(generation, candidates)
                 if scores is None:  # stopped mid-generation; state stays at the last whole one
+                    break
+                if self.fitness.heldout and not self._rescore_heldout(generation, len(candidates)):
                     break
                 self.search.tell(candidates, scores)
                 # Go on from the state as saved, exactly what a resumed run would load.
                 self.search = Search.from_state(self.run.save_search(self.search.state))
+            if self.fitness.heldout and not self.stop_requested and self.bug_stop is None:
+                self._score_xfavorite()
         finally:
             self._stop_workers()
 
-    def _evaluate_generation(self, generation: int, candidates: list[np.ndarray]) -> list | None:
-        records: dict[int, dict] = {}
-        todo = deque()
-        for index, x in enumerate(candidates):
-            old = self.history.get((generation, index))
-            # A bug says nothing about the candidate: a resumed run evaluates it again.
-            if old is not None and old.get("failure") != BUG and same_genotype(old["genotype"], x):
-                records[index] = old
-            else:
-                todo.append(index)
+    # -- dispatch ---------------------------------------------------------------------------
 
-        def finish(index: int, result: dict, rank: int) -> None:
-            record = {"generation": generation, "index": index, "rank": rank,
-                      "genotype": candidates[index].tolist(), **result, "finished_at": time.time()}
-            with self._lock:
-                self._record_bug(record)
-                self.run.append_history(record)
-                if (generation, index) not in self.history:  # a bug evaluated again counts once
-                    self.progress.evaluations += 1
-                self.history[(generation, index)] = record
-                records[index] = record
-                self.progress.new_evaluations += 1
-                self._track(record)
-                self.on_result(record)
+    def _dispatch(self, jobs: list[Job], finish: Callable[[Job, dict, int], None]) -> bool:
+        """Run `jobs` on every rank, each rank taking the next job as soon as it is free;
+        `finish(job, result, rank)` runs under the lock. True when every job finished and
+        no bug stopped the run."""
+        todo = deque(jobs)
+        finished = []
 
-        def take() -> int | None:
+        def take() -> Job | None:
             with self._lock:
                 if self.stop_requested or not todo:
                     return None
                 return todo.popleft()
 
-        threads = [
-            threading.Thread(target=self._feed_rank, args=(rank, candidates, take, finish), daemon=True)
-            for rank in range(1, self.world_size)
-        ]
+        def done(job: Job, result: dict, rank: int) -> None:
+            with self._lock:
+                finish(job, result, rank)
+                finished.append(job)
+
+        threads = [threading.Thread(target=self._feed_rank, args=(rank, take, done), daemon=True)
+                   for rank in range(1, self.world_size)]
         for thread in threads:
             thread.start()
         try:
-            while (index := take()) is not None:
-                finish(index, self.evaluate(candidates[index]), 0)
+            while (job := take()) is not None:
+                done(job, run_job(self.worker, job), 0)
         except KeyboardInterrupt:
             # Ctrl-C: let the other ranks finish what they hold, then stop cleanly.
             self.stop_requested = True
         for thread in threads:
             thread.join()
+        return len(finished) == len(jobs) and self.bug_stop is None
+
+    def _feed_rank(self, rank: int, take, done) -> None:
+        while (job := take()) is not None:
+            done(job, self._remote(rank, job), rank)
+
+    def _remote(self, rank: int, job: Job) -> dict:
+        """Have `rank` do `job`; its result dict."""
+        message = torch.zeros(HEADER + self.genotype_size, dtype=torch.float64)
+        message[0], message[1], message[2], message[3] = job.command, job.index, job.generation, job.round
+        message[HEADER:] = torch.from_numpy(job.x)
+        dist.send(message, dst=rank)
+        reply = torch.zeros(RESULT_BYTES, dtype=torch.uint8)
+        dist.recv(reply, src=rank)
+        return _decode_result(reply)
+
+    def _stop_workers(self) -> None:
+        if self.world_size <= 1:
+            return
+        message = torch.zeros(HEADER + self.genotype_size, dtype=torch.float64)
+        message[0] = CMD_STOP
+        for rank in range(1, self.world_size):
+            dist.send(message, dst=rank)
+
+    # -- records ----------------------------------------------------------------------------
+
+    def _done_before(self, generation: int, index: int, x) -> dict | None:
+        """The history's record of this candidate, when a killed run finished it."""
+        old = self.history.get((generation, index))
+        # A bug says nothing about the candidate: a resumed run evaluates it again.
+        if old is not None and old.get("failure") != BUG and same_genotype(old["genotype"], x):
+            return old
+        return None
+
+    def _finish(self, generation: int, index: int, x, result: dict, rank: int) -> dict:
+        """Record one candidate's result (under the lock): history first, then the rest."""
+        record = {"generation": generation, "index": index, "rank": rank,
+                  "genotype": np.asarray(x).tolist(), **result, "finished_at": time.time()}
+        self._record_bug(record)
+        self.run.append_history(record)
+        if (generation, index) not in self.history and index != XFAVORITE_INDEX:
+            self.progress.evaluations += 1  # a bug evaluated again counts once
+        self.history[(generation, index)] = record
+        self.progress.new_evaluations += 1
+        self._track(record)
+        self.on_result(record)
+        return record
+
+    def _evaluate_generation(self, generation: int, candidates: list[np.ndarray]) -> list | None:
+        records: dict[int, dict] = {}
+        jobs = []
+        for index, x in enumerate(candidates):
+            old = self._done_before(generation, index, x)
+            if old is not None:
+                records[index] = old
+            else:
+                jobs.append(Job(CMD_EVAL, index, x, generation))
+
+        def finish(job: Job, result: dict, rank: int) -> None:
+            records[job.index] = self._finish(generation, job.index, job.x, result, rank)
+
+        self._dispatch(jobs, finish)
         if self.bug_stop is not None or len(records) < len(candidates):
             return None  # not told: a resumed run evaluates what is missing (bugs included)
         return [records[i].get("score") for i in range(len(candidates))]
+
+    # -- racing -----------------------------------------------------------------------------
+
+    def _race_generation(self, generation: int, candidates: list[np.ndarray]) -> list | None:
+        """Score a generation by racing (search/racing.py); the scores to tell, or None when
+        stopped. Every round's values are kept in race.jsonl, so a resumed run replays the
+        rounds it has and decides exactly as the killed run did."""
+        plan = self.worker.race_plan
+        race = Race(plan, list(self.fitness.specs), len(candidates), self.search.mu, self.fitness.racing.delta,
+                    generation)
+        seconds: dict[int, dict] = {}
+        last: dict[int, dict] = {}  # index -> the last round's result (rank, params, failure)
+        records: dict[int, dict] = {}
+
+        def take_round(index: int, round_: int, result: dict, rank: int) -> None:
+            failed = result.get("failure") is not None
+            race.add(index, round_, None if failed else {int(k): v for k, v in result["values"].items()})
+            for key, value in (result.get("seconds") or {}).items():
+                seconds.setdefault(index, {})[key] = seconds.get(index, {}).get(key, 0.0) + value
+            last[index] = {**result, "rank": rank}
+
+        for round_ in range(plan.rounds):
+            jobs = []
+            for index in race.racing():
+                cached = self.race_cache.get((generation, index, round_))
+                if cached is not None and same_genotype(cached["genotype"], candidates[index]):
+                    take_round(index, round_, cached["result"], cached["rank"])
+                else:
+                    jobs.append(Job(CMD_ITEMS, index, candidates[index], generation, round_))
+
+            def finish(job: Job, result: dict, rank: int) -> None:
+                if result.get("failure") == BUG:
+                    # Recorded like a plain bug; the round is not kept, so a resume runs it again.
+                    take_round(job.index, job.round, result, rank)
+                    records[job.index] = self._finish(generation, job.index, job.x,
+                                                      self._race_result(race, job.index, last[job.index],
+                                                                        seconds[job.index]), rank)
+                    return
+                entry = {"generation": generation, "index": job.index, "round": job.round, "rank": rank,
+                         "genotype": job.x.tolist(), "result": result}
+                self.run.append_race(entry)
+                self.race_cache[(generation, job.index, job.round)] = entry
+                take_round(job.index, job.round, result, rank)
+
+            if not self._dispatch(jobs, finish):
+                return None  # not told: a resumed run replays the rounds kept and runs the rest
+            race.decide()
+            for index, entry in enumerate(race.entries):
+                if index in records or (index in race.racing()):
+                    continue
+                old = self._done_before(generation, index, candidates[index])
+                if old is not None:
+                    records[index] = old
+                    continue
+                with self._lock:
+                    records[index] = self._finish(generation, index, candidates[index],
+                                                  self._race_result(race, index, last[index], seconds[index]),
+                                                  last[index]["rank"])
+        return [records[i].get("score") for i in range(len(candidates))]
+
+    def _race_result(self, race: Race, index: int, last: dict, seconds: dict) -> dict:
+        """A raced candidate's history fields: scores on the items it saw, as lm-eval
+        aggregates them (a finished candidate's equal a plain evaluation's)."""
+        entry = race.entries[index]
+        common = {"params": last.get("params"), "seconds": seconds, "items": race.items_seen(index),
+                  "stopped_early": entry.stopped is not None, "race": entry.stopped}
+        if entry.failed:
+            failure = {"score": None, "results": None, "failure": last.get("failure"), "error": last.get("error")}
+            if "traceback" in last:
+                failure["traceback"] = last["traceback"]
+            return {**failure, **common}
+        score, stderr, results = race.scores(index)
+        return {"score": score, "stderr": stderr, "results": results, "error": None, **common}
+
+    # -- held-out re-scoring ----------------------------------------------------------------
+
+    def _heldout_choice(self, generation: int, size: int) -> list[dict]:
+        """The generation's records to score on the held-out tasks: its top k, or its best
+        when that beats every earlier generation's (fully scored records only)."""
+        def full(record):
+            return record.get("score") is not None and not record.get("stopped_early")
+
+        mine = [self.history[(generation, i)] for i in range(size) if full(self.history.get((generation, i), {}))]
+        mine.sort(key=lambda r: (-r["score"], r["index"]))
+        if self.fitness.heldout_top_k is not None:
+            return mine[:self.fitness.heldout_top_k]
+        earlier = [r["score"] for (g, i), r in self.history.items()
+                   if g < generation and i != XFAVORITE_INDEX and full(r)]
+        if mine and (not earlier or mine[0]["score"] > max(earlier)):
+            return mine[:1]
+        return []
+
+    def _rescore_heldout(self, generation: int, size: int) -> bool:
+        """Score the chosen records on the held-out tasks; False when stopped."""
+        chosen = [r for r in self._heldout_choice(generation, size) if "heldout_score" not in r]
+        jobs = [Job(CMD_HELDOUT, r["index"], np.asarray(r["genotype"]), generation) for r in chosen]
+
+        def finish(job: Job, result: dict, rank: int) -> None:
+            self._take_heldout((generation, job.index), result, rank)
+
+        return self._dispatch(jobs, finish)
+
+    def _take_heldout(self, key: tuple[int, int], result: dict, rank: int) -> None:
+        """Add a held-out result to its record. A failure (a bug too: it is counted and its
+        traceback kept) leaves heldout_score None with the error; the search goes on."""
+        bug = {"generation": key[0], "index": key[1], "rank": rank, **result}
+        self._record_bug(bug)
+        record = {**self.history[key]}
+        record["heldout_score"] = result.get("heldout_score")
+        record["heldout_stderr"] = result.get("heldout_stderr")
+        record["heldout_results"] = result.get("heldout_results")
+        if result.get("failure") is not None:
+            record["heldout_error"] = result.get("error")
+            if "traceback_file" in bug:
+                record["heldout_traceback_file"] = bug["traceback_file"]
+        self.run.append_history(record)
+        self.history[key] = record
+        self.on_heldout(record)
+
+    def _score_xfavorite(self) -> None:
+        """Score CMA-ES's own estimate of the optimum, its mean, on both task sets."""
+        generation = self.search.generation
+        x = np.asarray(self.search.xfavorite, dtype=float)
+        key = (generation, XFAVORITE_INDEX)
+        record = self._done_before(generation, XFAVORITE_INDEX, x)
+        if record is None:
+            record = self._finish(generation, XFAVORITE_INDEX, x,
+                                  {**run_job(self.worker, Job(CMD_EVAL, XFAVORITE_INDEX, x)), "xfavorite": True}, 0)
+            if record.get("failure") == BUG:
+                return
+        if "heldout_score" not in record:
+            self._take_heldout(key, run_job(self.worker, Job(CMD_HELDOUT, XFAVORITE_INDEX, x)), 0)
+
+    # -- bugs -------------------------------------------------------------------------------
 
     def _record_bug(self, record: dict) -> None:
         """Keep a bug's traceback in the run directory and count bugs in a row per rank."""
@@ -218,38 +449,17 @@ class Coordinator:
             self.bug_stop = BugStop(rank=rank, count=count, error=str(record.get("error")), traceback_file=path)
             self.stop_requested = True
 
-    def _feed_rank(self, rank: int, candidates, take, finish) -> None:
-        while (index := take()) is not None:
-            finish(index, self._remote_evaluate(rank, index, candidates[index]), rank)
 
-    def _remote_evaluate(self, rank: int, index: int, x: np.ndarray) -> dict:
-        """Have `rank` evaluate candidate `index` (genotype x); its result dict."""
-        message = torch.zeros(2 + self.genotype_size, dtype=torch.float64)
-        message[0], message[1] = CMD_EVAL, index
-        message[2:] = torch.from_numpy(x)
-        dist.send(message, dst=rank)
-        reply = torch.zeros(RESULT_BYTES, dtype=torch.uint8)
-        dist.recv(reply, src=rank)
-        return _decode_result(reply)
-
-    def _stop_workers(self) -> None:
-        if self.world_size <= 1:
-            return
-        message = torch.zeros(2 + self.genotype_size, dtype=torch.float64)
-        message[0] = CMD_STOP
-        for rank in range(1, self.world_size):
-            dist.send(message, dst=rank)
-
-
-def worker_loop(evaluate: Callable[[np.ndarray], dict], genotype_size: int) -> None:
-    """Ranks other than 0: evaluate what rank 0 sends until it says stop."""
+def worker_loop(worker, genotype_size: int) -> None:
+    """Ranks other than 0: do what rank 0 sends until it says stop."""
     while True:
-        message = torch.zeros(2 + genotype_size, dtype=torch.float64)
+        message = torch.zeros(HEADER + genotype_size, dtype=torch.float64)
         dist.recv(message, src=0)
         if message[0].item() == CMD_STOP:
             return
-        result = evaluate(message[2:].numpy().copy())
-        dist.send(_encode_result(result), dst=0)
+        command, index, generation, round_ = (message[i].item() for i in range(HEADER))
+        job = Job(command, int(index), message[HEADER:].numpy().copy(), int(generation), int(round_))
+        dist.send(_encode_result(run_job(worker, job)), dst=0)
 
 
 def _encode_result(result: dict[str, Any]) -> torch.Tensor:

@@ -80,6 +80,16 @@ class Search:
         return self.state.strategy.popsize
 
     @property
+    def mu(self) -> int:
+        """How many of a generation's best candidates the update uses (pycma's μ)."""
+        return int(self.state.strategy.sp.weights.mu)
+
+    @property
+    def xfavorite(self) -> np.ndarray:
+        """CMA-ES's own estimate of the optimum: the mean of its distribution."""
+        return np.asarray(self.state.strategy.result.xfavorite, dtype=float)
+
+    @property
     def generation(self) -> int:
         return self.state.generation
 

@@ -12,6 +12,7 @@ from hotmerge.config.evolve import ValidatedConfig
 from hotmerge.errors import BUG, CANDIDATE, CandidateError, candidate_error_types
 from hotmerge.runtimes import start_runtime
 from hotmerge.scoring.suite import TaskSuite
+from hotmerge.search.racing import RacePlan
 
 # A traceback travels to rank 0 inside a fixed-size message: keep its tail.
 MAX_TRACEBACK_CHARS = 32_000
@@ -40,22 +41,70 @@ class CandidateWorker:
                 fewshot_as_multiturn=cfg.fewshot_as_multiturn,
                 lm=self.runtime.lm,
             )
+            self.heldout_suite = None
+            if cfg.heldout_tasks:
+                self.heldout_suite = TaskSuite(
+                    cfg.heldout_tasks,
+                    include_paths=[*cfg.task_paths, *task_paths],
+                    num_fewshot=cfg.num_fewshot,
+                    seed=seed,
+                    apply_chat_template=cfg.apply_chat_template,
+                    fewshot_as_multiturn=cfg.fewshot_as_multiturn,
+                    lm=self.runtime.lm,
+                )
+            self.race_plan = None
+            if cfg.racing is not None:
+                self.suite.check_per_item_means()
+                self.race_plan = RacePlan(self.suite.doc_counts, tuple(cfg.racing.schedule), seed)
         except BaseException:
             self.close()
             raise
         self.startup_seconds = time.perf_counter() - started
+        self.applied = None  # the genotype (or recipe) the live weights hold
 
     def close(self) -> None:
         self.runtime.close()
 
-    def _score(self, recipe, seconds: dict, started: float) -> dict:
+    def _apply(self, x, seconds: dict, started: float) -> None:
+        """Write candidate x into the live weights, unless they already hold it (racing
+        scores one candidate in several calls)."""
+        if isinstance(x, np.ndarray):
+            if isinstance(self.applied, np.ndarray) and np.array_equal(self.applied, x):
+                return
+            recipe = self.genome.decode(x)
+        else:
+            recipe = x
+        self.applied = None  # a failed apply leaves the weights half written
         self.runtime.apply(recipe)
+        self.applied = x.copy() if isinstance(x, np.ndarray) else None
         seconds["apply"] = time.perf_counter() - started
+
+    def _score(self, x, seconds: dict, started: float) -> dict:
+        self._apply(x, seconds, started)
         scores = self.suite.evaluate(self.runtime.lm)
         seconds.update(scores.seconds)
         if not math.isfinite(scores.score):
             raise CandidateError(f"the merged model's score is {scores.score}")
         return {"score": scores.score, "stderr": scores.stderr, "results": scores.results, "error": None}
+
+    def _score_items(self, x, generation: int, round_: int, seconds: dict, started: float) -> dict:
+        self._apply(x, seconds, started)
+        positions = self.race_plan.positions(generation, round_)
+        values = self.suite.item_values(self.runtime.lm, positions)
+        seconds["forward"] = time.perf_counter() - started - seconds.get("apply", 0.0)
+        for spec, vs in values.items():
+            if not all(math.isfinite(v) for v in vs):
+                raise CandidateError(f"task {self.suite.specs[spec].name} gave a non-finite item value")
+        return {"values": {str(k): v for k, v in values.items()}, "error": None}
+
+    def _score_heldout(self, x, seconds: dict, started: float) -> dict:
+        self._apply(x, seconds, started)
+        scores = self.heldout_suite.evaluate(self.runtime.lm)
+        seconds.update(scores.seconds)
+        if not math.isfinite(scores.score):
+            raise CandidateError(f"the merged model's held-out score is {scores.score}")
+        return {"heldout_score": scores.score, "heldout_stderr": scores.stderr,
+                "heldout_results": scores.results, "error": None}
 
     def evaluate(self, x, *, raise_bugs: bool = False) -> dict:
         """Score one genotype (or a recipe already resolved, such as a merge config's).
@@ -66,16 +115,24 @@ class CandidateWorker:
         otherwise it comes back with failure "bug" and its traceback, for the
         coordinator to record and count.
         """
+        return self._guarded(x, self._score, raise_bugs=raise_bugs)
+
+    def evaluate_items(self, x, generation: int, round_: int) -> dict:
+        """Racing: the per-item values of one round's items (search/racing.py)."""
+        return self._guarded(x, lambda x, seconds, started: self._score_items(x, generation, round_, seconds, started))
+
+    def evaluate_heldout(self, x) -> dict:
+        """Score one genotype on the held-out tasks."""
+        return self._guarded(x, self._score_heldout)
+
+    def _guarded(self, x, score, *, raise_bugs: bool = False) -> dict:
         seconds = {}
         started = time.perf_counter()
         params = None
         try:
             if isinstance(x, np.ndarray):
                 params = {k: v.tolist() for k, v in self.genome.param_values(x).items()}
-                recipe = self.genome.decode(x)
-            else:
-                recipe = x
-            result = self._score(recipe, seconds, started)
+            result = score(x, seconds, started)
         except self.candidate_errors as error:
             result = {"score": None, "results": None, "failure": CANDIDATE, "error": _describe(error)}
         except Exception as error:
