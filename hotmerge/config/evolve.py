@@ -17,7 +17,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 from pydantic import (
@@ -219,6 +219,32 @@ class TaskConfig(BaseModel):
         return value
 
 
+class RacingConfig(BaseModel):
+    """Racing options (search/racing.py explains the rule)."""
+
+    model_config = _STRICT
+
+    # Cumulative share of every task's items scored after each round; the last is 1.
+    schedule: list[float] = [0.125, 0.25, 0.5, 1.0]
+    # Chance that one pairwise decision (candidate a is better than b) is wrong.
+    delta: float = 0.05
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, value: list[float]) -> list[float]:
+        if not value or value[-1] != 1.0 or any(not 0 < v <= 1 for v in value) or \
+                any(b <= a for a, b in zip(value, value[1:])):
+            raise ValueError(f"is {value}: give increasing shares in (0, 1] that end with 1.0, e.g. [0.25, 0.5, 1.0]")
+        return value
+
+    @field_validator("delta")
+    @classmethod
+    def _delta(cls, value: float) -> float:
+        if not 0 < value < 1:
+            raise ValueError(f"is {value}: use a probability between 0 and 1, e.g. 0.05")
+        return value
+
+
 class EvolveConfig(BaseModel):
     """mergekit.evo.config.EvolMergeConfiguration plus hotmerge's task_paths and seed."""
 
@@ -235,6 +261,13 @@ class EvolveConfig(BaseModel):
     # hotmerge additions
     task_paths: list[str] = []
     seed: int = 42
+    # Held-out re-scoring: each new best (or the top k of every generation) and CMA-ES's
+    # mean at the end are scored on these tasks too; select_by picks best_config.yaml.
+    heldout_tasks: list[TaskConfig] = []
+    heldout_top_k: Optional[int] = None
+    select_by: Literal["search", "heldout"] = "search"
+    # Racing (search/racing.py): off by default, so a plain run equals mergekit-evolve's.
+    racing: Optional[RacingConfig] = None
 
     @field_validator("tasks")
     @classmethod
@@ -242,6 +275,31 @@ class EvolveConfig(BaseModel):
         if not value:
             raise ValueError("is empty: list at least one lm-eval task")
         return value
+
+    @field_validator("racing", mode="before")
+    @classmethod
+    def _racing(cls, value: Any) -> Any:
+        # `racing: true` takes the documented defaults; `racing: false` is plain evaluation.
+        if value is True:
+            return {}
+        if value is False:
+            return None
+        return value
+
+    @field_validator("heldout_top_k")
+    @classmethod
+    def _top_k(cls, value: Optional[int]) -> Optional[int]:
+        if value is not None and value <= 0:
+            raise ValueError(f"is {value}: use a positive number, or remove it to re-score each new best")
+        return value
+
+    @model_validator(mode="after")
+    def _heldout_rules(self) -> "EvolveConfig":
+        if self.select_by == "heldout" and not self.heldout_tasks:
+            raise ValueError("select_by: heldout needs heldout_tasks: list the held-out tasks, or select_by: search")
+        if self.heldout_top_k is not None and not self.heldout_tasks:
+            raise ValueError("heldout_top_k needs heldout_tasks: list the held-out tasks, or remove heldout_top_k")
+        return self
 
     @field_validator("limit")
     @classmethod
@@ -352,11 +410,18 @@ _FIELD_HINTS = {
     "fewshot_as_multiturn": "true or false",
     "task_paths": "a list of folders with lm-eval task YAML files",
     "seed": "a whole number",
+    "heldout_tasks": "a list of task names or {name, weight, metric} entries",
+    "heldout_top_k": "a positive whole number, or remove it",
+    "select_by": "search or heldout",
+    "racing": "true, false or a mapping with schedule and delta",
+    "racing.schedule": "a list of increasing shares ending with 1.0",
+    "racing.delta": "a probability, e.g. 0.05",
 }
 _ALLOWED_KEYS = {
     "": list(EvolveConfig.model_fields),
     "genome": list(GenomeConfig.model_fields),
     "task": list(TaskConfig.model_fields),
+    "racing": list(RacingConfig.model_fields),
 }
 
 
@@ -375,7 +440,7 @@ def format_validation_error(e: ValidationError) -> str:
 
     if kind == "extra_forbidden":
         parent, _, key = field.rpartition(".")
-        scope = "task" if parent.startswith("tasks[") else parent
+        scope = "task" if parent.startswith(("tasks[", "heldout_tasks[")) else parent
         allowed = ", ".join(_ALLOWED_KEYS.get(scope, []))
         where = f" in {parent}" if parent else ""
         return f"unknown key '{key}'{where}: remove it or fix the spelling (allowed: {allowed}){more}"
@@ -400,7 +465,7 @@ def format_validation_error(e: ValidationError) -> str:
 def _hint_for(field: str) -> str:
     if field in _FIELD_HINTS:
         return _FIELD_HINTS[field]
-    generic = re.sub(r"\[\d+\]", "", field)
+    generic = re.sub(r"\[\d+\]", "", field).removeprefix("heldout_")
     if generic.startswith("tasks."):
         return {
             "tasks.name": "an lm-eval task name",
