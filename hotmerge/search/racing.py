@@ -9,18 +9,21 @@ shares cut that order into rounds: with [0.125, 0.25, 0.5, 1.0], round 0 scores 
 first eighth of every task, round 1 the next eighth, and so on. Every candidate still
 in the race scores the same items in the same order, so every comparison is paired.
 
-The bound. For two candidates a and b, the weighted score difference on all items,
-D = Σ_s w_s (mean_s(a) - mean_s(b)), is estimated from the n items seen so far. Each
-seen item contributes y = Σ_s w_s N/N_t (m_a - m_b) (its share of D), bounded by
-R = 2 max_t Σ_s |w_s| N/N_t for per-item values in [0, 1]. The empirical Bernstein
-bound (Audibert, Munos and Szepesvári 2009, Theorem 1) puts the mean of y within
+The bound. For two candidates a and b, the weighted score difference on all items is
+D = Σ_t mean over task t's documents of z, where z = Σ_s w_s (m_a - m_b) sums the specs
+s that score task t (one per configured metric of the task) and lies in an interval of
+width R_t = 2 Σ_s |w_s| for per-item values in [0, 1]. After n_t of task t's N_t
+documents, drawn without replacement in a random order, the Hoeffding-Serfling
+inequality (Serfling 1974; Bardenet and Maillard 2015, Theorem 1) for each task, summed
+over the tasks' independent orders, gives with probability 1 - δ
 
-    sqrt(2 V log(3/δ) / n) + 3 R log(3/δ) / n
+    D >= D_seen - sqrt(log(1/δ) Σ_t R_t² ρ_t / (2 n_t)),   ρ_t = 1 - (n_t - 1) / N_t,
 
-of its expectation with probability 1 - δ, V being the sample variance of y. Only the
-unseen share (1 - n/N) of D is unknown, so the width is scaled by it: at n = N the
-difference is exact. a is *confidently better* than b when the estimate of D minus
-this width is above 0. δ is per pairwise decision (`racing.delta`).
+where D_seen is the difference on the items seen. ρ_t is the finite-population factor:
+the bound tightens as the unseen share shrinks. a is *confidently better* than b when
+D_seen exceeds that width. δ is per pairwise decision (`racing.delta`). Hoeffding's
+bound is used rather than an empirical Bernstein bound: for paired 0/1 differences on
+a few hundred items, the Bernstein range term, 3 R log(3/δ) / n, is the larger one.
 
 Decisions, after every round, among the candidates still racing (A of them, with μ'
 of the best-μ places not yet given to a candidate stopped as inside):
@@ -79,14 +82,17 @@ class RacePlan:
         return out
 
 
-def bernstein_width(y: np.ndarray, value_range: float, delta: float, seen_share: float) -> float:
-    """How far the mean over all items can be from the mean of the n seen values `y`."""
-    n = len(y)
-    if n == 0:
-        return math.inf
-    log_term = math.log(3.0 / delta)
-    width = math.sqrt(2.0 * float(np.var(y)) * log_term / n) + 3.0 * value_range * log_term / n
-    return (1.0 - seen_share) * width
+def hoeffding_serfling_width(seen: dict[str, int], counts: dict[str, int], ranges: dict[str, float],
+                             delta: float) -> float:
+    """How far below the difference on the items seen the difference on all items can be
+    (one-sided, probability δ): `seen`, `counts` and `ranges` per task."""
+    total = 0.0
+    for task, n in seen.items():
+        if n == 0:
+            return math.inf
+        rho = 1.0 - (n - 1) / counts[task]
+        total += ranges[task] ** 2 * rho / (2.0 * n)
+    return math.sqrt(math.log(1.0 / delta) * total)
 
 
 @dataclass
@@ -112,12 +118,9 @@ class Race:
         self.mu = mu
         self.delta = delta
         self.entries = [Entry() for _ in range(size)]
-        total = sum(plan.doc_counts.values())
-        self.total_items = total
-        # Each item's share of the weighted score: Σ_s w_s N / N_t over the specs of its task.
-        self.share = {task: sum(abs(w) for t, w in self.specs if t == task) * total / count
-                      for task, count in plan.doc_counts.items()}
-        self.value_range = 2.0 * max(self.share.values())
+        self.total_items = sum(plan.doc_counts.values())
+        # The width of the interval that one item's weighted difference lies in, per task.
+        self.ranges = {task: 2.0 * sum(abs(w) for t, w in self.specs if t == task) for task in plan.doc_counts}
 
     def racing(self) -> list[int]:
         """The candidates that score the next round."""
@@ -144,41 +147,22 @@ class Race:
         entry = self.entries[index]
         return sum(w * float(np.mean(entry.values[s])) for s, (_, w) in enumerate(self.specs))
 
-    def _item_shares(self, index: int) -> np.ndarray:
-        """The candidate's per-item contributions y (see the module doc), items in task order."""
+    def _seen(self, index: int) -> dict[str, int]:
         entry = self.entries[index]
-        parts = []
-        for task in sorted(self.plan.doc_counts):
-            count = self.plan.doc_counts[task]
-            total = None
-            for s, (t, w) in enumerate(self.specs):
-                if t == task:
-                    term = w * self.total_items / count * np.asarray(entry.values[s])
-                    total = term if total is None else total + term
-            parts.append(total)
-        return np.concatenate(parts)
+        return {task: len(entry.values[s]) for s, (task, _) in enumerate(self.specs)}
 
     def decide(self) -> list[int]:
         """Stop the candidates whose place is known; returns the ones stopped now."""
         alive = self.racing()
         if len(alive) <= 1:
             return []
-        seen = len(self._item_shares(alive[0]))
-        share = seen / self.total_items
-        if share >= 1.0:
-            return []
-        ys = {i: self._item_shares(i) for i in alive}
+        seen = self._seen(alive[0])
+        if all(seen[task] >= count for task, count in self.plan.doc_counts.items()):
+            return []  # everything scored: nothing left to save
+        # The same items for every candidate racing, so one width serves every pair.
+        width = hoeffding_serfling_width(seen, self.plan.doc_counts, self.ranges, self.delta)
         estimates = {i: self.estimate(i) for i in alive}
-        better = {i: set() for i in alive}  # i -> the candidates confidently better than i
-        for a in alive:
-            for b in alive:
-                if a < b:
-                    width = bernstein_width(ys[a] - ys[b], self.value_range, self.delta, share)
-                    difference = estimates[a] - estimates[b]
-                    if difference - width > 0:
-                        better[b].add(a)
-                    elif -difference - width > 0:
-                        better[a].add(b)
+        better = {i: {j for j in alive if estimates[j] - estimates[i] > width} for i in alive}
         places = self.mu - sum(1 for e in self.entries if e.stopped == INSIDE)
         leader = max(alive, key=lambda i: (estimates[i], -i))
         stopped = []

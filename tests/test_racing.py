@@ -1,0 +1,221 @@
+"""Racing (search/racing.py) and held-out re-scoring in the search loop, on a worker whose
+per-item scores are a known function of the genotype: the race's decisions, its record
+fields, an exact resume, and which records the held-out tasks re-score."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hotmerge.config.evolve import RacingConfig
+from hotmerge.search.coordinator import XFAVORITE_INDEX, Coordinator, Fitness
+from hotmerge.search.racing import INSIDE, OUTSIDE, Race, RacePlan, hoeffding_serfling_width
+from hotmerge.search.strategy import Search
+from hotmerge.run.storage import RunDir
+
+DOCS = {"a": 300, "b": 200}
+SPECS = (("a", "acc,none", 1.0), ("b", "acc,none", 2.0))
+SCHEDULE = (0.125, 0.25, 0.5, 1.0)
+GENES = 3
+
+
+def test_plan_rounds_split_every_task_into_its_documents_once():
+    plan = RacePlan({"a": 103, "b": 7}, SCHEDULE, seed=1)
+    for generation in (0, 1):
+        rounds = [plan.positions(generation, r) for r in range(plan.rounds)]
+        for task, count in plan.doc_counts.items():
+            seen = [p for r in rounds for p in r[task]]
+            assert sorted(seen) == list(range(count))
+        assert [len(r["a"]) for r in rounds] == [13, 13, 26, 51]  # ceil of the shares
+    assert plan.positions(0, 0) == RacePlan({"a": 103, "b": 7}, SCHEDULE, seed=1).positions(0, 0)
+    assert plan.positions(0, 0) != plan.positions(1, 0)  # a new order every generation
+
+
+def test_width_shrinks_with_items_and_is_small_when_nearly_all_are_seen():
+    counts, ranges = {"a": 1000, "b": 100}, {"a": 2.0, "b": 4.0}
+    widths = [hoeffding_serfling_width({"a": n, "b": n // 10}, counts, ranges, 0.05) for n in (50, 100, 500, 1000)]
+    assert widths == sorted(widths, reverse=True)
+    # without replacement: all but the finite-population factor is Hoeffding's bound
+    n = 100
+    hoeffding = math.sqrt(math.log(1 / 0.05) * 2.0 ** 2 / (2 * n))
+    assert hoeffding_serfling_width({"a": n}, {"a": 1000}, {"a": 2.0}, 0.05) == pytest.approx(
+        hoeffding * math.sqrt(1 - (n - 1) / 1000))
+    assert widths[-1] < 0.1 * widths[0]
+    assert hoeffding_serfling_width({"a": 0, "b": 5}, counts, ranges, 0.05) == math.inf
+
+
+def _values(quality: float, positions: dict[str, list[int]]) -> dict[int, list[float]]:
+    """Item i of a task is right when its fixed difficulty is below the candidate's quality:
+    a better candidate gets every item a worse one gets, and more (paired items)."""
+    out = {}
+    for s, (task, _, _) in enumerate(SPECS):
+        difficulty = np.random.default_rng(len(task)).uniform(size=DOCS[task])
+        out[s] = [float(difficulty[p] < quality) for p in positions[task]]
+    return out
+
+
+def _race(qualities, mu, delta=0.05):
+    plan = RacePlan(DOCS, SCHEDULE, seed=0)
+    race = Race(plan, list(SPECS), len(qualities), mu, delta, generation=0)
+    for round_ in range(plan.rounds):
+        for i in race.racing():
+            race.add(i, round_, _values(qualities[i], plan.positions(0, round_)))
+        race.decide()
+    return race
+
+
+def test_race_stops_clear_losers_and_winners_and_the_leader_finishes():
+    qualities = [0.9, 0.1, 0.85, 0.15, 0.2, 0.8, 0.05, 0.88]
+    race = _race(qualities, mu=4)
+    stopped = {i: e.stopped for i, e in enumerate(race.entries)}
+    assert {i for i, s in stopped.items() if s == OUTSIDE} == {1, 3, 4, 6}
+    assert stopped[0] is None  # the leader finishes
+    assert {i for i, s in stopped.items() if s == INSIDE} <= {2, 5, 7}
+    assert all(race.items_seen(i) < sum(DOCS.values()) for i, s in stopped.items() if s is not None)
+    assert race.items_seen(0) == sum(DOCS.values())
+
+
+def test_race_among_equals_stops_nobody():
+    race = _race([0.5] * 6, mu=3)
+    assert all(e.stopped is None and e.rounds == len(SCHEDULE) for e in race.entries)
+
+
+def test_race_full_scores_equal_a_plain_evaluation():
+    race = _race([0.4, 0.45], mu=1)
+    score, stderr, results = race.scores(1)
+    everything = {task: list(range(n)) for task, n in DOCS.items()}
+    values = _values(0.45, everything)
+    assert score == sum(w * np.mean(values[s]) for s, (_, _, w) in enumerate(SPECS))
+    assert results["b"]["acc,none"] == np.mean(values[1])
+    assert stderr > 0
+
+
+# -- the search loop with a worker whose scores are known -----------------------------------------
+
+
+class KnownWorker:
+    """Quality = 1 - distance of the genotype to an optimum; item values as _values."""
+
+    def __init__(self, racing: bool = True, fail_after: int | None = None):
+        self.race_plan = RacePlan(DOCS, SCHEDULE, seed=0) if racing else None
+        self.calls = 0
+        self.fail_after = fail_after
+
+    def _tick(self):
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise KeyboardInterrupt  # a kill in the middle of a generation
+
+    @staticmethod
+    def quality(x) -> float:
+        return float(np.clip(1.0 - np.abs(np.asarray(x) - 0.7).sum(), 0.0, 1.0))
+
+    def evaluate(self, x) -> dict:
+        self._tick()
+        values = _values(self.quality(x), {task: list(range(n)) for task, n in DOCS.items()})
+        score = sum(w * float(np.mean(values[s])) for s, (_, _, w) in enumerate(SPECS))
+        return {"score": score, "stderr": 0.01, "results": {}, "error": None, "params": None, "seconds": {}}
+
+    def evaluate_items(self, x, generation, round_) -> dict:
+        self._tick()
+        values = _values(self.quality(x), self.race_plan.positions(generation, round_))
+        return {"values": {str(k): v for k, v in values.items()}, "error": None, "params": None,
+                "seconds": {"forward": 1.0}}
+
+    def evaluate_heldout(self, x) -> dict:
+        self._tick()
+        return {"heldout_score": self.quality(x) - 0.05, "heldout_stderr": 0.02, "heldout_results": {},
+                "error": None, "params": None, "seconds": {}}
+
+
+def _coordinator(run_dir: Path, worker, fitness: Fitness, fevals: int = 48) -> Coordinator:
+    run = RunDir(run_dir)
+    run.path.mkdir(exist_ok=True)
+    state = run.load_search()
+    search = Search.from_state(state) if state is not None else Search(np.full(GENES, 0.5), 0.2, 1, fevals, 16)
+    return Coordinator(run, search, worker, fevals, lambda record: None, genotype_size=GENES,
+                       log=lambda *_: None, fitness=fitness)
+
+
+RACING = Fitness(racing=RacingConfig(), specs=SPECS)
+
+
+def _lines(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+
+
+def _outcome(run_dir: Path) -> list:
+    return sorted((r["generation"], r["index"], tuple(r["genotype"]), r["score"], r.get("stopped_early"),
+                   r.get("items"), r.get("heldout_score")) for r in RunDir(run_dir).records())
+
+
+def test_racing_run_flags_stopped_candidates_and_saves_items(tmp_path):
+    coordinator = _coordinator(tmp_path / "race", KnownWorker(), RACING)
+    coordinator.run_loop()
+    records = RunDir(tmp_path / "race").records()
+    assert len(records) == 48 and coordinator.search.generation == 3
+    total = sum(DOCS.values())
+    stopped = [r for r in records if r["stopped_early"]]
+    assert stopped and all(r["items"] < total and r["race"] in (INSIDE, OUTSIDE) for r in stopped)
+    finished = [r for r in records if not r["stopped_early"]]
+    assert finished and all(r["items"] == total and r["race"] is None for r in finished)
+    for r in finished:  # a finished candidate's score is a plain evaluation's
+        assert r["score"] == pytest.approx(KnownWorker().evaluate(np.asarray(r["genotype"]))["score"], abs=1e-12)
+    # the best is a fully scored candidate
+    best = max(records, key=lambda r: r["score"])
+    assert coordinator.progress.best_score == max(r["score"] for r in finished)
+    assert best["score"] >= coordinator.progress.best_score
+    items = sum(r["items"] for r in records)
+    assert items < 0.8 * len(records) * total  # the race saved items
+
+
+def test_killed_racing_run_resumes_to_the_same_end(tmp_path):
+    reference = _coordinator(tmp_path / "reference", KnownWorker(), RACING)
+    reference.run_loop()
+    # Kill in the middle of the second generation's rounds, then resume twice.
+    for fail_after in (20, 37):
+        killed = _coordinator(tmp_path / "run", KnownWorker(fail_after=fail_after), RACING)
+        killed.run_loop()
+        assert killed.stop_requested
+    resumed = _coordinator(tmp_path / "run", KnownWorker(), RACING)
+    resumed.run_loop()
+    assert _outcome(tmp_path / "run") == _outcome(tmp_path / "reference")
+    assert resumed.search.generation == reference.search.generation
+
+
+def test_heldout_rescores_each_new_best_and_the_mean(tmp_path):
+    coordinator = _coordinator(tmp_path / "run", KnownWorker(racing=False), Fitness(heldout=True))
+    coordinator.run_loop()
+    lines = _lines(tmp_path / "run")
+    rescored = [r for r in lines if "heldout_score" in r]
+    records = RunDir(tmp_path / "run").records()
+    # every re-scored record is a new best of the search when its generation ended
+    best = -math.inf
+    for generation in range(3):
+        top = max((r for r in records if r["generation"] == generation), key=lambda r: r["score"])
+        chosen = [r for r in rescored if r["generation"] == generation and r["index"] != XFAVORITE_INDEX]
+        assert len(chosen) == (1 if top["score"] > best else 0)
+        if chosen:
+            assert chosen[0]["index"] == top["index"]
+            assert chosen[0]["heldout_score"] == pytest.approx(KnownWorker.quality(top["genotype"]) - 0.05)
+        best = max(best, top["score"])
+    mean = [r for r in records if r["index"] == XFAVORITE_INDEX]
+    assert len(mean) == 1 and mean[0]["xfavorite"] and mean[0]["heldout_score"] is not None
+    assert mean[0]["genotype"] == pytest.approx(coordinator.search.xfavorite.tolist())
+    assert coordinator.progress.evaluations == 48  # the mean is not one of the search's evaluations
+
+
+def test_heldout_top_k_with_racing_rescores_fully_scored_records_only(tmp_path):
+    fitness = Fitness(racing=RacingConfig(), specs=SPECS, heldout=True, heldout_top_k=3)
+    coordinator = _coordinator(tmp_path / "run", KnownWorker(), fitness)
+    coordinator.run_loop()
+    records = RunDir(tmp_path / "run").records()
+    for generation in range(3):
+        mine = [r for r in records if r["generation"] == generation]
+        full = sorted((r for r in mine if not r["stopped_early"]), key=lambda r: (-r["score"], r["index"]))
+        rescored = {r["index"] for r in mine if "heldout_score" in r}
+        assert rescored == {r["index"] for r in full[:3]}
