@@ -454,10 +454,10 @@ def test_evolve_refuses_a_benchmark_task_in_one_line_and_lists_the_flag(tmp_path
     assert "--i-understand-the-depths-of-the-evils-i-am-unleashing" in shown.stdout
 
 
-def test_tokenizer_source_needs_one_vocabulary(toy_family, tmp_path):
-    """With tokenizer_source mergekit permutes embedding rows into the chosen vocabulary;
-    hotmerge merges rows by index, so it takes tokenizer_source only when every model
-    has the same token ids, and says so otherwise."""
+def test_tokenizer_source_over_renumbered_vocabularies(toy_family, tmp_path):
+    """Same ids: nothing moves. Two ids swapped: merged by index without tokenizer_source (as
+    mergekit does), and with it the swapped model's rows are moved into the output vocabulary
+    (tests/test_vocabulary.py compares such merges with mergekit's)."""
     import json
 
     other = tmp_path / "expert_sum_renumbered"
@@ -472,8 +472,10 @@ def test_tokenizer_source_needs_one_vocabulary(toy_family, tmp_path):
         return {"genome": {"models": [str(m) for m in models], "base_model": str(toy_family.base),
                            "merge_method": "task_arithmetic", **extra}, "tasks": ["toy_sum_mc_search"]}
 
-    same = [*toy_family.experts[:2], toy_family.experts[2]]
-    validate_config(parse_config(genome(same, tokenizer_source="base")))
-    validate_config(parse_config(genome([*toy_family.experts[:2], other])))  # rows by index, as mergekit
-    with pytest.raises(ConfigError, match="vocabulary of .*renumbered differs.*tokenizer_source"):
-        validate_config(parse_config(genome([*toy_family.experts[:2], other], tokenizer_source="union")))
+    same = validate_config(parse_config(genome(toy_family.experts, tokenizer_source="base")))
+    assert all(info.vocabulary is None for info in same.models) and same.vocabulary.size == 180
+    plain = validate_config(parse_config(genome([*toy_family.experts[:2], other])))  # rows by index, as mergekit
+    assert plain.vocabulary is None and plain.tokenizer_path == str(toy_family.base)
+    moved = validate_config(parse_config(genome([*toy_family.experts[:2], other], tokenizer_source="union")))
+    assert moved.models[2].vocabulary is not None and moved.vocabulary.size == 180
+    assert moved.vocabulary.permutations[str(other)][vocab[first]] == vocab[second]

@@ -29,6 +29,7 @@ from pydantic import (
     model_validator,
 )
 
+from hotmerge.config.tokenizer import VOCAB_SOURCES, TokenizerSection, map_models, settings_of
 from hotmerge.errors import ConfigError
 from hotmerge.models.folder import ModelInfo
 from hotmerge.kernels.methods import METHOD_NAMES, get_method
@@ -90,6 +91,8 @@ class GenomeConfig(BaseModel):
     merge_method: str
     base_model: Optional[str] = None
     tokenizer_source: Optional[str] = None
+    # mergekit's `tokenizer:` section (a merge config key; hotmerge takes it here too)
+    tokenizer: Optional[TokenizerSection] = None
     layer_granularity: int = 0
     normalize: Optional[bool] = None
     allow_negative_weights: bool = False
@@ -122,9 +125,16 @@ class GenomeConfig(BaseModel):
     @field_validator("tokenizer_source")
     @classmethod
     def _tokenizer_source(cls, value: Optional[str], info: ValidationInfo) -> Optional[str]:
-        if value is None or value in ("base", "union"):
+        if value is None or value in VOCAB_SOURCES:
             return value
-        return _resolve_path(_check_model_string(value), info)
+        return _resolve_model(value, info)
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _tokenizer(cls, value: Optional[TokenizerSection], info: ValidationInfo) -> Optional[TokenizerSection]:
+        if value is None:
+            return None
+        return map_models(value, lambda ref: _resolve_model(ref, info))
 
     @field_validator("merge_method")
     @classmethod
@@ -155,6 +165,8 @@ class GenomeConfig(BaseModel):
     @model_validator(mode="after")
     def _method_rules(self) -> "GenomeConfig":
         m = self.merge_method
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise ValueError("tokenizer_source and tokenizer are both given, which mergekit refuses: keep one")
         if m in BASE_METHODS and self.base_model is None:
             raise ValueError(
                 f"merge_method {m} needs base_model: add genome.base_model (the model the "
@@ -396,6 +408,7 @@ _FIELD_HINTS = {
     "genome.merge_method": "one of " + ", ".join(MERGE_METHODS),
     "genome.base_model": "the path of the base model folder",
     "genome.tokenizer_source": "base, union or a model folder path",
+    "genome.tokenizer": "a mapping with source, tokens, pad_to_multiple_of",
     "genome.layer_granularity": "a whole number >= 0 (0 = one group for all layers)",
     "genome.normalize": "true or false (or remove it for the method's default)",
     "genome.allow_negative_weights": "true or false",
@@ -490,6 +503,8 @@ class ValidatedConfig:
     models: list[ModelInfo]  # same order as genome.models
     base: Optional[ModelInfo]  # genome.base_model, or None
     num_layers: int
+    # the output vocabulary tokenizer_source (or tokenizer:) asks for (models/vocab.py)
+    vocabulary: Optional[Any] = None
 
     @property
     def genome_config(self) -> GenomeConfig:
@@ -502,11 +517,9 @@ class ValidatedConfig:
 
     @property
     def tokenizer_path(self) -> str:
-        """The folder whose tokenizer the merged model uses: tokenizer_source when it names a
-        model; otherwise the reference's (`base` and `union` give its vocabulary, since every
-        source has the reference's embedding shapes)."""
-        ts = self.config.genome.tokenizer_source
-        return self.reference.path if ts in (None, "base", "union") else ts
+        """The folder whose tokenizer the merged model uses: the built vocabulary's, or the
+        reference's without tokenizer_source."""
+        return self.vocabulary.path if self.vocabulary is not None else self.reference.path
 
     def genome(self):
         from hotmerge.config.genome import Genome
@@ -514,8 +527,13 @@ class ValidatedConfig:
         return Genome(self.config.genome, self.num_layers)
 
 
-def validate_config(cfg: EvolveConfig) -> ValidatedConfig:
-    """Check that the models exist, match each other, and fit the genome; load no weights."""
+def validate_config(cfg: EvolveConfig, inputs_of=None, tokenizer_base: Optional[str] = None) -> ValidatedConfig:
+    """Check that the models exist, match each other, and fit the genome; load no weights
+    (with tokenizer_source: build the vocabulary, see models/vocab.py).
+
+    A merge config's slices say what mergekit gathers for a vocabulary tensor,
+    inputs_of(tensor name) -> (models, base), and its base_model (tokenizer_base) is the
+    base of the vocabulary even where the method takes none."""
     g = cfg.genome
     infos = {}
     for i, p in enumerate(g.models):
@@ -527,9 +545,20 @@ def validate_config(cfg: EvolveConfig) -> ValidatedConfig:
 
     ref = base if base is not None else models[0]
     ref_label = "base_model" if base is not None else "genome.models[0]"
+    ts = g.tokenizer_source if g.tokenizer is None else g.tokenizer.source
+    if ts is not None and ts not in VOCAB_SOURCES and not os.path.isdir(ts.partition("+")[0]):
+        raise ConfigError(
+            f"genome.tokenizer_source {ts} is not base, union or an existing model folder: fix the path"
+        )
+    settings = settings_of(g.tokenizer_source, g.tokenizer)
+    axes = {}
+    if settings is not None:
+        from hotmerge.models.vocab import vocabulary_axes
+
+        axes = vocabulary_axes(ref)
     for i, info in enumerate(models):
         if info is not ref:
-            _check_same_layout(info, f"genome.models[{i}]", ref, ref_label)
+            _check_same_layout(info, f"genome.models[{i}]", ref, ref_label, axes)
 
     n = ref.num_layers
     if n < 1:
@@ -542,39 +571,33 @@ def validate_config(cfg: EvolveConfig) -> ValidatedConfig:
             f"{ref.path}: use a divisor of {n} ({', '.join(map(str, divisors))}), or 0 for one group"
         )
 
-    ts = g.tokenizer_source
-    if ts is not None and ts not in ("base", "union") and not os.path.isdir(ts):
-        raise ConfigError(
-            f"genome.tokenizer_source {ts} is not base, union or an existing model folder: fix the path"
-        )
-    if ts is not None:
-        _check_same_vocabulary(list({i.path: i for i in [ref, *models]}.values()), ts)
+    vocabulary = None
+    if settings is not None:
+        vocabulary, models, base = _align(g, settings, models, base, inputs_of, tokenizer_base or g.base_model)
     for i, p in enumerate(cfg.task_paths):
         if not os.path.exists(p):
             raise ConfigError(f"task_paths[{i}] {p} does not exist: fix the path or remove it")
-    return ValidatedConfig(config=cfg, models=models, base=base, num_layers=n)
+    return ValidatedConfig(config=cfg, models=models, base=base, num_layers=n, vocabulary=vocabulary)
 
 
-def _check_same_vocabulary(infos: list, tokenizer_source: str) -> None:
-    """With tokenizer_source, mergekit builds the output vocabulary and permutes every
-    model's embedding rows into it. hotmerge merges rows by index, which is the same
-    merge exactly when every tokenizer has the reference's token ids: check that."""
-    from transformers import AutoTokenizer
+def _align(g: GenomeConfig, settings: dict, models: list, base: Optional[ModelInfo], inputs_of, tokenizer_base):
+    """The output vocabulary, and the models as they read in it (models/vocab.py)."""
+    from hotmerge.models.vocab import align_models, inputs_of_genome
 
-    vocab = None
-    for info in infos:
-        try:
-            mine = AutoTokenizer.from_pretrained(info.path).get_vocab()
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"tokenizer_source {tokenizer_source} needs every model's tokenizer, and "
-                              f"{info.path} has none that loads ({type(e).__name__}): save the tokenizer with "
-                              "the model, or remove tokenizer_source") from None
-        if vocab is None:
-            vocab = mine
-        elif mine != vocab:
-            raise ConfigError(f"the vocabulary of {info.path} differs from {infos[0].path}'s, and hotmerge cannot "
-                              "yet permute embedding rows into the tokenizer_source vocabulary as mergekit does: "
-                              "merge models that share one tokenizer")
+    infos = {info.reference: info for info in [*models, *([base] if base is not None else [])]}
+    if inputs_of is None:
+        # slerp merges two models per tensor: the base of each layer group does not change their rows
+        genome_inputs = inputs_of_genome(g.models, None if g.merge_method == "slerp" else g.base_model)
+
+        def inputs_of(_name):
+            return genome_inputs
+    vocabulary, aligned = align_models(settings, infos, tokenizer_base, inputs_of)
+    moved = any(info.vocabulary is not None for info in aligned.values())
+    if moved and g.merge_method == "slerp" and len(g.models) > 2:
+        raise ConfigError("slerp over more than two models whose vocabularies differ: which two a layer group "
+                          "merges changes with every candidate, and so would mergekit's rows for tokens some "
+                          "models lack: merge two models, or models that share one vocabulary")
+    return vocabulary, [aligned[info.reference] for info in models], (aligned[base.reference] if base else None)
 
 
 def _model_info(path: str, label: str) -> ModelInfo:
@@ -592,7 +615,9 @@ def _model_info(path: str, label: str) -> ModelInfo:
         raise ConfigError(f"{label}: {e}") from None
 
 
-def _check_same_layout(info: ModelInfo, label: str, ref: ModelInfo, ref_label: str) -> None:
+def _check_same_layout(info: ModelInfo, label: str, ref: ModelInfo, ref_label: str, vocab_axes: dict) -> None:
+    """Same architecture, layers and tensors; a vocabulary tensor (vocab_axes: name ->
+    token axis, given with tokenizer_source) may differ along its token axis."""
     fix = "merge only models fine-tuned from the same base"
     who = f"{label} ({info.path})"
     refwho = f"{ref_label} ({ref.path})"
@@ -613,8 +638,24 @@ def _check_same_layout(info: ModelInfo, label: str, ref: ModelInfo, ref_label: s
             raise ConfigError(f"{who} has tensor {name} that {refwho} lacks: {fix}")
     for name, t in ref.tensors.items():
         mine = info.tensors[name].shape
+        axis = vocab_axes.get(name)
+        if axis is not None and len(mine) == len(t.shape) and all(
+                a == b for d, (a, b) in enumerate(zip(mine, t.shape)) if d != axis):
+            continue
+        if mine != t.shape and not vocab_axes and mine[1:] == t.shape[1:] and _vocabulary_rows(info, mine) \
+                and _vocabulary_rows(ref, t.shape):
+            raise ConfigError(
+                f"{who} has {mine[0]} token rows in {name} but {refwho} has {t.shape[0]}: their vocabularies "
+                "differ, which mergekit merges only with tokenizer_source: set tokenizer_source (base, union or a "
+                "model folder) to build one vocabulary and move every model's rows into it")
         if mine != t.shape:
             raise ConfigError(
                 f"{who} has tensor {name} with shape {list(mine)} but {refwho} has "
                 f"{list(t.shape)}: {fix}"
             )
+
+
+def _vocabulary_rows(info: ModelInfo, shape: tuple) -> bool:
+    """Whether a tensor has one row per token of its model (config.json's vocab_size)."""
+    size = info.config.get("vocab_size", (info.config.get("text_config") or {}).get("vocab_size"))
+    return bool(shape) and shape[0] == size

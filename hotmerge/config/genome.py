@@ -39,6 +39,7 @@ from typing import Mapping, Optional, Sequence, Union
 import numpy as np
 
 from hotmerge.config.evolve import GenomeConfig
+from hotmerge.config.tokenizer import VOCAB_SOURCES, map_models
 from hotmerge.models.folder import layer_index
 from hotmerge.kernels.methods import METHODS
 
@@ -319,7 +320,9 @@ class Genome:
         out["dtype"] = "bfloat16"
         ts = self.definition.tokenizer_source
         if ts is not None:
-            out["tokenizer_source"] = ts if ts in ("base", "union") else ref(ts)
+            out["tokenizer_source"] = ts if ts in VOCAB_SOURCES else ref(ts)
+        if self.definition.tokenizer is not None:
+            out["tokenizer"] = map_models(self.definition.tokenizer, ref).model_dump(exclude_none=True, mode="json")
         return out
 
     def _extra_base(self) -> bool:

@@ -121,10 +121,11 @@ class _Reader:
         genome = {"models": list(self.models), "merge_method": method, "allow_negative_weights": True}
         if not self.spec.combine:
             genome["base_model"] = self.base_model
-        if data.get("tokenizer_source") is not None:
-            genome["tokenizer_source"] = data["tokenizer_source"]
+        for key in ("tokenizer_source", "tokenizer"):
+            if data.get(key) is not None:
+                genome[key] = data[key]
         cfg = parse_config({"genome": genome, "tasks": ["unused"]}, base_dir=base_dir, source=source)
-        self.validated = validate_config(cfg)
+        self.validated = validate_config(cfg, inputs_of=self._vocabulary_inputs, tokenizer_base=self.base_model)
         self.dtype = self._merge_dtype(data.get("dtype"))
         self._check_layers()
 
@@ -136,8 +137,6 @@ class _Reader:
     def _check_unsupported(self, data: dict) -> None:
         if data.get("modules"):
             self.fail("modules: is not supported: write the merge with slices: or models:")
-        if data.get("tokenizer") is not None:
-            self.fail("the tokenizer: section is not supported: use tokenizer_source: base or a model path")
         if data.get("chat_template") is not None:
             self.fail("chat_template is not supported: remove it and set the template on the merged "
                       "model's tokenizer")
@@ -271,6 +270,11 @@ class _Reader:
         elif self.slices[-1].stop != n:
             self.fail(f"the slices cover layers [0, {self.slices[-1].stop}) of a {n}-layer model: cover "
                       f"every layer, ending at {n}")
+
+    def _vocabulary_inputs(self, name: str) -> tuple:
+        """What mergekit gathers for a vocabulary tensor: its slice's sources, in order, and base."""
+        sl = self.slices[0] if is_pre_weight(name) else self.slices[-1]
+        return tuple(m for m, _ in sl.sources), sl.base_model or self.base_model
 
     # -- resolution ---------------------------------------------------------------
 

@@ -54,6 +54,14 @@ class ModelInfo:
     tie_word_embeddings: bool
     tensors: dict[str, TensorInfo] = field(default_factory=dict)
     lora: Optional[str] = None  # a PEFT adapter folded into the weights when they are read
+    # mergekit's output vocabulary (models/vocab.py): embedding and output matrices are read
+    # with their rows moved into it
+    vocabulary: Optional[object] = None
+
+    @property
+    def reference(self) -> str:
+        """The model as a config names it: the folder, or mergekit's `model+adapter`."""
+        return f"{self.path}+{self.lora}" if self.lora is not None else self.path
 
     @classmethod
     def from_path(cls, path) -> "ModelInfo":
@@ -242,10 +250,23 @@ def iter_tensors(info: ModelInfo, names, dtype=None, device="cpu"):
     header index (single file or sharded with model.safetensors.index.json) assigns them.
 
     The one reader of model weights: so a stray *.safetensors beside the shards (a
-    consolidated copy, say) is never read, and a missing tensor is a ConfigError."""
+    consolidated copy, say) is never read, and a missing tensor is a ConfigError. A model
+    read in another vocabulary (info.vocabulary) has its embedding and output rows moved
+    into it, in the dtype asked for."""
+    names = list(names)
+    alignment = info.vocabulary
+    if alignment is None:
+        yield from _read_tensors(info, names, dtype, device)
+        return
+    for name, tensor in _read_tensors(info, names, dtype, "cpu"):
+        if name in alignment.axes:
+            tensor = alignment.align(info.reference, name, tensor)
+        yield name, tensor.to(device=device)
+
+
+def _read_tensors(info: ModelInfo, names: list, dtype, device):
     from safetensors import safe_open
 
-    names = list(names)
     if info.lora is not None:
         yield from _folded_tensors(info, names, dtype, device)
         return

@@ -23,6 +23,7 @@ def export_merge(validated: ValidatedConfig, recipe, out_dir: str | Path, seed: 
     save an HF model folder, atomically: a failed export leaves nothing at out_dir."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from hotmerge.models.vocab import fit_vocabulary
     from hotmerge.runtimes.merger import Merger
 
     if isinstance(recipe, (np.ndarray, list)):
@@ -31,6 +32,7 @@ def export_merge(validated: ValidatedConfig, recipe, out_dir: str | Path, seed: 
     reference = validated.reference.path
     dtype = OUT_DTYPES[getattr(recipe, "dtype", "bfloat16")]  # a merge config may ask for float16
     model = AutoModelForCausalLM.from_pretrained(reference, dtype=dtype)
+    fit_vocabulary(model, validated)
     merger = Merger(validated, dict(model.named_parameters()), seed=seed, dtype=dtype)
     merger.apply(recipe)
     del merger

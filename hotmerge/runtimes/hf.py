@@ -8,6 +8,7 @@ import torch
 
 from hotmerge.config.evolve import ValidatedConfig
 from hotmerge.errors import ConfigError, SetupError
+from hotmerge.models.vocab import fit_vocabulary
 from hotmerge.runtimes.merger import Merger
 
 
@@ -46,6 +47,7 @@ class HFRuntime:
         reference = validated.reference.path
         try:
             self.model = AutoModelForCausalLM.from_pretrained(reference, dtype=torch.bfloat16)
+            fit_vocabulary(self.model, validated)
             self.model.to(self.device).eval()
         except torch.OutOfMemoryError:
             raise SetupError(f"{reference} does not fit in the memory of {self.device}: use a bigger "

@@ -76,6 +76,7 @@ import numpy as np
 from hotmerge.config.evolve import ValidatedConfig
 from hotmerge.runtimes.encoding import RecipeRows
 from hotmerge.models.folder import is_derived_buffer
+from hotmerge.models.vocab import alignment_spec
 from hotmerge.errors import ConfigError, SetupError
 from hotmerge.runtimes import vllm_compat
 from hotmerge.runtimes.vllm_worker import pack_array, unpack_tensor
@@ -168,6 +169,12 @@ class VLLMRuntime:
         self.kv_cache_bytes = kv_cache_bytes or kv_cache_bytes_for(config, model_len, max_num_seqs,
                                                                    gpu=not on_cpu)
         engine_kwargs = {}
+        self.vocabulary = alignment_spec(reference_info)
+        if self.vocabulary is not None:
+            # Sources in another vocabulary: the engine starts in the output vocabulary with
+            # placeholder weights, and the worker loads the reference's aligned weights.
+            engine_kwargs.update(hf_overrides={"vocab_size": reference_info.vocabulary.vocabulary.size},
+                                 load_format="dummy")
         if not on_cpu:
             weight_bytes = 2 * sum(t.numel for t in reference_info.tensors.values())
             n_resident = len(self.models) + (self.base_model is not None)
@@ -209,6 +216,7 @@ class VLLMRuntime:
         started = time.perf_counter()
         spec = {
             "reference": self.reference,
+            "vocabulary": self.vocabulary,
             "models": list(self.models),
             "base": self.base_model,
             "names": list(reference_info.tensors),

@@ -145,6 +145,7 @@ class _State:
     seed: int = 0
     repack: bool = False
     packed_modules: list = field(default_factory=list)
+    infos: dict = field(default_factory=dict)  # the models in the output vocabulary, when theirs differ
     outs: list = field(default_factory=list)  # per placement: live view written in place, or None
     staged: list = field(default_factory=list)  # per placement: (staging, live view) or None
     timings: dict = field(default_factory=dict)
@@ -184,12 +185,15 @@ def _shared_prefix(a: list, b: list) -> int:
     return n
 
 
-def _iter_checkpoint(folder: str, names=None):
-    """(name, tensor) pairs of a model folder, read one at a time through its header index."""
+def _iter_checkpoint(folder: str, names=None, infos=None):
+    """(name, tensor) pairs of a model folder, read one at a time through its header index;
+    infos: the models as they read in the output vocabulary, when the sources' differ."""
     from hotmerge.models.folder import ModelInfo, iter_tensors
 
-    info = ModelInfo.from_path(folder)
-    return iter_tensors(info, info.tensors if names is None else [n for n in names if n in info.tensors])
+    info = (infos or {}).get(folder) or ModelInfo.from_path(folder)
+    dtype = torch.bfloat16 if info.vocabulary is not None else None  # aligned in the merge dtype
+    return iter_tensors(info, info.tensors if names is None else [n for n in names if n in info.tensors],
+                        dtype=dtype)
 
 
 def _find_src_box(region: torch.Tensor, source: torch.Tensor) -> Optional[list]:
@@ -256,7 +260,10 @@ class HotmergeWorkerExtension:
 
         spec: reference (folder the engine loaded), models (genome.models folders, in
         order), base (base_model folder or None), names (all source tensor names of the
-        reference), seed, method, tp (tensor-parallel size).
+        reference), seed, method, tp (tensor-parallel size), vocabulary (models/vocab.py's
+        alignment_spec when the sources' vocabularies differ: the engine then started with
+        placeholder weights in the output vocabulary, and the reference's aligned weights are
+        loaded here first).
         """
         from hotmerge import kernels
 
@@ -269,6 +276,14 @@ class HotmergeWorkerExtension:
         state = _State(names=names, shapes=shapes, params=params, seed=int(spec["seed"]))
         self._hotmerge_state = state
         tp = int(spec.get("tp", 1))
+        if spec.get("vocabulary") is not None:
+            from hotmerge.models.vocab import models_from_spec
+
+            state.infos = models_from_spec(spec["vocabulary"])
+            state.infos.update({info.path: info for info in state.infos.values() if info.lora is None})
+            vllm_compat.load_weights(model, _iter_checkpoint(spec["reference"], infos=state.infos))
+            state.packed_modules = [m for m in model.modules() if vllm_compat.is_packed_cpu_layer(m)]
+            self.hotmerge_repack()  # packed CPU kernels must see the loaded weights, not the placeholders
 
         # 1. Keep the engine's weights aside (host memory) while markers overwrite them.
         saved = {n: p.data.to("cpu", copy=True) for n, p in params.items()}
@@ -306,7 +321,7 @@ class HotmergeWorkerExtension:
             for path in ([base] if base is not None else []) + models:
                 if path in loaded:
                     continue
-                vllm_compat.load_weights(model, _iter_checkpoint(path))
+                vllm_compat.load_weights(model, _iter_checkpoint(path, infos=state.infos))
                 target = flat_base if (base is not None and path == base) else None
                 rows = [i for i, m in enumerate(models) if m == path]
                 for pl in state.placements:
@@ -328,7 +343,7 @@ class HotmergeWorkerExtension:
         by_name: dict = {}
         for pl in state.placements:
             by_name.setdefault(pl.name, []).append(pl)
-        for name, tensor in _iter_checkpoint(spec["reference"], list(by_name)):
+        for name, tensor in _iter_checkpoint(spec["reference"], list(by_name), infos=state.infos):
             for pl in by_name[name]:
                 live = params[pl.param].data[_slices(pl.box)]
                 src = tensor.to(device=live.device, dtype=live.dtype)
