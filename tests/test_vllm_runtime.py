@@ -431,3 +431,41 @@ def test_non_finite_candidate_raises_and_runtime_stays_usable(runtime, family, s
 
     runtime.apply(_candidate(validated, seed=32))  # the next candidate applies normally
     assert math.isfinite(suite.evaluate(runtime.lm).score)
+
+
+def test_sources_in_differing_vocabularies(family, tmp_path_factory):
+    """tokenizer_source over vocabularies that differ: the engine starts in the output
+    vocabulary, its live weights after a candidate equal the transformers runtime's bit for
+    bit (rows moved at load, as mergekit moves them), and it scores with the built tokenizer."""
+    import json
+
+    from hotmerge.runtimes.hf import HFRuntime
+    from hotmerge.runtimes.vllm import VLLMRuntime
+    from hotmerge.scoring.suite import TaskSuite
+    from vocab_models import grown, renumbered
+
+    root = tmp_path_factory.mktemp("vocab")
+    words = json.loads((family.base / "tokenizer.json").read_text())["model"]["vocab"]
+    drop = sorted(words, key=words.get)[4:7]
+    models = [grown(family.experts[0], root / "grown", ["<extra_a>", "zorblat"], seed=1),
+              renumbered(family.experts[1], root / "renumbered", drop=drop, seed=2)]
+    validated = validate_config(parse_config({
+        "genome": {"models": models, "base_model": str(family.base), "merge_method": "ties",
+                   "layer_granularity": 2, "tokenizer_source": "union"},
+        "tasks": ["toy_sum_mc_search"], "apply_chat_template": False, "fewshot_as_multiturn": False,
+        "seed": SEED}))
+    recipe = _candidate(validated, seed=5)
+    hf = HFRuntime(validated, device="cpu", seed=SEED)
+    hf.apply(recipe)
+    rt = VLLMRuntime(validated, seed=SEED)
+    try:
+        assert not rt.layout["unmapped"] and len(rt.lm.tokenizer) == validated.vocabulary.size == 182
+        rt.apply(recipe)
+        live = rt.fetch(rt.source_names)
+        state = hf.model.state_dict()
+        for name in rt.source_names:
+            assert torch.equal(live[name], state[name]), name
+        scores = TaskSuite(SUITE_TASKS[:1], lm=rt.lm, limit=8).evaluate(rt.lm)
+        assert 0 <= scores.score <= 1
+    finally:
+        rt.close()
