@@ -184,3 +184,70 @@ def test_population_rounds_up_to_a_multiple_of_the_ranks():
     assert population_for(16, 5, None) == 15
     assert population_for(16, 4, None) == 12
     assert population_for(16, 5, 7) == 7  # a forced size is kept
+
+
+# -- racing and held-out re-scoring, as users run them ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fitness_run(toy_family, tmp_path_factory):
+    """A racing run that re-scores the top 2 of every generation on the held-out tasks and
+    picks best_config.yaml by the held-out score."""
+    from runs import HELDOUT_TASKS
+
+    tmp = tmp_path_factory.mktemp("fitness")
+    config = search_config(toy_family, tmp / "toy.yaml")
+    data = yaml.safe_load(config.read_text())
+    data.update(racing={"schedule": [0.5, 1.0], "delta": 0.2}, heldout_tasks=HELDOUT_TASKS, heldout_top_k=2,
+                select_by="heldout")
+    config.write_text(yaml.safe_dump(data))
+    run_dir = tmp / "run"
+    done = subprocess.run(evolve_cmd(config, run_dir), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return config, run_dir, done.stdout
+
+
+def _latest(run_dir: Path) -> dict:
+    latest = {}
+    for r in read_history(run_dir):
+        latest[(r["generation"], r["index"])] = r
+    return latest
+
+
+def test_racing_run_rescores_the_top_and_picks_by_heldout(fitness_run):
+    from hotmerge.search.coordinator import XFAVORITE_INDEX
+
+    config, run_dir, stdout = fitness_run
+    records = _latest(run_dir)
+    search = [r for (g, i), r in records.items() if i != XFAVORITE_INDEX]
+    assert len(search) == FEVALS
+    assert all("stopped_early" in r and r["items"] > 0 and r["stderr"] is not None for r in search)
+    assert (run_dir / "race.jsonl").is_file()
+    for generation in {r["generation"] for r in search}:
+        mine = [r for r in search if r["generation"] == generation]
+        full = sorted((r for r in mine if not r["stopped_early"]), key=lambda r: (-r["score"], r["index"]))
+        assert {r["index"] for r in mine if "heldout_score" in r} == {r["index"] for r in full[:2]}
+    mean = [r for (g, i), r in records.items() if i == XFAVORITE_INDEX]
+    assert len(mean) == 1 and mean[0]["heldout_score"] is not None
+    rescored = [r for r in records.values() if r.get("heldout_score") is not None]
+    best = max(rescored, key=lambda r: r["heldout_score"])
+    weight = yaml.safe_load((run_dir / "best_config.yaml").read_text())["slices"][0]["sources"][0]
+    assert weight["parameters"]["weight"][0]["value"] == pytest.approx(abs(best["genotype"][0]))
+    assert f"gap {best['score'] - best['heldout_score']:+.4f}" in stdout
+
+
+@pytest.mark.slow
+def test_torchrun_racing_run_equals_the_single_process_run(fitness_run, tmp_path):
+    config, reference_dir, _ = fitness_run
+    run_dir = tmp_path / "run"
+    cmd = [TORCHRUN, "--nproc_per_node=2", f"--master_port={_free_port()}", "-m", "hotmerge",
+           *evolve_cmd(config, run_dir)[3:]]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    def fields(run):
+        return {key: (r["genotype"], r["score"], r.get("stopped_early"), r.get("items"), r.get("heldout_score"))
+                for key, r in _latest(run).items()}
+
+    assert fields(run_dir) == fields(reference_dir)
+    assert {r["rank"] for r in _latest(run_dir).values()} == {0, 1}
