@@ -359,7 +359,8 @@ def _check_export_target(out_dir: Path, validated) -> None:
     check_folder_target(out_dir, "OUT_DIR")
     target = out_dir.resolve()
     genome = validated.config.genome
-    sources = [*genome.models, genome.base_model, genome.tokenizer_source]
+    sources = [*genome.models, genome.base_model, genome.tokenizer_source,
+               genome.tokenizer.source if genome.tokenizer is not None else None]
     for source in sources:
         if source and source not in ("base", "union") and Path(source).resolve() == target:
             raise ConfigError(f"OUT_DIR {out_dir} is {source}, a model of the merge: writing there "

@@ -433,6 +433,7 @@ _FIELD_HINTS = {
 _ALLOWED_KEYS = {
     "": list(EvolveConfig.model_fields),
     "genome": list(GenomeConfig.model_fields),
+    "genome.tokenizer": list(TokenizerSection.model_fields),
     "task": list(TaskConfig.model_fields),
     "racing": list(RacingConfig.model_fields),
 }

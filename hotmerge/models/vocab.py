@@ -112,6 +112,8 @@ def build(settings: dict, infos: dict, base: Optional[str]) -> Vocabulary:
     """mergekit's build_tokenizer over `infos` (model reference -> ModelInfo, config order)."""
     source = settings["source"]
     refs = list(infos)
+    if base is not None and base not in infos:
+        raise ValueError(f"the base model {base} is not among the models")
     tokenizers = {}
     for ref in ([base] if base is not None else []) + refs:
         if ref in tokenizers:
@@ -127,7 +129,7 @@ def build(settings: dict, infos: dict, base: Optional[str]) -> Vocabulary:
                         ref, type(e).__name__)
     sizes = {ref: vocabulary_size(infos[ref]) for ref in refs}
     for ref, tok in tokenizers.items():
-        size = sizes.get(ref) or vocabulary_size(infos[ref])
+        size = sizes[ref]
         beyond = [t for t, i in tok.get_vocab().items() if size is not None and i >= size]
         if beyond:
             raise ConfigError(f"the tokenizer of {ref} has {len(beyond)} token(s) at ids past its vocab_size {size} "
@@ -144,7 +146,7 @@ def build(settings: dict, infos: dict, base: Optional[str]) -> Vocabulary:
     if source == "base":
         out = _copy(base_tok)
     elif source == "union":
-        out = _union(base_tok, {ref: tokenizers[ref] for ref in [base, *refs] if ref in tokenizers}, infos, sizes)
+        out = _union(base_tok, {ref: tokenizers[ref] for ref in [base, *refs] if ref in tokenizers}, sizes)
     else:
         try:
             out = _tokenizer(source)
@@ -198,12 +200,12 @@ def _copy(tokenizer):
         return AutoTokenizer.from_pretrained(folder)
 
 
-def _union(base_tok, tokenizers: dict, infos: dict, sizes: dict):
+def _union(base_tok, tokenizers: dict, sizes: dict):
     """mergekit's build_union_tokenizer: the base's tokenizer plus every other model's tokens
     (its plain tokens first, then the added tokens with their settings), in config order."""
     out_vocab, out_added = {}, {}
     for ref, tok in tokenizers.items():
-        limit = sizes.get(ref) or vocabulary_size(infos[ref]) or tok.vocab_size
+        limit = sizes[ref] or tok.vocab_size
         vocab = tok.get_vocab()
         for token in sorted(vocab, key=vocab.get):
             if vocab[token] < limit and token not in out_vocab:
