@@ -135,11 +135,6 @@ class Race:
             return
         assert entry.rounds == round_, (index, entry.rounds, round_)
         for spec, vs in values.items():
-            bad = [v for v in vs if not 0.0 <= v <= 1.0]
-            if bad:
-                task = self.specs[int(spec)][0]
-                raise ValueError(f"racing needs per-item values in [0, 1], and task {task} gave {bad[0]}: "
-                                 "turn racing off for this metric")
             entry.values.setdefault(int(spec), []).extend(vs)
         entry.rounds += 1
 

@@ -9,7 +9,7 @@ import traceback
 import numpy as np
 
 from hotmerge.config.evolve import ValidatedConfig
-from hotmerge.errors import BUG, CANDIDATE, CandidateError, candidate_error_types
+from hotmerge.errors import BUG, CANDIDATE, CandidateError, ConfigError, candidate_error_types
 from hotmerge.runtimes import start_runtime
 from hotmerge.scoring.suite import TaskSuite
 from hotmerge.search.racing import RacePlan
@@ -95,6 +95,10 @@ class CandidateWorker:
         for spec, vs in values.items():
             if not all(math.isfinite(v) for v in vs):
                 raise CandidateError(f"task {self.suite.specs[spec].name} gave a non-finite item value")
+            outside = [v for v in vs if not 0.0 <= v <= 1.0]
+            if outside:  # the race's bound assumes the range: a task's property, not the candidate's
+                raise ConfigError(f"racing needs per-item values in [0, 1], and task {self.suite.specs[spec].name} "
+                                  f"gave {outside[0]}: turn racing off for this metric")
         return {"values": {str(k): v for k, v in values.items()}, "error": None}
 
     def _score_heldout(self, x, seconds: dict, started: float) -> dict:
