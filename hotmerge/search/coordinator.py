@@ -1,10 +1,15 @@
 """The search loop: rank 0 runs CMA-ES, every rank evaluates candidates.
 
-Single process: the loop evaluates candidates itself. Under torchrun (gloo
-process group), rank 0 keeps one dispatcher thread per other rank, each handing
-its rank the next unevaluated candidate of the generation as soon as it is free,
-while rank 0's main thread evaluates candidates too. Messages are fixed-size
-tensors: a genotype out, a JSON result back.
+Work comes in jobs: score a candidate on the search tasks (CMD_EVAL), on one racing
+round's items (CMD_ITEMS, search/racing.py), or on the held-out tasks (CMD_HELDOUT).
+Single process: the loop does every job itself. Under torchrun (gloo process group),
+rank 0 keeps one dispatcher thread per other rank, each handing its rank the next job
+as soon as it is free, while rank 0's main thread does jobs too. Messages are
+fixed-size tensors: a header and a genotype out, a JSON result back.
+
+A generation: its candidates are scored (all of them, or raced in rounds), then the
+chosen ones are re-scored on the held-out tasks (Fitness.heldout), then CMA-ES is told.
+At the end of a run with held-out tasks, CMA-ES's mean is scored on both task sets.
 
 Every finished evaluation is appended to the run's history before anything else
 happens, and the search state is saved after every generation, so a run killed
