@@ -141,6 +141,9 @@ def build(settings: dict, infos: dict, base: Optional[str]) -> Vocabulary:
                               "without one mergekit 0.1.5 builds on an arbitrary model's tokenizer; set base_model, "
                               "or name a model folder as tokenizer_source")
         base = refs[0]
+        if base not in tokenizers:
+            raise ConfigError(f"tokenizer_source {source} needs a tokenizer to build on, and {base} has none that "
+                              "loads: save the tokenizer with the model, or set base_model")
     base_tok = tokenizers[base]
     vocab_of = {ref: tokenizers.get(ref, base_tok).get_vocab() for ref in refs}
     if source == "base":

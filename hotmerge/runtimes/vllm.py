@@ -31,6 +31,12 @@ their first values. If a write is ignored (a CPU GEMM kernel computing from a pa
 copy), re-packing after every write is switched on and the proof is repeated; if a
 write still changes nothing, start-up fails with a SetupError.
 
+Vocabularies that differ (tokenizer_source, models/vocab.py): the engine starts in the
+output vocabulary (`hf_overrides` vocab_size, the built tokenizer) with placeholder
+weights (`load_format="dummy"`); the worker rebuilds the same alignment from a plain
+spec, loads the reference's aligned weights first and reads every source aligned, so
+the live weights equal the transformers runtime's.
+
 Internals: every vLLM internal this runtime and its worker reach goes through
 vllm_compat, every lm-eval internal through hotmerge.scoring.lm_eval_compat; both check
 the installed version against their supported range, and that each internal exists,
