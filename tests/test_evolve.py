@@ -79,20 +79,6 @@ def test_killed_run_resumes_without_losing_evaluations(toy_family, reference_run
     assert (run_dir / "best_config.yaml").read_text() == (reference_dir / "best_config.yaml").read_text()
 
 
-@pytest.mark.slow
-def test_torchrun_two_ranks_share_the_work(reference_run, tmp_path):
-    config, reference_dir = reference_run
-    run_dir = tmp_path / "run"
-    cmd = [TORCHRUN, "--nproc_per_node=2", f"--master_port={_free_port()}", "-m", "hotmerge",
-           *evolve_cmd(config, run_dir)[3:]]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    ranks = {r["rank"] for r in read_history(run_dir)}
-    assert ranks == {0, 1}
-    # Scores do not depend on which rank evaluated a candidate.
-    assert outcome(run_dir) == outcome(reference_dir)
-
-
 def _free_port() -> int:
     import socket
 
@@ -238,6 +224,9 @@ def test_racing_run_rescores_the_top_and_picks_by_heldout(fitness_run):
 
 @pytest.mark.slow
 def test_torchrun_racing_run_equals_the_single_process_run(fitness_run, tmp_path):
+    """Two ranks share every kind of job (racing rounds, held-out scores) and end where the
+    single process ends: scores do not depend on which rank scored a candidate. (Plain
+    evaluation under torchrun: test_torchrun_restarts_a_crashed_rank_and_resumes.)"""
     config, reference_dir, _ = fitness_run
     run_dir = tmp_path / "run"
     cmd = [TORCHRUN, "--nproc_per_node=2", f"--master_port={_free_port()}", "-m", "hotmerge",
