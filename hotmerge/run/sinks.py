@@ -26,11 +26,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 from hotmerge.errors import ConfigError
+from hotmerge.run.storage import best_record
 
 CSV_NAME = "history.csv"
 TENSORBOARD_DIR = "tensorboard"
 WANDB_ID_FILE = "wandb_run_id"
-FIXED_COLUMNS = ("generation", "index", "rank", "score", "error")
+FIXED_COLUMNS = ("generation", "index", "rank", "score", "stderr", "stopped_early", "items", "error")
 SECONDS = ("apply", "forward", "metrics", "total")
 
 
@@ -90,8 +91,8 @@ class _Best:
         self.record: Optional[dict] = None
 
     def add(self, record: dict) -> Optional[float]:
-        score = record.get("score")
-        if score is not None and (self.record is None or score > self.record["score"]):
+        """The best search score so far (a raced candidate stopped early is an estimate)."""
+        if best_record([self.record, record] if self.record else [record]) is record:
             self.record = record
         return None if self.record is None else self.record["score"]
 
@@ -346,7 +347,7 @@ def open_sinks(run, options, log: Callable[[str], None] = print) -> Sinks:
     A sink that cannot start is reported and left out; the search runs regardless.
     """
     sinks = Sinks(log=log)
-    history = run.read_history()
+    history = run.records()
 
     def start(name: str, make: Callable[[], Sink]) -> None:
         try:
