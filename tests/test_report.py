@@ -285,3 +285,35 @@ def test_tensorboard_events_hold_the_scores(toy_run):
     assert [s.step for s in scores] == list(range(1, len(records) + 1))
     assert [s.value for s in scores] == pytest.approx([r["score"] for r in records], rel=1e-6)
     assert len(events.Scalars("population/mean")) == len({r["generation"] for r in records})
+
+
+def test_summary_shows_the_search_versus_heldout_gap(tmp_path):
+    """A re-scored candidate's last history line is its record; with select_by: heldout the
+    best is the best held-out score among fully scored candidates, and the summary has the
+    gap table, CMA-ES's mean included."""
+    from hotmerge.run.report import load_run, write_summary
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    config = {"genome": {"models": ["a", "b"], "merge_method": "linear"}, "tasks": ["t"],
+              "heldout_tasks": ["h"], "select_by": "heldout", "racing": True}
+    (run_dir / "run.json").write_text(json.dumps({"config": config, "max_fevals": 3, "seed": 0}))
+
+    def record(index, score, **extra):
+        return {"generation": 0, "index": index, "rank": 0, "genotype": [index], "score": score, "stderr": 0.1,
+                "results": {"t": {"acc,none": score}}, "error": None, **extra}
+
+    lines = [record(0, 0.9), record(1, 0.95, stopped_early=True, race="inside", items=10), record(2, 0.7),
+             record(0, 0.9, heldout_score=0.6, heldout_stderr=0.05),
+             record(2, 0.7, heldout_score=0.65, heldout_stderr=0.05),
+             {**record(-1, 0.8, heldout_score=0.62, heldout_stderr=0.05), "generation": 1, "xfavorite": True}]
+    (run_dir / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    data = load_run(run_dir)
+    assert len(data.records) == 4 and data.best["index"] == 2  # held-out 0.65 beats 0.6; the mean 0.62
+    write_summary(data, tmp_path / "summary.md", {}, None, None)
+    summary = (tmp_path / "summary.md").read_text()
+    assert "- evaluations: 3 of 3 (budget reached)" in summary
+    assert "Held-out score 0.6500 ± 0.0500: a gap of +0.0500" in summary
+    assert "| 0 | 0 | 0.9000 ± 0.1000 | 0.6000 ± 0.0500 | +0.3000 |" in summary
+    assert "| 1 | CMA-ES mean | 0.8000 ± 0.1000 | 0.6200 ± 0.0500 | +0.1800 |" in summary
+    assert f"Mean gap (search - held-out): {np.mean([0.3, 0.05, 0.18]):+.4f}" in summary
