@@ -176,8 +176,8 @@ def test_racing_run_flags_stopped_candidates_and_saves_items(tmp_path):
 def test_killed_racing_run_resumes_to_the_same_end(tmp_path):
     reference = _coordinator(tmp_path / "reference", KnownWorker(), RACING)
     reference.run_loop()
-    # Kill in the middle of the second generation's rounds, then resume twice.
-    for fail_after in (20, 37):
+    # Kill in the middle of rounds, in the first and in later generations, then resume.
+    for fail_after in (20, 37, 45):
         killed = _coordinator(tmp_path / "run", KnownWorker(fail_after=fail_after), RACING)
         killed.run_loop()
         assert killed.stop_requested

@@ -161,6 +161,12 @@ class RunDir:
     def read_race(self) -> list[dict[str, Any]]:
         return _read_jsonl(self.race_file)
 
+    def clear_race(self) -> None:
+        """Forget the rounds of a generation CMA-ES has been told: only the generation in
+        progress is ever replayed, so the file stays the size of one generation."""
+        if self.race_file.is_file():
+            atomic_write(self.race_file, b"")
+
     def save_search(self, state: "SearchState") -> "SearchState":
         """Save the search state; returns it as read back, which is what a resumed run sees."""
         from hotmerge.search.strategy import dump_state, load_state  # pycma: imported when needed

@@ -163,7 +163,8 @@ class Coordinator:
                                  evaluations=sum(1 for key in self.history if key[1] != XFAVORITE_INDEX))
         for record in self.history.values():
             self._track(record)
-        self.race_cache = {(r["generation"], r["index"], r["round"]): r for r in run.read_race()}
+        self.race_cache = {(r["generation"], r["index"], r["round"]): r for r in run.read_race()
+                           if r["generation"] >= search.generation}
         self._lock = threading.Lock()
         self.bugs_in_a_row: dict[int, int] = {}
         self.bug_stop: BugStop | None = None
@@ -196,6 +197,9 @@ class Coordinator:
                 self.search.tell(candidates, scores)
                 # Go on from the state as saved, exactly what a resumed run would load.
                 self.search = Search.from_state(self.run.save_search(self.search.state))
+                if self.fitness.racing is not None:
+                    self.run.clear_race()
+                    self.race_cache.clear()
             if self.fitness.heldout and not self.stop_requested and self.bug_stop is None:
                 self._score_xfavorite()
         finally:
