@@ -280,6 +280,10 @@ class EvolveConfig(BaseModel):
     select_by: Literal["search", "heldout"] = "search"
     # Racing (search/racing.py): off by default, so a plain run equals mergekit-evolve's.
     racing: Optional[RacingConfig] = None
+    # What the live model computes in (transformers runtime). Merges are bfloat16 either
+    # way; float32 holds the same merged values and computes in float32, about 6x faster
+    # than bfloat16 on CPUs without bf16 instructions (AVX2).
+    compute_dtype: Literal["bfloat16", "float32"] = "bfloat16"
 
     @field_validator("tasks")
     @classmethod
@@ -427,6 +431,7 @@ _FIELD_HINTS = {
     "heldout_top_k": "a positive whole number, or remove it",
     "select_by": "search or heldout",
     "racing": "true, false or a mapping with schedule and delta",
+    "compute_dtype": "bfloat16 or float32",
     "racing.schedule": "a list of increasing shares ending with 1.0",
     "racing.delta": "a probability, e.g. 0.05",
 }

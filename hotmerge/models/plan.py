@@ -50,6 +50,8 @@ def memory_plan(validated: ValidatedConfig, population_size: int | None = None,
     model_bytes = parameters * BYTES_PER_ELEMENT
     n_models = len(genome_cfg.models)
     rows = [("live model", model_bytes)]
+    if validated.config.compute_dtype == "float32":  # float32 weights, and the bf16 merge beside them
+        rows = [("live model (float32)", 2 * model_bytes), ("merged weights (bf16)", model_bytes)]
     if genome_cfg.base_model is not None:
         rows.append(("base (resident)", model_bytes))
     rows.append((f"sources: {n_models} models (resident)", n_models * model_bytes))

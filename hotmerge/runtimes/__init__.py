@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from hotmerge.errors import ConfigError
+
 
 class Runtime(Protocol):
     lm: object
@@ -29,6 +31,9 @@ def start_runtime(validated, *, backend: str, device: str | None = None, batch_s
                   seed: int = 0, tensor_parallel_size: int = 1) -> Runtime:
     """The runtime the backend names, started (model loaded, sources resident)."""
     if backend == "vllm":
+        if validated.config.compute_dtype != "bfloat16":
+            raise ConfigError(f"compute_dtype {validated.config.compute_dtype} is for the transformers runtime: "
+                              "the vLLM engine computes in bfloat16; remove compute_dtype or drop --vllm")
         from hotmerge.runtimes.vllm import VLLMRuntime
 
         return VLLMRuntime(validated, seed=seed, batch_size=batch_size, tensor_parallel_size=tensor_parallel_size)

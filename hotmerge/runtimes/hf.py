@@ -45,8 +45,9 @@ class HFRuntime:
 
         self.device = pick_device(device)
         reference = validated.reference.path
+        dtype = getattr(torch, validated.config.compute_dtype)
         try:
-            self.model = AutoModelForCausalLM.from_pretrained(reference, dtype=torch.bfloat16)
+            self.model = AutoModelForCausalLM.from_pretrained(reference, dtype=dtype)
             fit_vocabulary(self.model, validated)
             self.model.to(self.device).eval()
         except torch.OutOfMemoryError:
@@ -60,7 +61,10 @@ class HFRuntime:
         self.tokenizer = AutoTokenizer.from_pretrained(validated.tokenizer_path)
         # named_parameters() lists a tied lm_head once, under the embedding's name.
         self.live = {name: p for name, p in self.model.named_parameters()}
-        self.merger = Merger(validated, self.live, seed=seed)
+        # Merges are written in bf16; a float32 model gets a copy of those same values.
+        self.merged = self.live if dtype == torch.bfloat16 else {
+            name: torch.empty_like(p, dtype=torch.bfloat16) for name, p in self.live.items()}
+        self.merger = Merger(validated, self.merged, seed=seed)
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
         self.lm = HFLM(pretrained=self.model, tokenizer=self.tokenizer,
                        batch_size=batch_size or 64, device=self.device)
@@ -68,9 +72,12 @@ class HFRuntime:
     @torch.no_grad()
     def apply(self, recipe) -> None:
         self.merger.apply(recipe)
+        if self.merged is not self.live:
+            for name, param in self.live.items():
+                param.data.copy_(self.merged[name])
 
     def close(self) -> None:
         """Drop the model and the resident sources (a closed runtime cannot score)."""
-        self.merger = self.lm = self.model = self.live = None
+        self.merger = self.lm = self.model = self.live = self.merged = None
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
