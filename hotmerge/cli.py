@@ -14,7 +14,7 @@ from rich.table import Table
 from hotmerge.errors import CandidateError, ConfigError, HotmergeError, RunFailed, SetupError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-toy_app = typer.Typer(no_args_is_help=True, help="The embedded toy model family.")
+toy_app = typer.Typer(no_args_is_help=True, help="The embedded model families: toy and smol.")
 app.add_typer(toy_app, name="toy")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (their code lives in the checkout's bench/).")
 app.add_typer(bench_app, name="bench")
