@@ -99,6 +99,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/toy.yaml")
     parser.add_argument("--heldout-tasks", required=True, help="comma-separated held-out task names")
+    parser.add_argument("--heldout-metric", default=None, help="their metric (default: the first search task's)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--fevals", type=int, default=160)
     parser.add_argument("--popsize", type=int, default=16)
@@ -114,7 +115,8 @@ def main() -> None:
     racing = cfg.racing or RacingConfig()
     if args.delta is not None:
         racing = RacingConfig(schedule=racing.schedule, delta=args.delta)
-    heldout = [TaskConfig(name=t) for t in args.heldout_tasks.split(",")]
+    metric = args.heldout_metric or cfg.tasks[0].metric
+    heldout = [TaskConfig(name=t, metric=metric) for t in args.heldout_tasks.split(",")]
     cfg = cfg.model_copy(update={"racing": racing, "heldout_tasks": heldout})
     validated = validate_config(cfg)
     worker = CandidateWorker(validated, backend=args.backend, seed=0)
