@@ -42,14 +42,14 @@ demo: install
 	$(VENV)/bin/hotmerge toy compare $(DEMO_RUN)
 
 SMOL_RUN ?= runs/smol-demo
-SMOL_FEVALS ?= 40
+SMOL_FEVALS ?= 28
 
 # The same on a real pretrained family: SmolLM2-135M-Instruct (from PyPI) and three
 # experts fine-tuned from it on the CPU (built once, several minutes); configs/smol.yaml.
 demo-smol: install
 	$(VENV)/bin/hotmerge toy build --family smol $(SMOL_DIR)
 	$(VENV)/bin/hotmerge evolve configs/smol.yaml --storage-path $(SMOL_RUN) \
-		--max-fevals $(SMOL_FEVALS) --random-seed 0 --quiet
+		--max-fevals $(SMOL_FEVALS) --sigma0 0.25 --random-seed 0 --quiet
 	$(VENV)/bin/hotmerge toy compare $(SMOL_RUN)
 
 # The full suite (what CI runs), with the 15 slowest tests listed at the end.

@@ -105,9 +105,11 @@ def toy_compare(
     split: str = typer.Option("heldout", help="search or heldout"),
 ) -> None:
     """Score the run's best recipe, mergekit-evolve's x0 recipe and every source model on a split of their family."""
+    import dataclasses
+
     import numpy as np
 
-    from hotmerge.config.evolve import load_config, validate_config
+    from hotmerge.config.evolve import TaskConfig, load_config, validate_config
     from hotmerge.run.storage import RunDir
     from hotmerge.search.worker import CandidateWorker
     from hotmerge.toy.evaluate import lm_eval_metrics
@@ -133,7 +135,9 @@ def toy_compare(
     key = metric(variant)
     name, _, filter_key = key.partition(",")
     tasks = chosen.tasks(variant, split)
-    validated = _with_tasks(config, ",".join(tasks.values()))
+    # Every item of the split, as lm-eval scores the sources below (the search may use a limit).
+    specs = [TaskConfig(name=task, metric=key) for task in tasks.values()]
+    validated = dataclasses.replace(config, config=config.config.model_copy(update={"tasks": specs, "limit": None}))
     worker = CandidateWorker(validated, seed=meta["seed"])
     recipes = {}
     for label, x in [("x0 recipe", worker.genome.x0()), ("best recipe", np.asarray(best["genotype"]))]:

@@ -4,10 +4,13 @@ Building the family (conversion plus three CPU fine-tunes) takes minutes, so it 
 this suite; README.md ("The smol family") records its measurement and how to repeat it.
 """
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import yaml
 
 from hotmerge.toy import families
 from hotmerge.toy.smol_taskfiles import PREFIX, render_tasks, task_name
@@ -136,3 +139,62 @@ def test_float32_compute_holds_the_same_bf16_merge(toy_family, tmp_path):
         assert results[1]["results"][task]["acc,none"] == pytest.approx(metrics["acc,none"], abs=0.02)
     with pytest.raises(ConfigError, match="compute_dtype float32 is for the transformers runtime"):
         start_runtime(as_float32, backend="vllm")
+
+
+# Building the family takes minutes: this check runs on a family built beforehand, e.g.
+#   hotmerge toy build --family smol .cache/smol
+#   HOTMERGE_SMOL_FAMILY=.cache/smol pytest tests/test_smol.py -k specialise -s
+@pytest.mark.skipif(not os.environ.get("HOTMERGE_SMOL_FAMILY"), reason="set HOTMERGE_SMOL_FAMILY to a built family")
+def test_experts_specialise_and_task_arithmetic_combines_them(tmp_path, capsys):
+    from hotmerge.toy.build import FamilyPaths
+    from hotmerge.toy.evaluate import lm_eval_metrics
+
+    family = FamilyPaths(Path(os.environ["HOTMERGE_SMOL_FAMILY"]), SKILLS)
+    merged = _task_arithmetic_merge(family, TASK_ARITHMETIC_WEIGHT, tmp_path / "merged")
+    models = {"base": family.base} | {f"expert_{s}": family.expert(s) for s in SKILLS}
+    models[f"task_arithmetic (weight {TASK_ARITHMETIC_WEIGHT})"] = merged
+    tasks = {s: task_name(s, "gen", "heldout") for s in SKILLS}
+    table = {}
+    for name, path in models.items():
+        scores = lm_eval_metrics(path, list(tasks.values()), dtype="float32")
+        table[name] = {s: scores[t] for s, t in tasks.items()}
+    mean = {name: sum(v for v, _ in row.values()) / len(row) for name, row in table.items()}
+    with capsys.disabled():
+        print("\nsmol family, held-out generation (exact_match ± stderr):")
+        for name, row in table.items():
+            cells = "  ".join(f"{s}={v:.3f}±{se:.3f}" for s, (v, se) in row.items())
+            print(f"  {name:28s} {cells}  mean={mean[name]:.3f}")
+
+    for skill in SKILLS:
+        own = table[f"expert_{skill}"][skill][0]
+        assert own >= table["base"][skill][0] + 0.5, f"expert_{skill} is not clearly above the base"
+        others = [table[f"expert_{o}"][skill][0] for o in SKILLS if o != skill]
+        assert own >= max(others) + 0.5, f"expert_{skill} is not the best on {skill}"
+    best_expert = max(mean[f"expert_{s}"] for s in SKILLS)
+    assert mean[f"task_arithmetic (weight {TASK_ARITHMETIC_WEIGHT})"] > best_expert + 0.2
+
+
+TASK_ARITHMETIC_WEIGHT = 1.0
+
+
+def _task_arithmetic_merge(family, weight: float, out: Path) -> Path:
+    """A plain task_arithmetic merge of the experts, made by mergekit itself."""
+    config = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(family.base),
+        "models": [{"model": str(p), "parameters": {"weight": weight}} for p in family.experts],
+        "dtype": "bfloat16",
+    }
+    (out.parent / "ta.yaml").write_text(yaml.safe_dump(config))
+    mergekit_yaml = Path(sys.executable).parent / "mergekit-yaml"
+    subprocess.run([str(mergekit_yaml), str(out.parent / "ta.yaml"), str(out)], check=True, capture_output=True)
+    return out
+
+
+def test_compare_scores_sources_and_recipes_of_the_run_family(search_run):
+    """`toy compare` finds the family from the run's base model and scores every row."""
+    done = _hotmerge("toy", "compare", str(search_run.run_dir))
+    assert done.returncode == 0, done.stderr[-2000:]
+    for row in ("base", "expert_capital", "expert_color", "expert_sum", "x0 recipe", "best recipe"):
+        assert row in done.stdout
+    assert "toy heldout split, mc (acc)" in done.stdout and "best recipe - x0 recipe = " in done.stdout
