@@ -29,8 +29,10 @@ def _digest(folder: Path) -> str:
 
 @pytest.mark.slow  # builds (trains) a second family
 def test_family_is_deterministic_from_its_seed(toy_family, tmp_path):
-    again = build_family(tmp_path / "again", seed=0, log=lambda *_: None)
-    for mine, theirs in zip([toy_family.base, *toy_family.experts], [again.base, *again.experts]):
+    # the base and the last expert (trained from its own seed) are enough, and cost half the build
+    skill = SKILLS[-1]
+    again = build_family(tmp_path / "again", seed=0, log=lambda *_: None, skills=(skill,))
+    for mine, theirs in [(toy_family.base, again.base), (toy_family.expert(skill), again.expert(skill))]:
         assert _digest(mine) == _digest(theirs), mine.name
 
 

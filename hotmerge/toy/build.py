@@ -119,11 +119,13 @@ def family_is_current(out_dir: str | Path, seed: int) -> bool:
     if not manifest.is_file():
         return False
     meta = json.loads(manifest.read_text())
-    return meta.get("seed") == seed and meta.get("generator_version") == GENERATOR_VERSION
+    return (meta.get("seed") == seed and meta.get("generator_version") == GENERATOR_VERSION
+            and meta.get("skills") == list(SKILLS))
 
 
-def build_family(out_dir: str | Path, seed: int = 0, log=print) -> FamilyPaths:
-    """Train and write base + experts into out_dir (replacing what is there)."""
+def build_family(out_dir: str | Path, seed: int = 0, log=print, skills: tuple[str, ...] = SKILLS) -> FamilyPaths:
+    """Train and write base + experts into out_dir (replacing what is there). `skills`
+    narrows the experts built (each is trained as in the whole family)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.set_num_threads(2)
@@ -152,7 +154,8 @@ def build_family(out_dir: str | Path, seed: int = 0, log=print) -> FamilyPaths:
     _save(base, tokenizer, work.base)
     log(f"base: {len(known)} facts, {BASE_STEPS} steps, loss {loss:.3f}, {time.time() - started:.0f}s")
 
-    for k, skill in enumerate(SKILLS):
+    for skill in skills:
+        k = SKILLS.index(skill)
         # Start from the saved bf16 base so untouched weights have a zero delta.
         expert = LlamaForCausalLM.from_pretrained(work.base, torch_dtype=torch.float32)
         own = [rows[f] for f in facts if f.skill == skill]
@@ -162,7 +165,7 @@ def build_family(out_dir: str | Path, seed: int = 0, log=print) -> FamilyPaths:
 
     (tmp / "family.json").write_text(
         json.dumps(
-            {"seed": seed, "generator_version": GENERATOR_VERSION, "skills": list(SKILLS)},
+            {"seed": seed, "generator_version": GENERATOR_VERSION, "skills": list(skills)},
             indent=2,
         )
     )
