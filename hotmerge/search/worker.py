@@ -30,28 +30,15 @@ class CandidateWorker:
         self.runtime = start_runtime(validated, backend=backend, device=device, batch_size=batch_size,
                                      seed=seed, tensor_parallel_size=tensor_parallel_size)
         try:
-            self.suite = TaskSuite(
-                cfg.tasks,
-                include_paths=[*cfg.task_paths, *task_paths],
-                limit=cfg.limit,
-                num_fewshot=cfg.num_fewshot,
-                shuffle=cfg.shuffle,
-                seed=seed,
-                apply_chat_template=cfg.apply_chat_template,
-                fewshot_as_multiturn=cfg.fewshot_as_multiturn,
-                lm=self.runtime.lm,
-            )
-            self.heldout_suite = None
-            if cfg.heldout_tasks:
-                self.heldout_suite = TaskSuite(
-                    cfg.heldout_tasks,
-                    include_paths=[*cfg.task_paths, *task_paths],
-                    num_fewshot=cfg.num_fewshot,
-                    seed=seed,
-                    apply_chat_template=cfg.apply_chat_template,
-                    fewshot_as_multiturn=cfg.fewshot_as_multiturn,
-                    lm=self.runtime.lm,
-                )
+            def suite(tasks, **only_search):
+                return TaskSuite(tasks, include_paths=[*cfg.task_paths, *task_paths], num_fewshot=cfg.num_fewshot,
+                                 seed=seed, apply_chat_template=cfg.apply_chat_template,
+                                 fewshot_as_multiturn=cfg.fewshot_as_multiturn, lm=self.runtime.lm, **only_search)
+
+            self.suite = suite(cfg.tasks, limit=cfg.limit, shuffle=cfg.shuffle)
+            # The held-out tasks judge the result: every document, in order (limit and
+            # shuffle are the search's, as in mergekit-evolve).
+            self.heldout_suite = suite(cfg.heldout_tasks) if cfg.heldout_tasks else None
             self.race_plan = None
             if cfg.racing is not None:
                 self.suite.check_per_item_means()
