@@ -10,6 +10,9 @@ candidate stopped as outside the best μ belongs to it.
 
     .venv/bin/python bench/fitness.py --config configs/toy.yaml --heldout-tasks \
         toy_capital_mc_heldout,toy_color_mc_heldout,toy_sum_mc_heldout --seeds 0 1 2 --fevals 160
+    .venv/bin/python bench/fitness.py --config configs/smol.yaml --limit all --heldout-tasks \
+        smol_capital_gen_heldout,smol_color_gen_heldout,smol_job_gen_heldout --seeds 0 1 2 --fevals 32 \
+        --out bench/results/fitness_smol.json
 """
 
 from __future__ import annotations
@@ -105,6 +108,8 @@ def main() -> None:
     parser.add_argument("--popsize", type=int, default=16)
     parser.add_argument("--backend", default="hf", choices=["hf", "vllm"])
     parser.add_argument("--delta", type=float, default=None, help="racing.delta (default: the config's)")
+    parser.add_argument("--limit", default=None,
+                        help="items per search task: a number, or 'all' (default: the config's limit)")
     parser.add_argument("--out", default="bench/results/fitness_toy.json")
     args = parser.parse_args()
 
@@ -117,7 +122,10 @@ def main() -> None:
         racing = RacingConfig(schedule=racing.schedule, delta=args.delta)
     metric = args.heldout_metric or cfg.tasks[0].metric
     heldout = [TaskConfig(name=t, metric=metric) for t in args.heldout_tasks.split(",")]
-    cfg = cfg.model_copy(update={"racing": racing, "heldout_tasks": heldout})
+    update = {"racing": racing, "heldout_tasks": heldout}
+    if args.limit is not None:
+        update["limit"] = None if args.limit == "all" else int(args.limit)
+    cfg = cfg.model_copy(update=update)
     validated = validate_config(cfg)
     worker = CandidateWorker(validated, backend=args.backend, seed=0)
     results = {"config": args.config, "seeds": args.seeds, "fevals": args.fevals, "popsize": args.popsize,
