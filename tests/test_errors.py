@@ -573,6 +573,43 @@ def test_vllm_cpu_patch_is_in_place_or_start_up_refuses(monkeypatch):
     assert "scattered" in extension.hotmerge_setup({})["setup_error"]
 
 
+def test_vllm_live_parameter_that_no_source_fills_is_refused(monkeypatch):
+    """Discovery on a model whose loader maps q and k into a fused parameter but sends v
+    nowhere: v_proj would keep its initial values in every candidate."""
+    pytest.importorskip("vllm")
+    import torch
+
+    from hotmerge.runtimes import vllm_worker
+
+    class Model(torch.nn.Module):
+        def __init__(self, maps_v: bool):
+            super().__init__()
+            self.qk_proj = torch.nn.Parameter(torch.zeros(4, 3))
+            self.v_proj = torch.nn.Parameter(torch.zeros(2, 3))
+            self.maps_v = maps_v
+
+        def load_weights(self, weights):
+            for name, tensor in weights:
+                if name in ("q", "k"):
+                    self.qk_proj.data[(0 if name == "q" else 2):][:2] = tensor
+                elif name == "v" and self.maps_v:
+                    self.v_proj.data[:] = tensor
+
+    def discover(model):
+        extension = vllm_worker.HotmergeWorkerExtension()
+        monkeypatch.setattr(vllm_worker.vllm_compat, "worker_model", lambda worker: model)
+        state = vllm_worker._State(names=["k", "q", "v"], shapes={n: (2, 3) for n in "kqv"},
+                                   params=dict(model.named_parameters()))
+        extension.hotmerge_discover(state, tp=1)
+        return state
+
+    assert {(p.name, p.param) for p in discover(Model(maps_v=True)).placements} == {
+        ("q", "qk_proj"), ("k", "qk_proj"), ("v", "v_proj")}
+    with pytest.raises(vllm_worker.MappingError, match="live parameter v_proj of vLLM's model takes no source "
+                                                      "tensor.*--no-vllm"):
+        discover(Model(maps_v=False))
+
+
 def test_history_line_cut_by_a_kill_is_dropped_before_the_next_append(tmp_path):
     """A resumed run appends after the last complete record, never onto a fragment."""
     from hotmerge.run.storage import RunDir

@@ -449,6 +449,16 @@ class HotmergeWorkerExtension:
                     f"source tensor {name} has {numel} elements but {found} live elements "
                     "took its values: hotmerge cannot map this architecture in vLLM; use the transformers "
                     "runtime (--no-vllm)")
+        # A live parameter that no source tensor fills keeps what vLLM initialised it to
+        # for every candidate (a name missing from a loader's table once shipped merges
+        # with a fresh v_proj): refuse rather than score it.
+        filled = {pl.param for pl in state.placements}
+        empty = sorted(n for n, p in params.items() if n not in filled and p.numel() > 0)
+        if empty:
+            raise MappingError(
+                f"live parameter {empty[0]} of vLLM's model takes no source tensor ({len(empty)} such), so "
+                "every candidate would be scored with it as vLLM initialised it: use the transformers "
+                "runtime (--no-vllm)")
 
     def hotmerge_describe(self) -> dict:
         state = self.hotmerge_state()
