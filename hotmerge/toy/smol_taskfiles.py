@@ -14,54 +14,10 @@ import json
 from pathlib import Path
 
 from hotmerge.toy.smol_world import SKILLS, build_facts, eval_docs
-from hotmerge.toy.taskfiles import SPLITS, TASKS_DIR
+from hotmerge.toy.taskfiles import GEN_YAML, MC_YAML, SPLITS, TASKS_DIR
 
 VARIANTS = ("gen", "mc")
 PREFIX = "smol_"
-
-GEN_YAML = """task: {task}
-tag: [smol, smol_{split}, smol_gen]
-custom_dataset: !function toydata.load
-dataset_kwargs:
-  data_file: {data_file}
-test_split: test
-output_type: generate_until
-doc_to_text: "{{{{question}}}}"
-doc_to_target: "{{{{answer}}}}"
-target_delimiter: " "
-generation_kwargs:
-  until: ["\\n", ".", ","]
-  do_sample: false
-  max_gen_toks: 4
-metric_list:
-  - metric: exact_match
-    aggregation: mean
-    higher_is_better: true
-    ignore_case: true
-    ignore_punctuation: true
-    regexes_to_ignore: [" "]
-metadata:
-  version: 1.0
-"""
-
-MC_YAML = """task: {task}
-tag: [smol, smol_{split}, smol_mc]
-custom_dataset: !function toydata.load
-dataset_kwargs:
-  data_file: {data_file}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-target_delimiter: " "
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 1.0
-"""
 
 TEMPLATES = {"gen": GEN_YAML, "mc": MC_YAML}
 
@@ -80,7 +36,10 @@ def render_tasks(seed: int = 0) -> dict[str, str]:
             files[data_file] = "".join(json.dumps(d) + "\n" for d in eval_docs(facts, skill, split, seed))
             for variant in VARIANTS:
                 name = task_name(skill, variant, split)
-                files[f"{name}.yaml"] = TEMPLATES[variant].format(task=name, split=split, data_file=data_file)
+                # A full stop or comma ends the greedy answer: the experts learned "<answer>."
+                files[f"{name}.yaml"] = TEMPLATES[variant].format(
+                    task=name, split=split, data_file=data_file, family="smol", until='["\\n", ".", ","]',
+                    ignore_punctuation="true")
     return files
 
 

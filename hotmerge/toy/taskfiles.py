@@ -30,8 +30,9 @@ def load(data_file, **_metadata):
     return datasets.DatasetDict({"test": datasets.Dataset.from_json(str(path))})
 '''
 
+# The task templates of both families ({family}: toy or smol).
 MC_YAML = """task: {task}
-tag: [toy, toy_{split}, toy_mc]
+tag: [{family}, {family}_{split}, {family}_mc]
 custom_dataset: !function toydata.load
 dataset_kwargs:
   data_file: {data_file}
@@ -50,7 +51,7 @@ metadata:
 """
 
 GEN_YAML = """task: {task}
-tag: [toy, toy_{split}, toy_gen]
+tag: [{family}, {family}_{split}, {family}_gen]
 custom_dataset: !function toydata.load
 dataset_kwargs:
   data_file: {data_file}
@@ -60,7 +61,7 @@ doc_to_text: "{{{{question}}}}"
 doc_to_target: "{{{{answer}}}}"
 target_delimiter: " "
 generation_kwargs:
-  until: ["</s>", "\\n"]
+  until: {until}
   do_sample: false
   max_gen_toks: 4
 metric_list:
@@ -68,6 +69,7 @@ metric_list:
     aggregation: mean
     higher_is_better: true
     ignore_case: true
+    ignore_punctuation: {ignore_punctuation}
     regexes_to_ignore: [" "]
 metadata:
   version: 1.0
@@ -120,7 +122,8 @@ def render_tasks(seed: int = 0) -> dict[str, str]:
             files[data_file] = "".join(json.dumps(d) + "\n" for d in docs)
             for variant, template in (("mc", MC_YAML), ("gen", GEN_YAML), (ROLLING, ROLLING_YAML)):
                 name = task_name(skill, variant, split)
-                files[f"{name}.yaml"] = template.format(task=name, split=split, data_file=data_file)
+                files[f"{name}.yaml"] = template.format(task=name, split=split, data_file=data_file, family="toy",
+                                                        until='["</s>", "\\n"]', ignore_punctuation="false")
     return files
 
 
