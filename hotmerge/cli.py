@@ -110,7 +110,7 @@ def toy_compare(
     import numpy as np
 
     from hotmerge.config.evolve import TaskConfig, load_config, validate_config
-    from hotmerge.run.storage import RunDir
+    from hotmerge.run.storage import RunDir, best_record
     from hotmerge.search.worker import CandidateWorker
     from hotmerge.toy.evaluate import lm_eval_metrics
     from hotmerge.toy.families import family_in, metric
@@ -122,11 +122,11 @@ def toy_compare(
     if not run.exists():
         raise ConfigError(f"{run_dir} holds no run: pass the --storage-path of a `hotmerge evolve` run")
     meta = run.read_meta()
-    scored = [r for r in run.read_history() if r.get("score") is not None]
-    if not scored:
-        raise ConfigError(f"{run_dir} has no successful evaluation yet: let the run go on")
-    best = max(scored, key=lambda r: r["score"])
     config = validate_config(load_config(meta["config_path"]))
+    # The recipe the run chose for best_config.yaml (a raced estimate never is).
+    best = best_record(run.records(), config.config.select_by)
+    if best is None:
+        raise ConfigError(f"{run_dir} has no fully scored evaluation yet: let the run go on")
     genome = config.config.genome
     if genome.base_model is None:
         raise ConfigError(f"the run's config {meta['config_path']} has no base_model: toy compare needs a family's")
