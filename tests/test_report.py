@@ -182,6 +182,39 @@ def test_csv_sink_rebuilds_from_history_and_widens(tmp_path):
     assert rows[3]["t/new,none"] == "0.25" and rows[0]["t/new,none"] == ""
 
 
+def test_sinks_record_heldout_scores(tmp_path):
+    """A held-out re-scoring fills the candidate's CSV row and is charted at the step of the
+    latest evaluation."""
+    from hotmerge.run.sinks import _ScalarSink
+
+    class Charted(_ScalarSink):
+        def __init__(self):
+            super().__init__()
+            self.points = []
+
+        def _write_evaluation(self, step, record, scalars):
+            self.points.append((step, scalars))
+
+        def _write_generation(self, generation, stats):
+            pass
+
+    records = [{"generation": 0, "index": i, "rank": 0, "genotype": [i], "score": i / 2,
+                "results": {"t": {"acc,none": i / 2}}, "error": None} for i in range(2)]
+    path = tmp_path / "h.csv"
+    csv_sink, charted = CsvSink(path, records[:1]), Charted()
+    sinks = Sinks([csv_sink, charted])
+    sinks.log(records[1])
+    rescored = {**records[0], "heldout_score": 0.25, "heldout_stderr": 0.05,
+                "heldout_results": {"h": {"acc,none": 0.25}}}
+    sinks.log_heldout(rescored)
+    assert sinks.active == [csv_sink, charted]
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["index"], r["heldout_score"], r["heldout_stderr"]) for r in rows] == [("0", "0.25", "0.05"),
+                                                                                   ("1", "", "")]
+    assert charted.points[-1] == (1, {"heldout_score": 0.25, "heldout_stderr": 0.05, "heldout/h/acc,none": 0.25})
+
+
 def test_a_failing_sink_is_reported_once_and_switched_off():
     class Broken(Sink):
         name = "broken"

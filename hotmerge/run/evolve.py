@@ -214,6 +214,8 @@ def evolve(config_path: Path, options: EvolveOptions, console=None) -> dict | No
 
     def on_heldout(record: dict) -> None:
         view.heldout(record)
+        if not record.get("xfavorite"):
+            sinks.log_heldout(record)
         if is_better(record):
             best.clear()
             best.update(record)

@@ -1,7 +1,8 @@
 """Where a search's results go besides history.jsonl: CSV, Weights & Biases, TensorBoard.
 
-A sink sees every finished evaluation on rank 0 (`log(record, progress)`) and is closed
-once at the end (`close()`). Sinks never stop the search: `Sinks` calls each one inside
+A sink sees every finished evaluation on rank 0 (`log(record, progress)`), every
+held-out re-scoring of one (`log_heldout(record)`: the same record with heldout_score,
+heldout_stderr and heldout_results added), and is closed once at the end (`close()`). Sinks never stop the search: `Sinks` calls each one inside
 a guard, reports the first error of a sink once and switches that sink off.
 
   CSV           RUN_DIR/history.csv, one row per evaluation (rebuilt from history.jsonl
@@ -31,7 +32,8 @@ from hotmerge.run.storage import best_record
 CSV_NAME = "history.csv"
 TENSORBOARD_DIR = "tensorboard"
 WANDB_ID_FILE = "wandb_run_id"
-FIXED_COLUMNS = ("generation", "index", "rank", "score", "stderr", "stopped_early", "items", "error")
+FIXED_COLUMNS = ("generation", "index", "rank", "score", "stderr", "stopped_early", "items", "error",
+                 "heldout_score", "heldout_stderr")
 SECONDS = ("apply", "forward", "metrics", "total")
 
 
@@ -107,6 +109,9 @@ class Sink:
     def log(self, record: dict, progress: Any = None) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def log_heldout(self, record: dict) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -141,6 +146,13 @@ class Sinks:
             except Exception as error:  # a logger must never stop the search
                 self._disable(sink, "logging a result", error)
 
+    def log_heldout(self, record: dict) -> None:
+        for sink in list(self.active):
+            try:
+                sink.log_heldout(record)
+            except Exception as error:
+                self._disable(sink, "logging a held-out score", error)
+
     def close(self) -> None:
         for sink in list(self.active):
             try:
@@ -165,7 +177,8 @@ def csv_row(record: dict) -> dict[str, Any]:
 
 
 class CsvSink(Sink):
-    """RUN_DIR/history.csv: generation, index, rank, score, error, seconds/*, task/metric..., genotype.
+    """RUN_DIR/history.csv: generation, index, rank, score, error, held-out score, seconds/*,
+    task/metric..., genotype; one row per candidate (its latest history line).
 
     Opening it rewrites the file from the history so far (a run killed between the
     history line and the CSV row resumes with a complete CSV); a record that brings a
@@ -206,6 +219,15 @@ class CsvSink(Sink):
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, self.columns, extrasaction="ignore", lineterminator="\n").writerow(row)
 
+    def log_heldout(self, record: dict) -> None:
+        """The candidate's row gains its held-out score (the file is rewritten)."""
+        key = (record.get("generation"), record.get("index"))
+        for i, row in enumerate(self.rows):
+            if (row["generation"], row["index"]) == key:
+                self.rows[i] = csv_row(record)
+                self._rewrite()
+                return
+
 
 # -- Weights & Biases ------------------------------------------------------------------------
 
@@ -221,7 +243,9 @@ def require_wandb() -> None:
 class _ScalarSink(Sink):
     """What the W&B and TensorBoard sinks share: per evaluation the scalars score,
     best_score, failed, metrics/<task>/<metric> and seconds/<phase> at step `evaluation`;
-    per generation population/{size,failures,mean,std,min,max} at step `generation`."""
+    per held-out re-scoring heldout_score, heldout_stderr and heldout/<task>/<metric> at
+    the step of the latest evaluation; per generation population/{size,failures,mean,
+    std,min,max} at step `generation`."""
 
     def __init__(self):
         self.best = _Best()
@@ -242,6 +266,16 @@ class _ScalarSink(Sink):
         scalars["failed"] = int(record.get("score") is None)
         scalars.update({f"metrics/{k}": v for k, v in metric_values(record).items()})
         scalars.update({f"seconds/{k}": v for k, v in seconds_values(record).items()})
+        self._write_evaluation(self.evaluations, record, scalars)
+
+    def log_heldout(self, record: dict) -> None:
+        if record.get("heldout_score") is None:
+            return
+        scalars = {"heldout_score": record["heldout_score"]}
+        if record.get("heldout_stderr") is not None:
+            scalars["heldout_stderr"] = record["heldout_stderr"]
+        scalars.update({f"heldout/{k}": v for k, v in metric_values(
+            {"results": record.get("heldout_results")}).items()})
         self._write_evaluation(self.evaluations, record, scalars)
 
     def close(self) -> None:
@@ -283,7 +317,8 @@ class WandbSink(_ScalarSink):
         self.run = wandb.init(**kwargs)
         self.run.define_metric("evaluation")
         self.run.define_metric("generation")
-        for key in ("score", "best_score", "failed", "metrics/*", "seconds/*"):
+        for key in ("score", "best_score", "failed", "metrics/*", "seconds/*", "heldout_score", "heldout_stderr",
+                    "heldout/*"):
             self.run.define_metric(key, step_metric="evaluation")
         self.run.define_metric("population/*", step_metric="generation")
         self.run.define_metric("score", summary="max")
