@@ -2,11 +2,13 @@
 
 A sink sees every finished evaluation on rank 0 (`log(record, progress)`), every
 held-out re-scoring of one (`log_heldout(record)`: the same record with heldout_score,
-heldout_stderr and heldout_results added), and is closed once at the end (`close()`). Sinks never stop the search: `Sinks` calls each one inside
-a guard, reports the first error of a sink once and switches that sink off.
+heldout_stderr and heldout_results added), and is closed once at the end (`close()`).
+Sinks never stop the search: `Sinks` calls each one inside a guard, reports the first
+error of a sink once and switches that sink off.
 
-  CSV           RUN_DIR/history.csv, one row per evaluation (rebuilt from history.jsonl
-                when a run resumes, so the rows always equal the history lines)
+  CSV           RUN_DIR/history.csv, one row per candidate, its latest history line
+                (rebuilt from history.jsonl when a run resumes, so the rows always
+                equal the history's records)
   W&B           --wandb/--wandb-project/--wandb-entity as in mergekit-evolve; WANDB_MODE
                 (offline, disabled) and WANDB_DIR are honoured; the run id is kept in
                 RUN_DIR/wandb_run_id so a resumed search continues the same W&B run
@@ -139,19 +141,18 @@ class Sinks:
         except Exception:
             pass
 
-    def log(self, record: dict, progress: Any = None) -> None:
+    def _each(self, what: str, call: Callable[[Sink], None]) -> None:
         for sink in list(self.active):
             try:
-                sink.log(record, progress)
+                call(sink)
             except Exception as error:  # a logger must never stop the search
-                self._disable(sink, "logging a result", error)
+                self._disable(sink, what, error)
+
+    def log(self, record: dict, progress: Any = None) -> None:
+        self._each("logging a result", lambda sink: sink.log(record, progress))
 
     def log_heldout(self, record: dict) -> None:
-        for sink in list(self.active):
-            try:
-                sink.log_heldout(record)
-            except Exception as error:
-                self._disable(sink, "logging a held-out score", error)
+        self._each("logging a held-out score", lambda sink: sink.log_heldout(record))
 
     def close(self) -> None:
         for sink in list(self.active):
