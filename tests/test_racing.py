@@ -13,7 +13,7 @@ import pytest
 
 from hotmerge.config.evolve import RacingConfig
 from hotmerge.search.coordinator import XFAVORITE_INDEX, Coordinator, Fitness
-from hotmerge.search.racing import INSIDE, OUTSIDE, Race, RacePlan, hoeffding_serfling_width
+from hotmerge.search.racing import INSIDE, OUTSIDE, Race, RacePlan, betting_evidence
 from hotmerge.search.strategy import Search
 from hotmerge.run.storage import RunDir
 
@@ -23,29 +23,53 @@ SCHEDULE = (0.125, 0.25, 0.5, 1.0)
 GENES = 3
 
 
-def test_plan_rounds_split_every_task_into_its_documents_once():
+def test_plan_rounds_split_the_pool_into_its_documents_once():
     plan = RacePlan({"a": 103, "b": 7}, SCHEDULE, seed=1)
     for generation in (0, 1):
         rounds = [plan.positions(generation, r) for r in range(plan.rounds)]
         for task, count in plan.doc_counts.items():
             seen = [p for r in rounds for p in r[task]]
             assert sorted(seen) == list(range(count))
-        assert [len(r["a"]) for r in rounds] == [13, 13, 26, 51]  # ceil of the shares
+        assert [len(r["a"]) + len(r["b"]) for r in rounds] == [14, 14, 27, 55]  # ceil of the shares of 110
+        # the rounds follow the pool's one order, and each task's documents keep it
+        order = plan.order(generation)
+        assert [(t, d) for r in rounds for t, d in order if d in r[t]][:14] == order[:14]
+        assert plan.task_orders(generation)["b"] == [d for t, d in order if t == "b"]
     assert plan.positions(0, 0) == RacePlan({"a": 103, "b": 7}, SCHEDULE, seed=1).positions(0, 0)
     assert plan.positions(0, 0) != plan.positions(1, 0)  # a new order every generation
 
 
-def test_width_shrinks_with_items_and_is_small_when_nearly_all_are_seen():
-    counts, ranges = {"a": 1000, "b": 100}, {"a": 2.0, "b": 4.0}
-    widths = [hoeffding_serfling_width({"a": n, "b": n // 10}, counts, ranges, 0.05) for n in (50, 100, 500, 1000)]
-    assert widths == sorted(widths, reverse=True)
-    # without replacement: all but the finite-population factor is Hoeffding's bound
-    n = 100
-    hoeffding = math.sqrt(math.log(1 / 0.05) * 2.0 ** 2 / (2 * n))
-    assert hoeffding_serfling_width({"a": n}, {"a": 1000}, {"a": 2.0}, 0.05) == pytest.approx(
-        hoeffding * math.sqrt(1 - (n - 1) / 1000))
-    assert widths[-1] < 0.1 * widths[0]
-    assert hoeffding_serfling_width({"a": 0, "b": 5}, counts, ranges, 0.05) == math.inf
+def _paired(wins: int, losses: int, size: int, seed: int = 0) -> np.ndarray:
+    """Paired differences mapped to [0, 1] (1 a win, 0 a loss, 1/2 a tie), shuffled."""
+    x = np.array([1.0] * wins + [0.0] * losses + [0.5] * (size - wins - losses))
+    return np.random.default_rng(seed).permutation(x)
+
+
+@pytest.mark.parametrize("wins,losses", [(5, 5), (60, 60), (30, 31)])
+def test_evidence_against_a_true_null_reaches_one_over_delta_rarely(wins, losses):
+    """When the pool mean is at most 1/2 (no better), the capital reaches 1/δ at some item
+    count in at most a δ share of random orders."""
+    rng = np.random.default_rng(0)
+    pool = _paired(wins, losses, 300)
+    x = np.stack([pool[rng.permutation(300)] for _ in range(1000)])
+    evidence = betting_evidence(x, 300)  # the highest capital over every item count
+    for delta in (0.05, 0.2):
+        assert (evidence >= math.log(1 / delta)).mean() <= delta
+
+
+def test_evidence_needs_far_fewer_items_than_hoeffding_when_candidates_mostly_agree():
+    # 100 of 500 items, 12 wins and 1 loss, the rest ties: a clear lead that the
+    # Hoeffding-Serfling bound, knowing only the range, cannot separate from a tie
+    x = _paired(12, 1, 100)
+    width = math.sqrt(math.log(1 / 0.05) * (1 - 99 / 500) / (2 * 100))
+    assert x.mean() - width < 0.5
+    assert betting_evidence(x[None], 500)[0] >= math.log(1 / 0.05)
+    # ties alone, or a lead that chance explains, are no evidence
+    assert betting_evidence(np.full((1, 100), 0.5), 500)[0] == 0.0
+    assert betting_evidence(_paired(6, 4, 100)[None], 500)[0] < math.log(1 / 0.05)
+    # the finite pool: having seen most of it, a small lead is certain
+    almost = _paired(20, 10, 499)
+    assert betting_evidence(almost[None], 500)[0] >= math.log(1 / 0.05)
 
 
 def _values(quality: float, positions: dict[str, list[int]]) -> dict[int, list[float]]:
@@ -177,7 +201,7 @@ def test_killed_racing_run_resumes_to_the_same_end(tmp_path):
     reference = _coordinator(tmp_path / "reference", KnownWorker(), RACING)
     reference.run_loop()
     # Kill in the middle of rounds, in the first and in later generations, then resume.
-    for fail_after in (20, 37, 45):
+    for fail_after in (20, 30, 25):
         killed = _coordinator(tmp_path / "run", KnownWorker(fail_after=fail_after), RACING)
         killed.run_loop()
         assert killed.stop_requested

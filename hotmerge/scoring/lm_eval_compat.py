@@ -120,6 +120,8 @@ def task_filter_names(task) -> list[str]:
 
 def apply_filters(task, instances) -> None:
     """Task.apply_filters on `instances` only (racing scores a subset of the documents)."""
+    if not instances:
+        return  # a racing round may hold none of a task's documents; lm-eval's ensembles need one
     for ensemble in getattr(task, "_filters", None) or ():
         ensemble.apply(instances)
 

@@ -3,27 +3,42 @@
 CMA-ES uses only which μ of its λ candidates are best (and their order), so a
 candidate that is clearly outside the best μ, or clearly inside, needs no more items.
 
-Items. Every task's documents are put in a random order fixed by the run's seed and
-the generation (a random prefix is a fair sample of the rest), and the schedule's
-shares cut that order into rounds: with [0.125, 0.25, 0.5, 1.0], round 0 scores the
-first eighth of every task, round 1 the next eighth, and so on. Every candidate still
-in the race scores the same items in the same order, so every comparison is paired.
+Items. All the search tasks' documents are pooled and put in one random order, fixed
+by the run's seed and the generation, and the schedule's shares cut that order into
+rounds: with [0.125, 0.25, ..., 1.0], round 0 scores the first eighth of the pool,
+round 1 the next eighth, and so on. Every candidate still in the race scores the same
+items in the same order, so every comparison is paired, and the items seen are a
+sample without replacement from the pool: a random prefix is a fair sample of the rest.
 
-The bound. For two candidates a and b, the weighted score difference on all items is
-D = Σ_t mean over task t's documents of z, where z = Σ_s w_s (m_a - m_b) sums the specs
-s that score task t (one per configured metric of the task) and lies in an interval of
-width R_t = 2 Σ_s |w_s| for per-item values in [0, 1]. After n_t of task t's N_t
-documents, drawn without replacement in a random order, the Hoeffding-Serfling
-inequality (Serfling 1974; Bardenet and Maillard 2015, Theorem 1) for each task, summed
-over the tasks' independent orders, gives with probability 1 - δ
+The score as a mean over the pool. With N documents in all, N_t of them task t's, a
+candidate's weighted score S = Σ_s w_s · (mean of spec s over its task's documents) is
+the mean over the pool of c = (N / N_t) Σ_{s scores t} w_s m_s, where m_s in [0, 1] is
+the document's value for spec s. For two candidates a and b, D = S_a - S_b is the pool
+mean of y = c_a - c_b, which lies in [-r, r] with r = max_t (N / N_t) Σ_{s scores t} |w_s|.
 
-    D >= D_seen - sqrt(log(1/δ) Σ_t R_t² ρ_t / (2 n_t)),   ρ_t = 1 - (n_t - 1) / N_t,
+The test. a is *confidently better* than b when a test of "D <= 0" rejects at level δ.
+The test is a betting (capital-process) test for sampling without replacement,
+Waudby-Smith and Ramdas ("Confidence sequences for sampling without replacement",
+NeurIPS 2020; "Estimating means of bounded random variables by betting", JRSS-B 2024):
+on x_i = (y_i + r) / 2r in [0, 1], the i-th item scored, D <= 0 says the pool mean of x
+is at most 1/2, and then, given the items before i, x_i's expected value is at most
 
-where D_seen is the difference on the items seen. ρ_t is the finite-population factor:
-the bound tightens as the unseen share shrinks. a is *confidently better* than b when
-D_seen exceeds that width. δ is per pairwise decision (`racing.delta`). Hoeffding's
-bound is used rather than an empirical Bernstein bound: for paired 0/1 differences on
-a few hundred items, the Bernstein range term, 3 R log(3/δ) / n, is the larger one.
+    m_i = (N / 2 - Σ_{j<i} x_j) / (N - i + 1)        (the finite pool: what is left)
+
+so the capital K_n = Π_{i<=n} (1 + λ_i (x_i - m_i)), with bets λ_i in [0, 3/4 · 1/m_i]
+chosen from the items before i, is a nonnegative supermartingale with K_0 = 1. By
+Ville's inequality it ever reaches 1/δ with probability at most δ, at *any* item count:
+the test rejects as soon as it does. The bets are aGRAPA's, λ_i = (x̄ - m_i) / (s² +
+(x̄ - m_i)²), from the mean x̄ and variance s² of the items before i (and one pseudo-item
+at 1/2, variance 1/4), clipped to the range above. Three properties matter here:
+- it adapts to the variance: candidates of one generation agree on most items, so the
+  paired differences are mostly ties, and a few one-sided wins are strong evidence:
+  12 wins and 1 loss among 100 items of 500, the rest ties, reject at δ = 0.05, where
+  the Hoeffding-Serfling bound, which only knows the range, needs a lead of 22 wins
+  (bench/RESULTS.md has the saving this gives on the smol family);
+- it is valid at every round at once, so δ is the chance that one pairwise decision is
+  ever wrong over the whole race (`racing.delta`), however many rounds the schedule has;
+- m_i is the finite pool's: the test sharpens as the pool runs out.
 
 Decisions, after every round, among the candidates still racing (A of them, with μ'
 of the best-μ places not yet given to a candidate stopped as inside):
@@ -33,9 +48,10 @@ of the best-μ places not yet given to a candidate stopped as inside):
   inside;
 - except the current leader (the best estimate still racing), which always finishes,
   so that the generation's best gets a full score.
-A stopped candidate's score, told to CMA-ES and written to the history with
-"stopped_early": true, is its estimate on the items it saw. The rest finish every
-round, and their scores equal a plain evaluation's.
+No decision is taken before every task has at least one item scored. A stopped
+candidate's score, told to CMA-ES and written to the history with "stopped_early":
+true, is its estimate on the items it saw (each task's mean, weighted). The rest finish
+every round, and their scores equal a plain evaluation's.
 """
 
 from __future__ import annotations
@@ -46,6 +62,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 OUTSIDE, INSIDE = "outside", "inside"
+PAIRS_AT_ONCE = 64  # pairs tested in one array: memory stays small for large pools and populations
 
 
 @dataclass(frozen=True)
@@ -60,39 +77,59 @@ class RacePlan:
     def rounds(self) -> int:
         return len(self.schedule)
 
-    def order(self, generation: int) -> dict[str, np.ndarray]:
-        """task -> its documents' indices in this generation's random order."""
-        out = {}
-        for number, (task, count) in enumerate(sorted(self.doc_counts.items())):
-            rng = np.random.default_rng([self.seed, generation, number])
-            out[task] = rng.permutation(count)
-        return out
+    @property
+    def total(self) -> int:
+        return sum(self.doc_counts.values())
 
-    def cut(self, count: int, round_: int) -> tuple[int, int]:
-        """The slice of a task's order that round `round_` scores."""
-        start = 0 if round_ == 0 else math.ceil(self.schedule[round_ - 1] * count)
-        return start, math.ceil(self.schedule[round_] * count)
+    def order(self, generation: int) -> list[tuple[str, int]]:
+        """The pool's (task, document index) pairs in this generation's random order."""
+        pool = [(task, doc) for task, count in sorted(self.doc_counts.items()) for doc in range(count)]
+        permutation = np.random.default_rng([self.seed, generation]).permutation(len(pool))
+        return [pool[k] for k in permutation]
+
+    def cut(self, round_: int) -> tuple[int, int]:
+        """The slice of the pool's order that round `round_` scores."""
+        start = 0 if round_ == 0 else math.ceil(self.schedule[round_ - 1] * self.total)
+        return start, math.ceil(self.schedule[round_] * self.total)
+
+    def task_orders(self, generation: int, items: int | None = None) -> dict[str, list[int]]:
+        """task -> its documents among the pool's first `items` (default: all), in order."""
+        return self._by_task(self.order(generation)[:items])
 
     def positions(self, generation: int, round_: int) -> dict[str, list[int]]:
-        """task -> the indices of its documents that round `round_` scores."""
-        out = {}
-        for task, order in self.order(generation).items():
-            start, stop = self.cut(len(order), round_)
-            out[task] = order[start:stop].tolist()
+        """task -> the indices of its documents that round `round_` scores, in order (every
+        task is a key; a round may hold none of a small task's documents)."""
+        start, stop = self.cut(round_)
+        return self._by_task(self.order(generation)[start:stop])
+
+    def _by_task(self, items: list[tuple[str, int]]) -> dict[str, list[int]]:
+        out = {task: [] for task in sorted(self.doc_counts)}
+        for task, doc in items:
+            out[task].append(doc)
         return out
 
 
-def hoeffding_serfling_width(seen: dict[str, int], counts: dict[str, int], ranges: dict[str, float],
-                             delta: float) -> float:
-    """How far below the difference on the items seen the difference on all items can be
-    (one-sided, probability δ): `seen`, `counts` and `ranges` per task."""
-    total = 0.0
-    for task, n in seen.items():
-        if n == 0:
-            return math.inf
-        rho = 1.0 - (n - 1) / counts[task]
-        total += ranges[task] ** 2 * rho / (2.0 * n)
-    return math.sqrt(math.log(1.0 / delta) * total)
+def betting_evidence(x: np.ndarray, population: int) -> np.ndarray:
+    """Per row of `x` (values in [0, 1] drawn without replacement from `population` items,
+    in order): the log of the highest capital reached against "the population's mean is
+    at most 1/2" (module docstring). It reaches log(1/δ) with probability at most δ when
+    that is true, at any item count."""
+    rows, n = x.shape
+    i = np.arange(1, n + 1)
+    total = np.cumsum(x, axis=1)
+    seen_before = np.concatenate([np.zeros((rows, 1)), total[:, :-1]], axis=1)
+    null_mean = (population / 2 - seen_before) / (population - i + 1)
+    # The items' mean and variance before each item, from one pseudo-item at 1/2 (variance 1/4).
+    mean = (0.5 + total) / (i + 1)
+    variance = (0.25 + np.cumsum((x - mean) ** 2, axis=1)) / (i + 1)
+    mean_before = np.concatenate([np.full((rows, 1), 0.5), mean[:, :-1]], axis=1)
+    variance_before = np.concatenate([np.full((rows, 1), 0.25), variance[:, :-1]], axis=1)
+    edge = mean_before - null_mean
+    # 1 + λ (x - m) >= 1 - λ m >= 1/4 keeps the capital positive; m <= 0 puts no limit on λ
+    # (the pool already holds more than the null allows), so any cap serves.
+    cap = np.where(null_mean > 0, 0.75 / np.maximum(null_mean, 1e-12), 1e6)
+    bets = np.clip(edge / (variance_before + edge ** 2), 0.0, cap)
+    return np.max(np.cumsum(np.log1p(bets * (x - null_mean)), axis=1), axis=1)
 
 
 @dataclass
@@ -118,9 +155,12 @@ class Race:
         self.mu = mu
         self.delta = delta
         self.entries = [Entry() for _ in range(size)]
-        self.total_items = sum(plan.doc_counts.values())
-        # The width of the interval that one item's weighted difference lies in, per task.
-        self.ranges = {task: 2.0 * sum(abs(w) for t, w in self.specs if t == task) for task in plan.doc_counts}
+        self.order = plan.order(generation)
+        self.order_tasks = np.array([task for task, _ in self.order])
+        # One item's share of the weighted score, as a pool mean: c = (N / N_t) Σ w_s m_s.
+        self.scale = {task: plan.total / count for task, count in plan.doc_counts.items()}
+        # A paired difference of c lies in [-r, r].
+        self.r = max(self.scale[task] * sum(abs(w) for t, w in self.specs if t == task) for task in plan.doc_counts)
 
     def racing(self) -> list[int]:
         """The candidates that score the next round."""
@@ -142,22 +182,35 @@ class Race:
         entry = self.entries[index]
         return sum(w * float(np.mean(entry.values[s])) for s, (_, w) in enumerate(self.specs))
 
-    def _seen(self, index: int) -> dict[str, int]:
+    def _pool_values(self, index: int, items: int) -> np.ndarray:
+        """The candidate's c (module docstring) on the pool's first `items` items, in order."""
         entry = self.entries[index]
-        return {task: len(entry.values[s]) for s, (task, _) in enumerate(self.specs)}
+        tasks = self.order_tasks[:items]
+        out = np.zeros(items)
+        for s, (task, weight) in enumerate(self.specs):
+            out[tasks == task] += self.scale[task] * weight * np.asarray(entry.values[s], dtype=float)
+        return out
 
     def decide(self) -> list[int]:
         """Stop the candidates whose place is known; returns the ones stopped now."""
         alive = self.racing()
-        if len(alive) <= 1:
+        if len(alive) <= 1 or self.r == 0:
             return []
-        seen = self._seen(alive[0])
-        if all(seen[task] >= count for task, count in self.plan.doc_counts.items()):
+        items = self.items_seen(alive[0])  # the same items for every candidate racing
+        if items >= self.plan.total:
             return []  # everything scored: nothing left to save
-        # The same items for every candidate racing, so one width serves every pair.
-        width = hoeffding_serfling_width(seen, self.plan.doc_counts, self.ranges, self.delta)
+        if any(not self.entries[alive[0]].values[s] for s in range(len(self.specs))):
+            return []  # a task with no item yet has no estimate
+        pool = {i: self._pool_values(i, items) for i in alive}
+        pairs = [(a, b) for a in alive for b in alive if a != b]
+        better = {i: set() for i in alive}
+        for start in range(0, len(pairs), PAIRS_AT_ONCE):
+            block = pairs[start:start + PAIRS_AT_ONCE]
+            x = np.stack([(pool[a] - pool[b] + self.r) / (2.0 * self.r) for a, b in block])
+            for (a, b), log_capital in zip(block, betting_evidence(x, self.plan.total)):
+                if log_capital >= math.log(1.0 / self.delta):
+                    better[b].add(a)
         estimates = {i: self.estimate(i) for i in alive}
-        better = {i: {j for j in alive if estimates[j] - estimates[i] > width} for i in alive}
         places = self.mu - sum(1 for e in self.entries if e.stopped == INSIDE)
         leader = max(alive, key=lambda i: (estimates[i], -i))
         stopped = []
@@ -185,12 +238,11 @@ class Race:
         from lm_eval.api.metrics import mean, mean_stderr
 
         entry = self.entries[index]
-        order = self.plan.order(self.generation)
+        order = self.plan.task_orders(self.generation, self.items_seen(index))
         score, variance, results = 0.0, 0.0, {}
         for s, ((task, weight), key) in enumerate(zip(self.specs, self.metrics)):
-            seen = order[task][:len(entry.values[s])]
             # lm-eval's document order, so that a full score adds up exactly as lm-eval's
-            values = [v for _, v in sorted(zip(seen.tolist(), entry.values[s]))]
+            values = [v for _, v in sorted(zip(order[task], entry.values[s], strict=True))]
             metric, _, filter_key = key.partition(",")
             value = mean(values)
             se = mean_stderr(values) if len(values) > 1 else float("nan")
