@@ -21,8 +21,6 @@ import json
 import statistics
 from pathlib import Path
 
-import numpy as np
-
 
 def collect(args) -> None:
     from hotmerge.config.evolve import RacingConfig, load_config, validate_config

@@ -105,8 +105,6 @@ def toy_compare(
     split: str = typer.Option("heldout", help="search or heldout"),
 ) -> None:
     """Score the run's best recipe, mergekit-evolve's x0 recipe and every source model on a split of their family."""
-    import dataclasses
-
     import numpy as np
 
     from hotmerge.config.evolve import TaskConfig, load_config, validate_config
@@ -136,8 +134,7 @@ def toy_compare(
     name, _, filter_key = key.partition(",")
     tasks = chosen.tasks(variant, split)
     # Every item of the split, as lm-eval scores the sources below (the search may use a limit).
-    specs = [TaskConfig(name=task, metric=key) for task in tasks.values()]
-    validated = dataclasses.replace(config, config=config.config.model_copy(update={"tasks": specs, "limit": None}))
+    validated = config.with_tasks([TaskConfig(name=task, metric=key) for task in tasks.values()], limit=None)
     worker = CandidateWorker(validated, seed=meta["seed"])
     recipes = {}
     for label, x in [("x0 recipe", worker.genome.x0()), ("best recipe", np.asarray(best["genotype"]))]:
@@ -272,16 +269,9 @@ def _is_merge_config(path: Path) -> bool:
 
 def _with_tasks(validated, tasks: str | None):
     """The validated config, its tasks replaced by a comma-separated list when given."""
-    import dataclasses
+    from hotmerge.config.evolve import task_list
 
-    from hotmerge.config.evolve import TaskConfig
-
-    if tasks is None:
-        return validated
-    specs = [TaskConfig.model_validate(name.strip()) for name in tasks.split(",") if name.strip()]
-    if not specs:
-        raise ConfigError(f"--tasks {tasks!r} names no task: give comma-separated lm-eval task names")
-    return dataclasses.replace(validated, config=validated.config.model_copy(update={"tasks": specs}))
+    return validated if tasks is None else validated.with_tasks(task_list(tasks, "--tasks"))
 
 
 def _read_genotype(path: Path, size: int):

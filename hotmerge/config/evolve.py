@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -504,6 +505,14 @@ def _short(value: Any) -> str:
 # Checks against the model folders (config.json and safetensors headers only)
 
 
+def task_list(text: str, option: str) -> list["TaskConfig"]:
+    """A command line's comma-separated task names (`option` names the flag in errors)."""
+    tasks = [TaskConfig.model_validate(name.strip()) for name in text.split(",") if name.strip()]
+    if not tasks:
+        raise ConfigError(f"{option} {text!r} names no task: give comma-separated lm-eval task names")
+    return tasks
+
+
 @dataclass
 class ValidatedConfig:
     config: EvolveConfig
@@ -527,6 +536,10 @@ class ValidatedConfig:
         """The folder whose tokenizer the merged model uses: the built vocabulary's, or the
         reference's without tokenizer_source."""
         return self.vocabulary.path if self.vocabulary is not None else self.reference.path
+
+    def with_tasks(self, tasks: list["TaskConfig"], **update) -> "ValidatedConfig":
+        """This config scoring `tasks` instead (and any other EvolveConfig fields in `update`)."""
+        return dataclasses.replace(self, config=self.config.model_copy(update={"tasks": tasks, **update}))
 
     def genome(self):
         from hotmerge.config.genome import Genome

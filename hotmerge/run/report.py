@@ -376,20 +376,18 @@ def evaluate_heldout(data: RunData, tasks: str, *, task_paths: Sequence[str] = (
                      device: Optional[str] = None, batch_size: Optional[int] = None,
                      log: Callable[[str], None] = print) -> dict:
     """Score the best recipe and mergekit-evolve's x0 recipe on other tasks with the run's config."""
-    from hotmerge.cli import _with_tasks
-    from hotmerge.config.evolve import parse_config, validate_config
+    from hotmerge.config.evolve import parse_config, task_list, validate_config
     from hotmerge.search.worker import CandidateWorker
 
     best = data.best
     if best is None:
         raise ConfigError(f"{data.path} has no successful evaluation yet: no recipe to score on --heldout")
-    names = [t.strip() for t in tasks.split(",") if t.strip()]
-    if not names:
-        raise ConfigError("--heldout is empty: give comma-separated lm-eval task names")
+    specs = task_list(tasks, "--heldout")
+    names = [spec.name for spec in specs]
     config_path = Path(str(data.meta.get("config_path", "config.yaml")))
     cfg = parse_config(data.meta["config"], base_dir=config_path.resolve().parent,
                        source=f"{data.path / 'run.json'} config")
-    validated = _with_tasks(validate_config(cfg), ",".join(names))
+    validated = validate_config(cfg).with_tasks(specs)
     log(f"scoring the best recipe on {', '.join(names)} ...")
     worker = CandidateWorker(validated, backend=backend or data.meta.get("backend", "hf"), device=device,
                              batch_size=batch_size, seed=int(data.meta.get("seed", 0)),
