@@ -64,13 +64,14 @@ def collect(args) -> None:
     worker.close()
 
 
-def replay_generation(rows: list[dict], schedule: tuple[float, ...], delta: float, order_seed: int) -> dict:
+def replay_generation(rows: list[dict], schedule: tuple[float, ...], delta: float, order_seed: int,
+                      batch: int) -> dict:
     """Race one generation's full per-item values again, in the order of `order_seed`."""
     from hotmerge.search.racing import OUTSIDE, Race, RacePlan
 
     specs = rows[0]["specs"]
     counts = {task: len(rows[0]["values"][str(s)]) for s, (task, _, _) in enumerate(specs)}
-    plan = RacePlan(counts, schedule, order_seed)
+    plan = RacePlan(counts, schedule, order_seed, batch=batch)
     race = Race(plan, [tuple(s) for s in specs], len(rows), rows[0]["mu"], delta, generation=0)
     for round_ in range(plan.rounds):
         positions = plan.positions(0, round_)
@@ -95,11 +96,12 @@ def replay(args) -> None:
     for line in Path(args.items).read_text().splitlines():
         row = json.loads(line)
         generations.setdefault((row["seed"], row["generation"]), []).append(row)
-    outcomes = [replay_generation(sorted(rows, key=lambda r: r["index"]), tuple(args.schedule), args.delta, order)
+    outcomes = [replay_generation(sorted(rows, key=lambda r: r["index"]), tuple(args.schedule), args.delta, order,
+                                  args.batch)
                 for rows in generations.values() for order in range(args.orders)]
     items = sum(o["items"] for o in outcomes)
     summary = {"items": args.items, "generations": len(generations), "orders": args.orders,
-               "schedule": args.schedule, "delta": args.delta,
+               "schedule": args.schedule, "batch": args.batch, "delta": args.delta,
                "saving": sum(o["full_items"] for o in outcomes) / items,
                "wrong_stop_share": statistics.fmean(o["wrong_stop"] for o in outcomes),
                "wrong_inside_share": statistics.fmean(o["wrong_inside"] for o in outcomes),
@@ -127,6 +129,8 @@ def main() -> None:
     r.add_argument("--orders", type=int, default=100)
     r.add_argument("--schedule", type=float, nargs="+", default=None, help="racing.schedule (default: its default)")
     r.add_argument("--delta", type=float, default=0.05)
+    r.add_argument("--batch", type=int, default=64,
+                   help="the runtime's forward batch that rounds align to (transformers: 64; vLLM: 1)")
     r.add_argument("--out", default=None)
     args = parser.parse_args()
     collect(args) if args.command == "collect" else replay(args)

@@ -39,6 +39,17 @@ def test_plan_rounds_split_the_pool_into_its_documents_once():
     assert plan.positions(0, 0) != plan.positions(1, 0)  # a new order every generation
 
 
+def test_rounds_are_whole_batches_of_the_runtime():
+    eighths = tuple((k + 1) / 8 for k in range(8))
+    assert RacePlan({"a": 180, "b": 180, "c": 180}, eighths, seed=0, batch=64).ends == (
+        64, 128, 192, 256, 320, 384, 448, 540)
+    # shares that round to the same batch (or to none) make one round
+    plan = RacePlan({"a": 100}, eighths, seed=0, batch=64)
+    assert plan.ends == (64, 100) and plan.rounds == 2
+    assert [len(plan.positions(0, r)["a"]) for r in range(plan.rounds)] == [64, 36]
+    assert RacePlan({"a": 30}, eighths, seed=0, batch=64).ends == (30,)
+
+
 def _paired(wins: int, losses: int, size: int, seed: int = 0) -> np.ndarray:
     """Paired differences mapped to [0, 1] (1 a win, 0 a loss, 1/2 a tie), shuffled."""
     x = np.array([1.0] * wins + [0.0] * losses + [0.5] * (size - wins - losses))

@@ -21,6 +21,7 @@ from hotmerge.errors import ConfigError
 
 class Runtime(Protocol):
     lm: object
+    forward_batch: int  # documents scored in one forward batch (1: the engine batches by itself)
 
     def apply(self, recipe) -> None: ...
 

@@ -66,8 +66,9 @@ class HFRuntime:
             name: torch.empty_like(p, dtype=torch.bfloat16) for name, p in self.live.items()}
         self.merger = Merger(validated, self.merged, seed=seed)
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
+        self.forward_batch = batch_size or 64  # documents per forward batch (racing rounds align to it)
         self.lm = HFLM(pretrained=self.model, tokenizer=self.tokenizer,
-                       batch_size=batch_size or 64, device=self.device)
+                       batch_size=self.forward_batch, device=self.device)
 
     @torch.no_grad()
     def apply(self, recipe) -> None:

@@ -254,6 +254,7 @@ class VLLMRuntime:
         hf_len = lm_eval_compat.resolve_max_length(hf_config, tokenizer)
         self.lm = VLLMLM(self.llm, tokenizer, max_length=min(hf_len, engine_len - 2),
                          batch_size=batch_size, seed=self.seed)
+        self.forward_batch = 1  # vLLM schedules requests itself: no batch for racing rounds to align to
         self.write_proof = None
         if prove_writes:
             started = time.perf_counter()

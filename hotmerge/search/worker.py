@@ -42,7 +42,8 @@ class CandidateWorker:
             self.race_plan = None
             if cfg.racing is not None:
                 self.suite.check_per_item_means()
-                self.race_plan = RacePlan(self.suite.doc_counts, tuple(cfg.racing.schedule), seed)
+                self.race_plan = RacePlan(self.suite.doc_counts, tuple(cfg.racing.schedule), seed,
+                                          batch=self.runtime.forward_batch)
         except BaseException:
             self.close()
             raise
