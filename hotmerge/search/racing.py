@@ -6,9 +6,10 @@ candidate that is clearly outside the best μ, or clearly inside, needs no more 
 Items. All the search tasks' documents are pooled and put in one random order, fixed
 by the run's seed and the generation, and the schedule's shares cut that order into
 rounds: with [0.125, 0.25, ..., 1.0], round 0 scores the first eighth of the pool,
-round 1 the next eighth, and so on, each share rounded to whole batches of the runtime. Every candidate still in the race scores the same
-items in the same order, so every comparison is paired, and the items seen are a
-sample without replacement from the pool: a random prefix is a fair sample of the rest.
+round 1 the next eighth, and so on (each cut rounded to whole forward batches of the
+runtime). Every candidate still in the race scores the same items in the same order,
+so every comparison is paired, and the items seen are a sample without replacement
+from the pool: a random prefix is a fair sample of the rest.
 
 The score as a mean over the pool. With N documents in all, N_t of them task t's, a
 candidate's weighted score S = Σ_s w_s · (mean of spec s over its task's documents) is
