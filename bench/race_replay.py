@@ -65,14 +65,14 @@ def collect(args) -> None:
 
 
 def replay_generation(rows: list[dict], schedule: tuple[float, ...], delta: float, order_seed: int,
-                      batch: int) -> dict:
+                      batch: int, test: str) -> dict:
     """Race one generation's full per-item values again, in the order of `order_seed`."""
     from hotmerge.search.racing import OUTSIDE, Race, RacePlan
 
     specs = rows[0]["specs"]
     counts = {task: len(rows[0]["values"][str(s)]) for s, (task, _, _) in enumerate(specs)}
     plan = RacePlan(counts, schedule, order_seed, batch=batch)
-    race = Race(plan, [tuple(s) for s in specs], len(rows), rows[0]["mu"], delta, generation=0)
+    race = Race(plan, [tuple(s) for s in specs], len(rows), rows[0]["mu"], delta, generation=0, test=test)
     for round_ in range(plan.rounds):
         positions = plan.positions(0, round_)
         for i in race.racing():
@@ -97,11 +97,11 @@ def replay(args) -> None:
         row = json.loads(line)
         generations.setdefault((row["seed"], row["generation"]), []).append(row)
     outcomes = [replay_generation(sorted(rows, key=lambda r: r["index"]), tuple(args.schedule), args.delta, order,
-                                  args.batch)
+                                  args.batch, args.test)
                 for rows in generations.values() for order in range(args.orders)]
     items = sum(o["items"] for o in outcomes)
     summary = {"items": args.items, "generations": len(generations), "orders": args.orders,
-               "schedule": args.schedule, "batch": args.batch, "delta": args.delta,
+               "schedule": args.schedule, "batch": args.batch, "delta": args.delta, "test": args.test,
                "saving": sum(o["full_items"] for o in outcomes) / items,
                "wrong_stop_share": statistics.fmean(o["wrong_stop"] for o in outcomes),
                "wrong_inside_share": statistics.fmean(o["wrong_inside"] for o in outcomes),
@@ -129,6 +129,7 @@ def main() -> None:
     r.add_argument("--orders", type=int, default=100)
     r.add_argument("--schedule", type=float, nargs="+", default=None, help="racing.schedule (default: its default)")
     r.add_argument("--delta", type=float, default=0.05)
+    r.add_argument("--test", default="betting", choices=["betting", "normal"])
     r.add_argument("--batch", type=int, default=64,
                    help="the runtime's forward batch that rounds align to (transformers: 64; vLLM: 1)")
     r.add_argument("--out", default=None)

@@ -83,6 +83,23 @@ def test_evidence_needs_far_fewer_items_than_hoeffding_when_candidates_mostly_ag
     assert betting_evidence(almost[None], 500)[0] >= math.log(1 / 0.05)
 
 
+def test_normal_test_rejects_a_clear_lead_only():
+    from hotmerge.search.racing import confidently_above_half, normal_statistic
+
+    leads = np.stack([_paired(12, 1, 100), np.full(100, 0.5), _paired(6, 4, 100), _paired(1, 12, 100)])
+    assert confidently_above_half(leads, 500, 0.05, "normal").tolist() == [True, False, False, False]
+    # the finite-population correction: the same lead counts for more when little is left
+    assert normal_statistic(leads[2:3, :99], 100)[0] > normal_statistic(leads[2:3, :99], 10_000)[0]
+
+
+def test_racing_config_takes_the_test_and_refuses_an_unknown_one():
+    from pydantic import ValidationError
+
+    assert RacingConfig().test == "betting" and RacingConfig(test="normal").test == "normal"
+    with pytest.raises(ValidationError):
+        RacingConfig(test="t-test")
+
+
 def _values(quality: float, positions: dict[str, list[int]]) -> dict[int, list[float]]:
     """Item i of a task is right when its fixed difficulty is below the candidate's quality:
     a better candidate gets every item a worse one gets, and more (paired items)."""
@@ -93,9 +110,9 @@ def _values(quality: float, positions: dict[str, list[int]]) -> dict[int, list[f
     return out
 
 
-def _race(qualities, mu, delta=0.05):
+def _race(qualities, mu, delta=0.05, test="betting"):
     plan = RacePlan(DOCS, SCHEDULE, seed=0)
-    race = Race(plan, list(SPECS), len(qualities), mu, delta, generation=0)
+    race = Race(plan, list(SPECS), len(qualities), mu, delta, generation=0, test=test)
     for round_ in range(plan.rounds):
         for i in race.racing():
             race.add(i, round_, _values(qualities[i], plan.positions(0, round_)))
@@ -114,9 +131,17 @@ def test_race_stops_clear_losers_and_winners_and_the_leader_finishes():
     assert race.items_seen(0) == sum(DOCS.values())
 
 
-def test_race_among_equals_stops_nobody():
-    race = _race([0.5] * 6, mu=3)
+@pytest.mark.parametrize("test", ["betting", "normal"])
+def test_race_among_equals_stops_nobody(test):
+    race = _race([0.5] * 6, mu=3, test=test)
     assert all(e.stopped is None and e.rounds == len(SCHEDULE) for e in race.entries)
+
+
+def test_normal_race_stops_the_clear_losers_too():
+    qualities = [0.9, 0.1, 0.85, 0.15, 0.2, 0.8, 0.05, 0.88]
+    race = _race(qualities, mu=4, test="normal")
+    stopped = {i: e.stopped for i, e in enumerate(race.entries)}
+    assert {i for i, s in stopped.items() if s == OUTSIDE} == {1, 3, 4, 6} and stopped[0] is None
 
 
 def test_race_full_scores_equal_a_plain_evaluation():

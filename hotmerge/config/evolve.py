@@ -242,6 +242,9 @@ class RacingConfig(BaseModel):
     schedule: list[float] = [0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0]
     # Chance that one pairwise decision (candidate a is better than b) is wrong.
     delta: float = 0.05
+    # betting: a test that holds at any item count; normal: a paired z-test, which stops
+    # more candidates sooner but only approximates δ (search/racing.py).
+    test: Literal["betting", "normal"] = "betting"
 
     @field_validator("schedule")
     @classmethod
@@ -432,10 +435,11 @@ _FIELD_HINTS = {
     "heldout_tasks": "a list of task names or {name, weight, metric} entries",
     "heldout_top_k": "a positive whole number, or remove it",
     "select_by": "search or heldout",
-    "racing": "true, false or a mapping with schedule and delta",
+    "racing": "true, false or a mapping with schedule, delta and test",
     "compute_dtype": "bfloat16 or float32",
     "racing.schedule": "a list of increasing shares ending with 1.0",
     "racing.delta": "a probability, e.g. 0.05",
+    "racing.test": "betting or normal",
 }
 _ALLOWED_KEYS = {
     "": list(EvolveConfig.model_fields),

@@ -311,7 +311,7 @@ class Coordinator:
         rounds it has and decides exactly as the killed run did."""
         plan = self.worker.race_plan
         race = Race(plan, list(self.fitness.specs), len(candidates), self.search.mu, self.fitness.racing.delta,
-                    generation)
+                    generation, test=self.fitness.racing.test)
         seconds: dict[int, dict] = {}
         last: dict[int, dict] = {}  # index -> the last round's result (rank, params, failure)
         records: dict[int, dict] = {}

@@ -41,6 +41,12 @@ at 1/2, variance 1/4), clipped to the range above. Three properties matter here:
   ever wrong over the whole race (`racing.delta`), however many rounds the schedule has;
 - m_i is the finite pool's: the test sharpens as the pool runs out.
 
+The normal test (`racing.test: normal`, opt-in) rejects when the mean of x seen is
+above 1/2 by z_{1-δ} standard errors, s · sqrt((1 - n/N) / n) with s the items' standard
+deviation: a paired z-test with the finite-population correction. It holds no
+guarantee: at a few dozen items, and looked at after every round, its error rate can
+exceed δ. It stops more candidates sooner; bench/RESULTS.md measures both tests.
+
 Decisions, after every round, among the candidates still racing (A of them, with μ'
 of the best-μ places not yet given to a candidate stopped as inside):
 - a candidate that at least μ' others are confidently better than is stopped as
@@ -58,6 +64,7 @@ every round, and their scores equal a plain evaluation's.
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -147,6 +154,23 @@ def betting_evidence(x: np.ndarray, population: int) -> np.ndarray:
     return np.max(np.cumsum(np.log1p(bets * (x - null_mean)), axis=1), axis=1)
 
 
+def normal_statistic(x: np.ndarray, population: int) -> np.ndarray:
+    """Per row of `x` (values in [0, 1] drawn without replacement from `population` items):
+    how many standard errors the mean of x is above 1/2 (module docstring)."""
+    n = x.shape[1]
+    excess = x.mean(axis=1) - 0.5
+    error = x.std(axis=1, ddof=1) * math.sqrt((1.0 - n / population) / n) if n > 1 else np.zeros(len(x))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(error > 0, excess / np.where(error > 0, error, 1.0), np.sign(excess) * np.inf)
+
+
+def confidently_above_half(x: np.ndarray, population: int, delta: float, test: str) -> np.ndarray:
+    """Per row: does `test` reject "the population's mean of x is at most 1/2" at level δ?"""
+    if test == "normal":
+        return normal_statistic(x, population) >= statistics.NormalDist().inv_cdf(1.0 - delta)
+    return betting_evidence(x, population) >= math.log(1.0 / delta)
+
+
 @dataclass
 class Entry:
     """One candidate's race: its per-item values so far, per spec, in item order."""
@@ -161,14 +185,16 @@ class Race:
     """The race of one generation on rank 0."""
 
     def __init__(self, plan: RacePlan, specs: list[tuple[str, str, float]], size: int, mu: int, delta: float,
-                 generation: int):
-        """`specs`: (task, metric, weight) per configured task; `size`: λ; `mu`: CMA-ES's μ."""
+                 generation: int, test: str = "betting"):
+        """`specs`: (task, metric, weight) per configured task; `size`: λ; `mu`: CMA-ES's μ;
+        `test`: betting or normal (module docstring)."""
         self.plan = plan
         self.specs = [(task, weight) for task, _, weight in specs]
         self.metrics = [metric for _, metric, _ in specs]
         self.generation = generation
         self.mu = mu
         self.delta = delta
+        self.test = test
         self.entries = [Entry() for _ in range(size)]
         self.order = plan.order(generation)
         self.order_tasks = np.array([task for task, _ in self.order])
@@ -222,8 +248,8 @@ class Race:
         for start in range(0, len(pairs), PAIRS_AT_ONCE):
             block = pairs[start:start + PAIRS_AT_ONCE]
             x = np.stack([(pool[a] - pool[b] + self.r) / (2.0 * self.r) for a, b in block])
-            for (a, b), log_capital in zip(block, betting_evidence(x, self.plan.total)):
-                if log_capital >= math.log(1.0 / self.delta):
+            for (a, b), rejects in zip(block, confidently_above_half(x, self.plan.total, self.delta, self.test)):
+                if rejects:
                     better[b].add(a)
         estimates = {i: self.estimate(i) for i in alive}
         places = self.mu - sum(1 for e in self.entries if e.stopped == INSIDE)
