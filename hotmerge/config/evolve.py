@@ -12,10 +12,10 @@ all before any weights are loaded.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -240,7 +240,7 @@ class RacingConfig(BaseModel):
     # Cumulative share of the search items scored after each round; the last is 1. Eighths:
     # the test holds at every round at once, so more rounds cost only an apply each.
     schedule: list[float] = [0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0]
-    # Chance that one pairwise decision (candidate a is better than b) is wrong.
+    # Chance that one pairwise decision (candidate a is better than b) is ever wrong.
     delta: float = 0.05
     # betting: a test that holds at any item count; normal: a paired z-test, which stops
     # more candidates sooner but only approximates δ (search/racing.py).
@@ -505,16 +505,16 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-# ---------------------------------------------------------------------------
-# Checks against the model folders (config.json and safetensors headers only)
-
-
 def task_list(text: str, option: str) -> list["TaskConfig"]:
     """A command line's comma-separated task names (`option` names the flag in errors)."""
     tasks = [TaskConfig.model_validate(name.strip()) for name in text.split(",") if name.strip()]
     if not tasks:
         raise ConfigError(f"{option} {text!r} names no task: give comma-separated lm-eval task names")
     return tasks
+
+
+# ---------------------------------------------------------------------------
+# Checks against the model folders (config.json and safetensors headers only)
 
 
 @dataclass
