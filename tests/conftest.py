@@ -1,3 +1,5 @@
+import contextlib
+import fcntl
 import os
 import subprocess
 from dataclasses import dataclass
@@ -30,14 +32,29 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
+@contextlib.contextmanager
+def _building(name: str):
+    """Hold a lock while a cached family is checked and built: pytest runs started side by
+    side would otherwise build into the same folder at once."""
+    lock = REPO / ".cache" / f"{name}.lock"
+    lock.parent.mkdir(exist_ok=True)
+    with open(lock, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="session")
 def toy_family():
     """The toy family, built once per machine into .cache (rebuilt when the generator changes)."""
     from hotmerge.toy.build import FamilyPaths, build_family, family_is_current
 
     root = REPO / ".cache" / "toy-test"
-    if not family_is_current(root, seed=0):
-        build_family(root, seed=0, log=lambda *_: None)
+    with _building("toy-test"):
+        if not family_is_current(root, seed=0):
+            build_family(root, seed=0, log=lambda *_: None)
     return FamilyPaths(root)
 
 
@@ -47,7 +64,8 @@ def smol_family():
     .cache, about a minute) and two synthetic experts of it, one stored sharded (smol_models.py)."""
     from smol_models import smol_family
 
-    return smol_family(REPO / ".cache" / "smol-test")
+    with _building("smol-test"):
+        return smol_family(REPO / ".cache" / "smol-test")
 
 
 @dataclass(frozen=True)

@@ -356,12 +356,12 @@ def _bug(x) -> dict:
 def _coordinator(run_dir: Path, evaluate, world_size=1, cls=None):
     from hotmerge.search.coordinator import Coordinator
     from hotmerge.search.strategy import Search
+    from hotmerge.run.evolve import resume_search
     from hotmerge.run.storage import RunDir
 
     run = RunDir(run_dir)
     run.path.mkdir(exist_ok=True)
-    state = run.load_search()
-    search = Search.from_state(state) if state is not None else Search(np.full(3, 0.5), 0.2, 1, 24, 6)
+    search = resume_search(run, lambda: Search(np.full(3, 0.5), 0.2, 1, 24, 6), 24)
     worker = SimpleNamespace(evaluate=evaluate)
     return (cls or Coordinator)(run, search, worker, 24, lambda record: None, world_size=world_size,
                                 genotype_size=3, log=lambda *_: None)

@@ -32,7 +32,7 @@ from pydantic import (
 
 from hotmerge.config.tokenizer import VOCAB_SOURCES, TokenizerSection, map_models, settings_of
 from hotmerge.errors import ConfigError
-from hotmerge.models.folder import ModelInfo
+from hotmerge.models.folder import ModelInfo, warn_own_code
 from hotmerge.kernels.methods import METHOD_NAMES, get_method
 
 MERGE_METHODS = METHOD_NAMES
@@ -240,11 +240,12 @@ class RacingConfig(BaseModel):
     # Cumulative share of the search items scored after each round; the last is 1. Eighths:
     # the test holds at every round at once, so more rounds cost only an apply each.
     schedule: list[float] = [0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0]
-    # Chance that one pairwise decision (candidate a is better than b) is ever wrong.
+    # Chance that any decision of a generation (a candidate stopped as inside or outside
+    # the best μ) is wrong.
     delta: float = 0.05
-    # betting: a test that holds at any item count; normal: a paired z-test, which stops
-    # more candidates sooner but only approximates δ (search/racing.py).
-    test: Literal["betting", "normal"] = "betting"
+    # The betting test, the only one: a paired z-test was offered and removed, since it
+    # stopped one of two exactly tied candidates far more often than δ.
+    test: Literal["betting"] = "betting"
 
     @field_validator("schedule")
     @classmethod
@@ -252,6 +253,14 @@ class RacingConfig(BaseModel):
         if not value or value[-1] != 1.0 or any(not 0 < v <= 1 for v in value) or \
                 any(b <= a for a, b in zip(value, value[1:])):
             raise ValueError(f"is {value}: give increasing shares in (0, 1] that end with 1.0, e.g. [0.25, 0.5, 1.0]")
+        return value
+
+    @field_validator("test", mode="before")
+    @classmethod
+    def _test(cls, value):
+        if value != "betting":
+            raise ValueError(f"is {value!r}: only the betting test holds its δ (the paired z-test was removed); "
+                             "drop the key")
         return value
 
     @field_validator("delta")
@@ -634,9 +643,11 @@ def _model_info(path: str, label: str) -> ModelInfo:
             "are looked up beside the config file, then in the current directory)"
         )
     try:
-        return ModelInfo.from_path(path)
+        info = ModelInfo.from_path(path)
     except ConfigError as e:
         raise ConfigError(f"{label}: {e}") from None
+    warn_own_code(info)
+    return info
 
 
 def _check_same_layout(info: ModelInfo, label: str, ref: ModelInfo, ref_label: str, vocab_axes: dict) -> None:

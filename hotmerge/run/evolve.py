@@ -117,6 +117,35 @@ def pin_devices(options: EvolveOptions) -> str | None:
     return f"cuda:{first}"
 
 
+def resume_search(run: RunDir, fresh, max_fevals: int, timeout: float | None = None):
+    """The run's search: rebuilt from its state file by replaying what CMA-ES was told
+    (search/strategy.py), or `fresh()` with its start recorded when the run has none."""
+    from hotmerge.search.strategy import Search
+
+    saved = run.read_search()
+    if saved is None:
+        search = fresh()
+        run.save_search_start(search.start)
+        return search
+    start, told = saved
+    size = len(fresh().start["x0"])
+    if len(start["x0"]) != size:
+        raise ConfigError(f"{run.search_file} starts a search of {len(start['x0'])} genes where the config has "
+                          f"{size}: restore the file or pick a new --storage-path")
+    search = Search.from_start(start, max_fevals, timeout)
+    genotypes: dict[int, dict[int, list]] = {}
+    for record in run.records():
+        if record["index"] >= 0:
+            genotypes.setdefault(record["generation"], {})[record["index"]] = record["genotype"]
+
+    def recorded(generation: int) -> list | None:
+        found = genotypes.get(generation, {})
+        return [found[i] for i in range(len(found))] if set(found) == set(range(len(found))) else None
+
+    search.replay(told, recorded, where=str(run.search_file))
+    return search
+
+
 def evolve(config_path: Path, options: EvolveOptions, console=None) -> dict | None:
     from rich.console import Console
 
@@ -124,6 +153,7 @@ def evolve(config_path: Path, options: EvolveOptions, console=None) -> dict | No
 
     console = console or Console()
     log = console.print
+    info = (lambda *_, **__: None) if options.quiet else log  # --quiet: the result, warnings and errors
     if options.wandb:
         from hotmerge.run.sinks import require_wandb
 
@@ -136,11 +166,11 @@ def evolve(config_path: Path, options: EvolveOptions, console=None) -> dict | No
     # torch.distributed and pycma are imported once the config has passed: a config
     # error comes back in a second, not after the heavy imports.
     from hotmerge.search.coordinator import Coordinator, Fitness, distributed_context, worker_loop
-    from hotmerge.search.strategy import Search
 
     rank, world = distributed_context()
     names = original_model_names(config_path, list(cfg.genome.models), cfg.genome.base_model)
 
+    from hotmerge.runtimes import check_runtime_options
     from hotmerge.search.worker import CandidateWorker
 
     # Every check comes before anything is written: a run refused here (a bad storage
@@ -149,6 +179,9 @@ def evolve(config_path: Path, options: EvolveOptions, console=None) -> dict | No
     run = RunDir(options.storage_path)
     run.check_path()
     check_task_search_paths(options.task_search_path)
+    # Before pin_devices, which would otherwise give GPUs to a --tensor-parallel-size that
+    # the transformers runtime cannot use.
+    check_runtime_options("vllm" if options.vllm else "hf", options.device, options.tensor_parallel_size)
     if options.resume and not run.exists():
         raise ConfigError(f"--resume: {run.path} holds no run to resume: drop --resume to start one there")
     meta = {
@@ -165,7 +198,7 @@ def evolve(config_path: Path, options: EvolveOptions, console=None) -> dict | No
         "command": sys.argv,
     }
     if rank == 0 and run.check(meta, RESUME_KEYS):
-        log(f"resuming the run in {run.path}")
+        info(f"resuming the run in {run.path}")
     worker = CandidateWorker(
         validated,
         backend="vllm" if options.vllm else "hf",
@@ -181,14 +214,15 @@ def evolve(config_path: Path, options: EvolveOptions, console=None) -> dict | No
         worker_loop(worker, genome.size)
         return None
 
-    state = run.load_search()
-    if state is not None:
-        search = Search.from_state(state)
-    else:
+    def fresh_search():
+        from hotmerge.search.strategy import Search
+
         # random_init: mergekit-evolve starts from uniform [0, 1) genes instead of its x0.
-        start = genome.x0(random=cfg.random_init, seed=options.random_seed)
-        search = Search(start, options.sigma0, options.random_seed, options.max_fevals,
-                        population_for(genome.size, world, options.population_size), options.timeout)
+        return Search(genome.x0(random=cfg.random_init, seed=options.random_seed), options.sigma0,
+                      options.random_seed, options.max_fevals,
+                      population_for(genome.size, world, options.population_size), options.timeout)
+
+    search = resume_search(run, fresh_search, options.max_fevals, options.timeout)
     best = {}
 
     def is_better(record: dict) -> bool:
@@ -244,7 +278,7 @@ def evolve(config_path: Path, options: EvolveOptions, console=None) -> dict | No
         sinks.close()
     wall = time.perf_counter() - started
     if busy and wall > 0:
-        log("busy share of the search's wall time: " + ", ".join(
+        info("busy share of the search's wall time: " + ", ".join(
             f"rank {r} {100 * busy.get(r, 0.0) / wall:.0f}%" for r in range(world)))
     if coordinator.bug_stop is not None:
         stop = coordinator.bug_stop

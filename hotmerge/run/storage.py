@@ -2,7 +2,8 @@
 
   run.json          versions, config, seed and options (written once, checked on resume)
   history.jsonl     one line per finished evaluation, flushed and fsynced
-  search.pkl        CMA-ES state after the last completed generation (atomic)
+  search.jsonl      how CMA-ES started, then per told generation the values it was told
+                    (search/strategy.py replays them: the state is data, never a pickle)
   best_config.yaml  mergekit merge config of the best candidate so far (atomic)
   errors/           one file per candidate that met a bug: its traceback
 
@@ -13,17 +14,15 @@ refused at start-up leaves no folder behind.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
 from hotmerge.errors import ConfigError
-
-if TYPE_CHECKING:
-    from hotmerge.search.strategy import SearchState
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -76,7 +75,8 @@ class RunDir:
         self.path = Path(path)
         self.meta_file = self.path / "run.json"
         self.history_file = self.path / "history.jsonl"
-        self.search_file = self.path / "search.pkl"
+        self.search_file = self.path / "search.jsonl"
+        self.legacy_search_file = self.path / "search.pkl"
         self.best_file = self.path / "best_config.yaml"
         self.race_file = self.path / "race.jsonl"
         self._tails_checked = set()  # files whose unfinished last line (a kill's) is cut before appending
@@ -93,6 +93,11 @@ class RunDir:
         check_folder_target(self.path, "--storage-path")
         if self.meta_file.exists() and not self.meta_file.is_file():
             raise ConfigError(f"{self.meta_file} is not a file: pick another --storage-path")
+        if self.legacy_search_file.exists():
+            raise ConfigError(
+                f"{self.legacy_search_file} is an older hotmerge's pickled state, which is never loaded "
+                "(unpickling can run code): to resume, delete it and hotmerge rebuilds the search from "
+                f"{self.history_file.name}; or pick a new --storage-path")
 
     def read_meta(self) -> dict[str, Any]:
         try:
@@ -152,7 +157,12 @@ class RunDir:
     def read_history(self) -> list[dict[str, Any]]:
         """Every history line, in order. A candidate re-scored on the held-out tasks has a
         second, fuller line; `records` keeps the last line of each candidate."""
-        return _read_jsonl(self.history_file)
+        lines = _read_jsonl(self.history_file)
+        for number, record in enumerate(lines, start=1):
+            if not _history_record(record):
+                raise ConfigError(f"{self.history_file} line {number} is not a candidate's record (the file "
+                                  "was changed): restore it, or pick a new --storage-path")
+        return lines
 
     def records(self) -> list[dict[str, Any]]:
         """One record per candidate (generation, index): its last line."""
@@ -167,20 +177,32 @@ class RunDir:
         if self.race_file.is_file():
             atomic_write(self.race_file, b"")
 
-    def save_search(self, state: "SearchState") -> "SearchState":
-        """Save the search state; returns it as read back, which is what a resumed run sees."""
-        from hotmerge.search.strategy import dump_state, load_state  # pycma: imported when needed
+    def save_search_start(self, start: dict[str, Any]) -> None:
+        """Begin the state file with how the search started (Search.start)."""
+        atomic_write(self.search_file, (json.dumps({"start": start}) + "\n").encode())
 
-        data = dump_state(state)
-        atomic_write(self.search_file, data)
-        return load_state(data)
+    def append_told(self, generation: int, told: list[float], seconds: float) -> None:
+        """Keep what CMA-ES was told for one generation, after it was told."""
+        self._append(self.search_file, {"generation": generation, "told": list(told), "seconds": seconds})
 
-    def load_search(self) -> "SearchState | None":
-        from hotmerge.search.strategy import load_state
-
-        if not self.search_file.is_file():
+    def read_search(self) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+        """(start, told generations) from the state file, every value checked; None when absent."""
+        lines = _read_jsonl(self.search_file)
+        if not lines:
             return None
-        return load_state(self.search_file.read_bytes())
+        where = self.search_file
+        start = lines[0].get("start")
+        if not (isinstance(start, dict) and _numbers(start.get("x0")) and start["x0"]
+                and _number(start.get("sigma0")) and start["sigma0"] > 0 and _integer(start.get("seed"))
+                and _integer(start.get("popsize")) and start["popsize"] >= 2):
+            raise ConfigError(f"{where} line 1 is not the start of a hotmerge search: restore the file or "
+                              "pick a new --storage-path")
+        for number, line in enumerate(lines[1:], start=2):
+            if not (_integer(line.get("generation")) and _numbers(line.get("told"))
+                    and _number(line.get("seconds")) and line["seconds"] >= 0):
+                raise ConfigError(f"{where} line {number} is not a told generation: restore the file or pick "
+                                  "a new --storage-path")
+        return start, lines[1:]
 
     def save_best(self, merge_config: dict[str, Any]) -> None:
         atomic_write(self.best_file, yaml.safe_dump(merge_config, sort_keys=False).encode())
@@ -223,17 +245,52 @@ def _trim_unfinished_line(path: Path) -> None:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Every record of a file hotmerge appends to. A last line without its newline is one
+    a kill cut short (that record never finished) and is left out; any other line that is
+    not a JSON object means the file was changed, and is refused rather than skipped."""
     if not path.is_file():
         return []
+    try:
+        lines = path.read_bytes().split(b"\n")
+    except OSError as e:
+        raise ConfigError(f"cannot read {path} ({e}): restore it or pick a new --storage-path") from e
     records = []
-    with open(path) as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                # A line cut short by a kill: that evaluation did not finish.
-                break
+    for number, line in enumerate(lines, start=1):
+        last = number == len(lines)
+        if last and not line:
+            break
+        try:
+            record = json.loads(line)
+        except (ValueError, UnicodeDecodeError):
+            record = None
+        if not isinstance(record, dict):
+            if last:
+                break  # cut short by a kill
+            raise ConfigError(f"{path} line {number} is not a record hotmerge wrote (the file was changed): "
+                              "restore it, or pick a new --storage-path")
+        records.append(record)
     return records
+
+
+def _history_record(record: dict[str, Any]) -> bool:
+    """What every history line holds: which candidate it is, its genotype, and a score that
+    is a number or None (failed)."""
+    score, told = record.get("score"), record.get("told")
+    return (_integer(record.get("generation")) and record["generation"] >= 0 and _integer(record.get("index"))
+            and _numbers(record.get("genotype")) and (score is None or _number(score))
+            and (told is None or _number(told)))
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _numbers(value: Any) -> bool:
+    return isinstance(value, list) and all(_number(v) for v in value)
 
 
 def _jsonable(value: Any) -> Any:

@@ -12,9 +12,12 @@ chosen ones are re-scored on the held-out tasks (Fitness.heldout), then CMA-ES i
 At the end of a run with held-out tasks, CMA-ES's mean is scored on both task sets.
 
 Every finished evaluation is appended to the run's history before anything else
-happens, and the search state is saved after every generation, so a run killed
-at any moment resumes with no finished evaluation lost: a resumed run asks
-CMA-ES for the same generation again and takes the results it already has.
+happens, and what CMA-ES was told is appended to the state file after every generation
+(search/strategy.py), so a run killed at any moment resumes with no finished evaluation
+lost: a resumed run replays the told generations, asks CMA-ES for the next one again and
+takes the results it already has. Every history record holds `told`, the value CMA-ES was
+told for it (score units, higher is better): the score itself, except in a race
+(search/racing.py, Race.told).
 
 Failures (errors.py): a candidate error is recorded and scored worst. A bug
 (any other exception in a candidate) is recorded too, with its traceback in the run
@@ -42,7 +45,7 @@ import torch.distributed as dist
 
 from hotmerge.errors import BUG
 from hotmerge.search.racing import Race
-from hotmerge.search.strategy import Search
+from hotmerge.search.strategy import Search, told_values
 from hotmerge.run.storage import RunDir
 
 RESULT_BYTES = 1 << 18
@@ -187,16 +190,15 @@ class Coordinator:
                 generation = self.search.generation
                 self.progress.generation = generation
                 if self.fitness.racing is not None:
-                    scores = self._race_generation(generation, candidates)
+                    told = self._race_generation(generation, candidates)
                 else:
-                    scores = self._evaluate_generation(generation, candidates)
-                if scores is None:  # stopped mid-generation; state stays at the last whole one
+                    told = self._evaluate_generation(generation, candidates)
+                if told is None:  # stopped mid-generation; state stays at the last whole one
                     break
                 if self.fitness.heldout and not self._rescore_heldout(generation, len(candidates)):
                     break
-                self.search.tell(candidates, scores)
-                # Go on from the state as saved, exactly what a resumed run would load.
-                self.search = Search.from_state(self.run.save_search(self.search.state))
+                self.search.tell(candidates, told)
+                self.run.append_told(generation, told, self.search.elapsed)
                 if self.fitness.racing is not None:
                     self.run.clear_race()
                     self.race_cache.clear()
@@ -296,22 +298,24 @@ class Coordinator:
                 jobs.append(Job(CMD_EVAL, index, x, generation))
 
         def finish(job: Job, result: dict, rank: int) -> None:
-            records[job.index] = self._finish(generation, job.index, job.x, result, rank)
+            told, = told_values([result.get("score")])
+            records[job.index] = self._finish(generation, job.index, job.x, {**result, "told": told}, rank)
 
         self._dispatch(jobs, finish)
         if self.bug_stop is not None or len(records) < len(candidates):
             return None  # not told: a resumed run evaluates what is missing (bugs included)
-        return [records[i].get("score") for i in range(len(candidates))]
+        return told_values([records[i].get("score") for i in range(len(candidates))])
 
     # -- racing -----------------------------------------------------------------------------
 
     def _race_generation(self, generation: int, candidates: list[np.ndarray]) -> list | None:
-        """Score a generation by racing (search/racing.py); the scores to tell, or None when
-        stopped. Every round's values are kept in race.jsonl, so a resumed run replays the
+        """Score a generation by racing (search/racing.py); the values to tell, or None when
+        stopped. The history gets each candidate's record when it stops or finishes, then a
+        second line with `told` once the race is over. Every round's values are kept in race.jsonl, so a resumed run replays the
         rounds it has and decides exactly as the killed run did."""
         plan = self.worker.race_plan
         race = Race(plan, list(self.fitness.specs), len(candidates), self.search.mu, self.fitness.racing.delta,
-                    generation, test=self.fitness.racing.test)
+                    generation)
         seconds: dict[int, dict] = {}
         last: dict[int, dict] = {}  # index -> the last round's result (rank, params, failure)
         records: dict[int, dict] = {}
@@ -360,7 +364,14 @@ class Coordinator:
                     records[index] = self._finish(generation, index, candidates[index],
                                                   self._race_result(race, index, last[index], seconds[index]),
                                                   last[index]["rank"])
-        return [records[i].get("score") for i in range(len(candidates))]
+        told = race.told()
+        with self._lock:
+            for index, value in enumerate(told):
+                if records[index].get("told") != value:  # a resumed run may have written it already
+                    record = {**records[index], "told": value}
+                    self.run.append_history(record)
+                    self.history[(generation, index)] = record
+        return told
 
     def _race_result(self, race: Race, index: int, last: dict, seconds: dict) -> dict:
         """A raced candidate's history fields: scores on the items it saw, as lm-eval

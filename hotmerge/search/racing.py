@@ -17,7 +17,8 @@ the mean over the pool of c = (N / N_t) Σ_{s scores t} w_s m_s, where m_s in [0
 the document's value for spec s. For two candidates a and b, D = S_a - S_b is the pool
 mean of y = c_a - c_b, which lies in [-r, r] with r = max_t (N / N_t) Σ_{s scores t} |w_s|.
 
-The test. a is *confidently better* than b when a test of "D <= 0" rejects at level δ.
+The test. a is *confidently better* than b when a test of "D <= 0" rejects at level δ'
+(below).
 The test is a betting (capital-process) test for sampling without replacement,
 Waudby-Smith and Ramdas ("Confidence sequences for sampling without replacement",
 NeurIPS 2020; "Estimating means of bounded random variables by betting", JRSS-B 2024):
@@ -34,18 +35,22 @@ the test rejects as soon as it does. The bets are aGRAPA's, λ_i = (x̄ - m_i) /
 at 1/2, variance 1/4), clipped to the range above. Three properties matter here:
 - it adapts to the variance: candidates of one generation agree on most items, so the
   paired differences are mostly ties, and a few one-sided wins are strong evidence:
-  12 wins and 1 loss among 100 items of 500, the rest ties, reject at δ = 0.05, where
+  12 wins and 1 loss among 100 items of 500, the rest ties, reject at level 0.05, where
   the Hoeffding-Serfling bound, which only knows the range, needs a lead of 22 wins
   (bench/RESULTS.md has the saving this gives on the smol family);
-- it is valid at every round at once, so δ is the chance that one pairwise decision is
-  ever wrong over the whole race (`racing.delta`), however many rounds the schedule has;
+- it is valid at every round at once (Ville), so a pairwise test run after every round
+  rejects a true "D <= 0" at some round with probability at most its level;
 - m_i is the finite pool's: the test sharpens as the pool runs out.
 
-The normal test (`racing.test: normal`, opt-in) rejects when the mean of x seen is
-above 1/2 by z_{1-δ} standard errors, s · sqrt((1 - n/N) / n) with s the items' standard
-deviation: a paired z-test with the finite-population correction. It holds no
-guarantee: at a few dozen items, and looked at after every round, its error rate can
-exceed δ. It stops more candidates sooner; bench/RESULTS.md measures both tests.
+δ bounds the whole generation (`racing.delta`). Each ordered pair (a, b) of the
+generation's λ candidates is tested at level δ' = δ / (λ(λ - 1)), after every round
+both are still racing. A decision is wrong only if some test rejected a true null; there
+are at most λ(λ - 1) tests, each wrong over the whole race with probability at most δ'
+(Ville, above), so by Bonferroni's inequality the chance that *any* decision of a
+generation is wrong is at most δ. At λ = 16 and δ = 0.05 a pair is tested at
+δ' = 2.1e-4 (a threshold of 8.5 on the log-capital instead of 3.0): the price of a
+guarantee per generation instead of per pair (bench/RESULTS.md measures the saving).
+tests/test_racing.py checks the rate by simulation on constructed near-ties.
 
 Decisions, after every round, among the candidates still racing (A of them, with μ'
 of the best-μ places not yet given to a candidate stopped as inside):
@@ -55,16 +60,26 @@ of the best-μ places not yet given to a candidate stopped as inside):
   inside;
 - except the current leader (the best estimate still racing), which always finishes,
   so that the generation's best gets a full score.
-No decision is taken before every task has at least one item scored. A stopped
-candidate's score, told to CMA-ES and written to the history with "stopped_early":
-true, is its estimate on the items it saw (each task's mean, weighted). The rest finish
-every round, and their scores equal a plain evaluation's.
+No decision is taken before every task has at least one item scored. The history keeps,
+for a stopped candidate ("stopped_early": true), its estimate on the items it saw (each
+task's mean, weighted) with its standard error; the rest finish every round, and their
+scores equal a plain evaluation's.
+
+What CMA-ES is told (`Race.told`) is the race's result, not the raw estimates: an
+estimate on a few items can lie above a finisher's full score, and pycma weights every
+rank (its active update gives the worst ranks negative weights). Three tiers, each
+ordered by its estimate: the race's best μ (the candidates stopped as inside and the
+best finishers), then the other finishers, then the candidates stopped as outside.
+The best μ are told their estimates; each lower tier is shifted down by the spread of
+the generation's estimates plus one, so every value told below a tier lies below all of
+it. A failed candidate is told the worst value. So when no decision is wrong, CMA-ES
+recombines exactly the race's best μ, and every outside candidate ranks below every
+finisher and every inside one.
 """
 
 from __future__ import annotations
 
 import math
-import statistics
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -154,21 +169,10 @@ def betting_evidence(x: np.ndarray, population: int) -> np.ndarray:
     return np.max(np.cumsum(np.log1p(bets * (x - null_mean)), axis=1), axis=1)
 
 
-def normal_statistic(x: np.ndarray, population: int) -> np.ndarray:
-    """Per row of `x` (values in [0, 1] drawn without replacement from `population` items):
-    how many standard errors the mean of x is above 1/2 (module docstring)."""
-    n = x.shape[1]
-    excess = x.mean(axis=1) - 0.5
-    error = x.std(axis=1, ddof=1) * math.sqrt((1.0 - n / population) / n) if n > 1 else np.zeros(len(x))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(error > 0, excess / np.where(error > 0, error, 1.0), np.sign(excess) * np.inf)
-
-
-def confidently_above_half(x: np.ndarray, population: int, delta: float, test: str) -> np.ndarray:
-    """Per row: does `test` reject "the population's mean of x is at most 1/2" at level δ?"""
-    if test == "normal":
-        return normal_statistic(x, population) >= statistics.NormalDist().inv_cdf(1.0 - delta)
-    return betting_evidence(x, population) >= math.log(1.0 / delta)
+def pair_level(delta: float, size: int) -> float:
+    """The level each ordered pair is tested at, so that a generation of `size` candidates
+    makes any wrong decision with probability at most `delta` (module docstring)."""
+    return delta / max(1, size * (size - 1))
 
 
 @dataclass
@@ -185,16 +189,16 @@ class Race:
     """The race of one generation on rank 0."""
 
     def __init__(self, plan: RacePlan, specs: list[tuple[str, str, float]], size: int, mu: int, delta: float,
-                 generation: int, test: str = "betting"):
+                 generation: int):
         """`specs`: (task, metric, weight) per configured task; `size`: λ; `mu`: CMA-ES's μ;
-        `test`: betting or normal (module docstring)."""
+        `delta`: the chance that any decision of the generation is wrong."""
         self.plan = plan
         self.specs = [(task, weight) for task, _, weight in specs]
         self.metrics = [metric for _, metric, _ in specs]
         self.generation = generation
         self.mu = mu
         self.delta = delta
-        self.test = test
+        self.threshold = math.log(1.0 / pair_level(delta, size))
         self.entries = [Entry() for _ in range(size)]
         self.order = plan.order(generation)
         self.order_tasks = np.array([task for task, _ in self.order])
@@ -248,8 +252,8 @@ class Race:
         for start in range(0, len(pairs), PAIRS_AT_ONCE):
             block = pairs[start:start + PAIRS_AT_ONCE]
             x = np.stack([(pool[a] - pool[b] + self.r) / (2.0 * self.r) for a, b in block])
-            for (a, b), rejects in zip(block, confidently_above_half(x, self.plan.total, self.delta, self.test)):
-                if rejects:
+            for (a, b), evidence in zip(block, betting_evidence(x, self.plan.total)):
+                if evidence >= self.threshold:
                     better[b].add(a)
         estimates = {i: self.estimate(i) for i in alive}
         places = self.mu - sum(1 for e in self.entries if e.stopped == INSIDE)
@@ -266,6 +270,22 @@ class Race:
                 self.entries[i].stopped = INSIDE
                 stopped.append(i)
         return stopped
+
+    def told(self) -> list[float]:
+        """What CMA-ES is told for each candidate, in score units (module docstring)."""
+        from hotmerge.search.strategy import FAILED_TOLD
+
+        scored = [i for i, e in enumerate(self.entries) if not e.failed]
+        estimates = {i: self.estimate(i) for i in scored}
+        shift = (max(estimates.values()) - min(estimates.values()) + 1.0) if estimates else 0.0
+        inside = [i for i in scored if self.entries[i].stopped == INSIDE]
+        finished = sorted((i for i in scored if self.entries[i].stopped is None), key=lambda i: (-estimates[i], i))
+        best = set(inside) | set(finished[:max(0, self.mu - len(inside))])
+        told = [FAILED_TOLD] * len(self.entries)
+        for i in scored:
+            tier = 0 if i in best else 1 if self.entries[i].stopped is None else 2
+            told[i] = estimates[i] - tier * shift
+        return told
 
     def items_seen(self, index: int) -> int:
         """How many documents the candidate was scored on, over all tasks."""
