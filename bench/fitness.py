@@ -108,7 +108,6 @@ def main() -> None:
     parser.add_argument("--popsize", type=int, default=16)
     parser.add_argument("--backend", default="hf", choices=["hf", "vllm"])
     parser.add_argument("--delta", type=float, default=None, help="racing.delta (default: the config's)")
-    parser.add_argument("--test", default=None, choices=["betting", "normal"], help="racing.test (default: the config's)")
     parser.add_argument("--limit", default=None,
                         help="items per search task: a number, or 'all' (default: the config's limit)")
     parser.add_argument("--out", default="bench/results/fitness_toy.json")
@@ -121,8 +120,6 @@ def main() -> None:
     racing = cfg.racing or RacingConfig()
     if args.delta is not None:
         racing = racing.model_copy(update={"delta": args.delta})
-    if args.test is not None:
-        racing = racing.model_copy(update={"test": args.test})
     metric = args.heldout_metric or cfg.tasks[0].metric
     heldout = [TaskConfig(name=t, metric=metric) for t in args.heldout_tasks.split(",")]
     update = {"racing": racing, "heldout_tasks": heldout}

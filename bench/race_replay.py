@@ -5,8 +5,11 @@ it would stop a candidate of the true best μ, over many item orders.
 (lm-eval's per-item values, one resident model) and keeps them; `replay` then races each
 generation again with search/racing.py's Race, once per item order (the plan's seed), so
 the saving and the wrong-stop rate are measured on the same candidates many times over,
-without the forward passes. A wrong stop is a generation in which a candidate stopped as
-outside the best μ is in the best μ of the full scores (ties broken by index).
+without the forward passes. A generation is wrong when any decision is: a candidate
+stopped as outside that fewer than μ others beat on the full scores, or stopped as inside
+that fewer than λ - μ others are worse than (racing.delta bounds the share of such
+generations). The replay also checks that the top μ of what CMA-ES is told (Race.told)
+is the race's own best μ whenever no decision is wrong.
 
     .venv/bin/python bench/race_replay.py collect --config configs/smol.yaml --limit all \
         --seeds 0 1 --generations 3 --out bench/results/race_items_smol.jsonl
@@ -65,14 +68,14 @@ def collect(args) -> None:
 
 
 def replay_generation(rows: list[dict], schedule: tuple[float, ...], delta: float, order_seed: int,
-                      batch: int, test: str) -> dict:
+                      batch: int) -> dict:
     """Race one generation's full per-item values again, in the order of `order_seed`."""
-    from hotmerge.search.racing import OUTSIDE, Race, RacePlan
+    from hotmerge.search.racing import INSIDE, OUTSIDE, Race, RacePlan
 
     specs = rows[0]["specs"]
     counts = {task: len(rows[0]["values"][str(s)]) for s, (task, _, _) in enumerate(specs)}
     plan = RacePlan(counts, schedule, order_seed, batch=batch)
-    race = Race(plan, [tuple(s) for s in specs], len(rows), rows[0]["mu"], delta, generation=0, test=test)
+    race = Race(plan, [tuple(s) for s in specs], len(rows), rows[0]["mu"], delta, generation=0)
     for round_ in range(plan.rounds):
         positions = plan.positions(0, round_)
         for i in race.racing():
@@ -80,11 +83,17 @@ def replay_generation(rows: list[dict], schedule: tuple[float, ...], delta: floa
                                  for s, (task, _, _) in enumerate(specs)})
         race.decide()
     full = [sum(w * statistics.mean(row["values"][str(s)]) for s, (_, _, w) in enumerate(specs)) for row in rows]
-    top = set(sorted(range(len(rows)), key=lambda i: (-full[i], i))[:race.mu])
+    size, mu = len(rows), race.mu
     outside = {i for i, e in enumerate(race.entries) if e.stopped == OUTSIDE}
-    inside = {i for i, e in enumerate(race.entries) if e.stopped not in (None, OUTSIDE)}
-    return {"items": sum(race.items_seen(i) for i in range(len(rows))), "full_items": len(rows) * plan.total,
-            "wrong_stop": bool(outside & top), "wrong_inside": bool(inside - top),
+    inside = {i for i, e in enumerate(race.entries) if e.stopped == INSIDE}
+    wrong = any(sum(f > full[i] for f in full) < mu for i in outside) or \
+        any(sum(f < full[i] for f in full) < size - mu for i in inside)
+    finished = sorted((i for i in range(size) if race.entries[i].stopped is None), key=lambda i: (-full[i], i))
+    race_top = inside | set(finished[:max(0, mu - len(inside))])
+    told = race.told()
+    told_top = set(sorted(range(size), key=lambda i: (-told[i], i))[:mu])
+    return {"items": sum(race.items_seen(i) for i in range(size)), "full_items": size * plan.total,
+            "wrong": wrong, "told_top_is_race_top": told_top == race_top,
             "outside": len(outside), "inside": len(inside)}
 
 
@@ -97,14 +106,18 @@ def replay(args) -> None:
         row = json.loads(line)
         generations.setdefault((row["seed"], row["generation"]), []).append(row)
     outcomes = [replay_generation(sorted(rows, key=lambda r: r["index"]), tuple(args.schedule), args.delta, order,
-                                  args.batch, args.test)
+                                  args.batch)
                 for rows in generations.values() for order in range(args.orders)]
     items = sum(o["items"] for o in outcomes)
+    right = [o for o in outcomes if not o["wrong"]]
+    wrong_share = statistics.fmean(o["wrong"] for o in outcomes)
     summary = {"items": args.items, "generations": len(generations), "orders": args.orders,
-               "schedule": args.schedule, "batch": args.batch, "delta": args.delta, "test": args.test,
+               "schedule": args.schedule, "batch": args.batch, "delta": args.delta,
                "saving": sum(o["full_items"] for o in outcomes) / items,
-               "wrong_stop_share": statistics.fmean(o["wrong_stop"] for o in outcomes),
-               "wrong_inside_share": statistics.fmean(o["wrong_inside"] for o in outcomes),
+               "wrong_generation_share": wrong_share,
+               "wrong_generation_share_stderr": (wrong_share * (1 - wrong_share) / len(outcomes)) ** 0.5,
+               "told_top_is_race_top_when_right": statistics.fmean(o["told_top_is_race_top"] for o in right)
+               if right else None,
                "stopped_outside_per_generation": statistics.mean(o["outside"] for o in outcomes),
                "stopped_inside_per_generation": statistics.mean(o["inside"] for o in outcomes)}
     print(json.dumps(summary, indent=2))
@@ -128,8 +141,7 @@ def main() -> None:
     r.add_argument("items")
     r.add_argument("--orders", type=int, default=100)
     r.add_argument("--schedule", type=float, nargs="+", default=None, help="racing.schedule (default: its default)")
-    r.add_argument("--delta", type=float, default=0.05)
-    r.add_argument("--test", default="betting", choices=["betting", "normal"])
+    r.add_argument("--delta", type=float, default=0.05, help="racing.delta: per generation")
     r.add_argument("--batch", type=int, default=64,
                    help="the runtime's forward batch that rounds align to (transformers: 64; vLLM: 1)")
     r.add_argument("--out", default=None)

@@ -240,3 +240,45 @@ def test_torchrun_racing_run_equals_the_single_process_run(fitness_run, tmp_path
 
     assert fields(run_dir) == fields(reference_dir)
     assert {r["rank"] for r in _latest(run_dir).values()} == {0, 1}
+
+
+TOY_TASKS = Path(__file__).resolve().parents[1] / "hotmerge" / "toy" / "tasks"
+
+
+@pytest.mark.slow
+def test_a_bug_stop_is_not_restarted_into_the_same_bug(toy_family, tmp_path):
+    """Under torchrun --max-restarts, a run that stopped on bugs in a row exits with an error,
+    and torchrun restarts the group: the restarted ranks see the stop and exit at once,
+    evaluating nothing. Running the command anew forgets the stop."""
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "boom.py").write_text("def results(doc, results):\n    raise ZeroDivisionError('injected bug')\n")
+    (tasks / "toy_boom.yaml").write_text(f"include: {TOY_TASKS / 'toy_capital_mc_search.yaml'}\n"
+                                         "task: toy_boom\nprocess_results: !function boom.results\n")
+    config = search_config(toy_family, tmp_path / "toy.yaml")
+    raw = yaml.safe_load(config.read_text())
+    config.write_text(yaml.safe_dump({**raw, "tasks": ["toy_boom"]}))
+    run_dir = tmp_path / "run"
+    cmd = [TORCHRUN, "--nproc_per_node=2", "--max-restarts=2", f"--master_port={_free_port()}", "-m", "hotmerge",
+           *evolve_cmd(config, run_dir, FEVALS, "--task-search-path", str(tasks))[3:]]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output[-3000:]
+    stop_file = run_dir / "stopped.json"
+    assert "bugs in a row" in json.loads(stop_file.read_text())["message"]
+    assert output.count("this torchrun restart exits at once") >= 2, output[-3000:]  # both restarts
+    bugs = [r for r in read_history(run_dir) if r.get("failure") == "bug"]
+    assert bugs and all(r["finished_at"] <= stop_file.stat().st_mtime for r in bugs)  # none after the stop
+    assert "Traceback" not in done.stdout
+
+    # the same command run anew (the bug "fixed") forgets the stop and resumes
+    (tasks / "boom.py").write_text("def results(doc, results):\n"
+                                   "    scores = [loglikelihood for loglikelihood, _ in results]\n"
+                                   "    return {'acc': float(scores.index(max(scores)) == int(doc['label']))}\n")
+    again = subprocess.run(evolve_cmd(config, run_dir, FEVALS, "--task-search-path", str(tasks)),
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert not stop_file.exists()
+    records = {(r["generation"], r["index"]): r for r in read_history(run_dir)}
+    assert len([k for k in records if k[1] >= 0]) == FEVALS
+    assert all(r.get("failure") is None for r in records.values())

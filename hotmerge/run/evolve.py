@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import signal
 import sys
@@ -97,8 +98,6 @@ def pin_devices(options: EvolveOptions) -> str | None:
 
     Returns the transformers device; for vLLM, CUDA_VISIBLE_DEVICES is narrowed to the
     rank's GPUs before the engine starts."""
-    import os
-
     import torch
 
     if options.device is not None or not torch.cuda.is_available():
@@ -115,6 +114,22 @@ def pin_devices(options: EvolveOptions) -> str | None:
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
         return None
     return f"cuda:{first}"
+
+
+def earlier_bug_stop(run: RunDir, rank: int, world: int) -> str | None:
+    """Why an earlier attempt of this torchrun group stopped on bugs, on every rank; None
+    when there was no such stop or the command was run anew (which forgets it: the user
+    may have fixed the bug). torchrun --max-restarts restarts a group whose rank 0 exited
+    with an error, and a restarted group would only meet the same bugs again."""
+    from hotmerge.search.coordinator import broadcast_text
+
+    message = None
+    if rank == 0:
+        if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+            message = run.read_stop()
+        else:
+            run.clear_stop()
+    return broadcast_text(message, world)
 
 
 def resume_search(run: RunDir, fresh, max_fevals: int, timeout: float | None = None):
@@ -178,6 +193,9 @@ def evolve(config_path: Path, options: EvolveOptions, console=None) -> dict | No
     # no run directory behind for the next call to "resume".
     run = RunDir(options.storage_path)
     run.check_path()
+    earlier = earlier_bug_stop(run, rank, world)
+    if earlier is not None:
+        raise BugsInARow(f"{earlier} (this torchrun restart exits at once: the same bug would stop it again)")
     check_task_search_paths(options.task_search_path)
     # Before pin_devices, which would otherwise give GPUs to a --tensor-parallel-size that
     # the transformers runtime cannot use.
@@ -283,10 +301,10 @@ def evolve(config_path: Path, options: EvolveOptions, console=None) -> dict | No
     if coordinator.bug_stop is not None:
         stop = coordinator.bug_stop
         where = stop.traceback_file or run.history_file
-        raise BugsInARow(
-            f"stopped after {stop.count} bugs in a row on rank {stop.rank} ({stop.error}); traceback in "
-            f"{where}; the state is saved: fix the bug and run the same command to resume",
-            traceback_file=stop.traceback_file)
+        message = (f"stopped after {stop.count} bugs in a row on rank {stop.rank} ({stop.error}); traceback in "
+                   f"{where}; the state is saved: fix the bug and run the same command to resume")
+        run.save_stop(message)
+        raise BugsInARow(message, traceback_file=stop.traceback_file)
     if not best:
         what = "every candidate failed" if cfg.select_by == "search" else "no candidate has a held-out score"
         raise RunFailed(f"{what}: see the errors in {run.history_file}")

@@ -5,6 +5,8 @@
   search.jsonl      how CMA-ES started, then per told generation the values it was told
                     (search/strategy.py replays them: the state is data, never a pickle)
   best_config.yaml  mergekit merge config of the best candidate so far (atomic)
+  stopped.json      why the run stopped on bugs, so that a group torchrun restarts does not
+                    run into them again (removed when the command is run anew)
   errors/           one file per candidate that met a bug: its traceback
 
 Nothing is written before the run has passed every check (`check`), so a run
@@ -79,6 +81,7 @@ class RunDir:
         self.legacy_search_file = self.path / "search.pkl"
         self.best_file = self.path / "best_config.yaml"
         self.race_file = self.path / "race.jsonl"
+        self.stop_file = self.path / "stopped.json"
         self._tails_checked = set()  # files whose unfinished last line (a kill's) is cut before appending
 
     def exists(self) -> bool:
@@ -203,6 +206,24 @@ class RunDir:
                 raise ConfigError(f"{where} line {number} is not a told generation: restore the file or pick "
                                   "a new --storage-path")
         return start, lines[1:]
+
+    def save_stop(self, message: str) -> None:
+        """Keep why the run stopped on bugs (read by a restarted torchrun group)."""
+        atomic_write(self.stop_file, json.dumps({"message": message}).encode())
+
+    def read_stop(self) -> str | None:
+        if not self.stop_file.is_file():
+            return None
+        try:
+            message = json.loads(self.stop_file.read_bytes()).get("message")
+        except (ValueError, AttributeError, UnicodeDecodeError):
+            message = None
+        if not isinstance(message, str):
+            raise ConfigError(f"{self.stop_file} is not what hotmerge wrote: delete it, or pick a new --storage-path")
+        return message
+
+    def clear_stop(self) -> None:
+        self.stop_file.unlink(missing_ok=True)
 
     def save_best(self, merge_config: dict[str, Any]) -> None:
         atomic_write(self.best_file, yaml.safe_dump(merge_config, sort_keys=False).encode())

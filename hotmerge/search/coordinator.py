@@ -482,6 +482,15 @@ def worker_loop(worker, genotype_size: int) -> None:
         dist.send(_encode_result(run_job(worker, job)), dst=0)
 
 
+def broadcast_text(text: str | None, world_size: int) -> str | None:
+    """Rank 0's `text` on every rank (a collective: every rank calls it)."""
+    if world_size <= 1:
+        return text
+    buffer = _encode_result({"text": text}) if dist.get_rank() == 0 else torch.zeros(RESULT_BYTES, dtype=torch.uint8)
+    dist.broadcast(buffer, src=0)
+    return _decode_result(buffer)["text"]
+
+
 def _encode_result(result: dict[str, Any]) -> torch.Tensor:
     data = json.dumps(result, default=float).encode()
     if len(data) + 4 > RESULT_BYTES:
