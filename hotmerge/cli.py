@@ -294,14 +294,20 @@ def _read_genotype(path: Path, size: int):
     import numpy as np
 
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"cannot read genotype file {path} ({e}): write a JSON list of {size} numbers")
+        data = json.loads(path.read_text(), parse_int=float)  # every number a float, however large
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not text at all
+        raise ConfigError(f"cannot read genotype file {path} ({e}): write a JSON list of {size} numbers") from None
     if isinstance(data, dict):
         data = data.get("genotype")
-    x = np.asarray(data, dtype=float) if isinstance(data, list) else None
-    if x is None or x.shape != (size,) or not np.isfinite(x).all():
-        raise ConfigError(f"{path} holds no genotype of {size} finite numbers: write a JSON list of {size} numbers")
+    if not isinstance(data, list) or not all(isinstance(v, float) for v in data):
+        raise ConfigError(f"{path} holds no list of numbers: write a JSON list of {size} numbers")
+    if len(data) != size:
+        raise ConfigError(f"{path} holds {len(data)} genes but the config's genome has {size}: give a genotype "
+                          "of this config's genome")
+    x = np.asarray(data)
+    if not np.isfinite(x).all():
+        i = int(np.flatnonzero(~np.isfinite(x))[0])
+        raise ConfigError(f"{path}: gene {i} is {data[i]}, not a finite number: write {size} finite numbers")
     return x
 
 

@@ -7,6 +7,7 @@ length and a JSON header mapping tensor names to dtype, shape and byte offsets.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import struct
 from dataclasses import dataclass, field, replace
@@ -53,6 +54,8 @@ class ModelInfo:
     num_layers: int
     tie_word_embeddings: bool
     tensors: dict[str, TensorInfo] = field(default_factory=dict)
+    # code the folder ships (auto_map entries, *.py files): never run, see _own_code
+    own_code: tuple[str, ...] = ()
     lora: Optional[str] = None  # a PEFT adapter folded into the weights when they are read
     # mergekit's output vocabulary (models/vocab.py): embedding and output matrices are read
     # with their rows moved into it
@@ -93,6 +96,8 @@ class ModelInfo:
             raise ConfigError(f"{config_file} is not a JSON object: re-save the model")
 
         tensors = _read_tensor_index(folder)
+        _check_floating(folder, tensors)
+        own_code = _own_code(folder, config)
         num_layers = _num_layers(config)
         if num_layers is None:
             raise ConfigError(
@@ -114,6 +119,7 @@ class ModelInfo:
             num_layers=num_layers,
             tie_word_embeddings=bool(tie),
             tensors=tensors,
+            own_code=own_code,
         )
 
     def layer_tensors(self, layer: int) -> list[str]:
@@ -139,6 +145,58 @@ DTYPE_BYTES = {
     "I64": 8, "U64": 8, "F64": 8,
 }
 RESAVE = "re-download or re-save the model"
+# What a merge reads: floating-point weights. Integer and 8-bit float codes are quantised
+# (or not weights at all), and arithmetic on their stored values is not a merge.
+FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")
+# Pickle checkpoints: loading one runs whatever code the file names, so hotmerge never does.
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def _check_floating(folder: Path, tensors: dict[str, TensorInfo]) -> None:
+    for name, info in tensors.items():
+        if info.dtype not in FLOAT_DTYPES:
+            raise ConfigError(
+                f"{folder}: tensor {name} is stored as {info.dtype}, an integer or quantised type where merging "
+                "needs floating-point weights: use a bf16, fp16 or fp32 checkpoint of the model (dequantise it)")
+
+
+def _own_code(folder: Path, config: dict) -> tuple[str, ...]:
+    """The code a model folder ships: config.json's and tokenizer_config.json's auto_map
+    entries and its *.py files. hotmerge never imports it (every transformers call passes
+    trust_remote_code=False): a model_type transformers knows is built by transformers'
+    own classes, anything else is refused."""
+    found = ["auto_map in config.json"] if config.get("auto_map") else []
+    try:
+        tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        tokenizer_config = None
+    if isinstance(tokenizer_config, dict) and tokenizer_config.get("auto_map"):
+        found.append("auto_map in tokenizer_config.json")
+    found += sorted(p.name for p in folder.glob("*.py"))
+    if not found:
+        return ()
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    model_type = config.get("model_type")
+    if model_type not in CONFIG_MAPPING_NAMES:
+        raise ConfigError(
+            f"{folder} needs its own code ({', '.join(found)}) to build model_type {model_type!r}, which this "
+            "transformers does not know, and hotmerge never runs code from a model folder: merge models of an "
+            "architecture transformers supports")
+    return tuple(found)
+
+
+_WARNED_OWN_CODE: set[str] = set()
+
+
+def warn_own_code(info: ModelInfo) -> None:
+    """Say once per folder (and process) that the code the folder ships is ignored."""
+    if not info.own_code or info.path in _WARNED_OWN_CODE:
+        return
+    _WARNED_OWN_CODE.add(info.path)
+    logging.getLogger("hotmerge").warning(
+        "warning: %s ships its own code (%s), which hotmerge never runs: transformers' own %s classes build "
+        "the model", info.path, ", ".join(info.own_code), info.model_type)
 
 
 def _read_tensor_index(folder: Path) -> dict[str, TensorInfo]:
@@ -162,6 +220,12 @@ def _read_tensor_index(folder: Path) -> dict[str, TensorInfo]:
     else:
         files = sorted(p.name for p in folder.glob("*.safetensors"))
     if not files:
+        pickles = sorted(p.name for pattern in PICKLE_PATTERNS for p in folder.glob(pattern))
+        if pickles:
+            raise ConfigError(
+                f"{folder} holds only pickle checkpoints ({', '.join(pickles[:3])}), which hotmerge never loads "
+                "(unpickling can run code): convert the model to safetensors (load it where you trust it and "
+                "save_pretrained(..., safe_serialization=True))")
         raise ConfigError(
             f"{folder} has no *.safetensors files: re-save the model with "
             "save_pretrained(..., safe_serialization=True)"
@@ -250,7 +314,8 @@ def iter_tensors(info: ModelInfo, names, dtype=None, device="cpu"):
     header index (single file or sharded with model.safetensors.index.json) assigns them.
 
     The one reader of model weights: so a stray *.safetensors beside the shards (a
-    consolidated copy, say) is never read, and a missing tensor is a ConfigError. A model
+    consolidated copy, say) is never read, and a missing tensor, or one that holds inf or
+    NaN, is a ConfigError naming the model and the tensor. A model
     read in another vocabulary (info.vocabulary) has its embedding and output rows moved
     into it, in the dtype asked for."""
     names = list(names)
@@ -280,7 +345,29 @@ def _read_tensors(info: ModelInfo, names: list, dtype, device):
         with safe_open(str(Path(info.path) / file), framework="pt", device="cpu") as f:
             for name in file_names:
                 tensor = f.get_tensor(name)
-                yield name, tensor.to(dtype=dtype or tensor.dtype, device=device)
+                yield name, _finite(info, name, tensor, tensor.to(dtype=dtype or tensor.dtype, device=device))
+
+
+FINITE_CHUNK = 1 << 24  # elements per isfinite pass: bounds its temporary mask to 16 MiB
+
+
+def _finite(info: ModelInfo, name: str, stored, read):
+    """`read` (the tensor as stored, cast to the dtype asked for), once it is known to hold no
+    inf or NaN: one such value makes every candidate's merge non-finite, so the source is
+    refused as it loads instead of every candidate failing."""
+    if _all_finite(read):
+        return read
+    if _all_finite(stored):
+        raise ConfigError(f"{info.reference}: tensor {name} holds values beyond the range of {read.dtype} "
+                          f"once cast from {stored.dtype}: merge in a wider dtype, or rescale the checkpoint")
+    raise ConfigError(f"{info.reference}: tensor {name} holds inf or NaN values, so every merge with it would "
+                      "too: re-download the model, or use a checkpoint saved before training diverged")
+
+
+def _all_finite(tensor) -> bool:
+    import torch
+
+    return all(bool(torch.isfinite(chunk).all()) for chunk in tensor.reshape(-1).split(FINITE_CHUNK))
 
 
 def _folded_tensors(info: ModelInfo, names, dtype, device):
@@ -291,7 +378,7 @@ def _folded_tensors(info: ModelInfo, names, dtype, device):
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(info.path)
+        model = AutoModelForCausalLM.from_pretrained(info.path, trust_remote_code=False, use_safetensors=True)
         folded = PeftModel.from_pretrained(model, info.lora, is_trainable=False).merge_and_unload()
     except (OSError, ValueError, KeyError) as e:
         raise ConfigError(f"cannot fold the adapter {info.lora} into {info.path} ({type(e).__name__}: "
@@ -304,4 +391,4 @@ def _folded_tensors(info: ModelInfo, names, dtype, device):
                           "with the base's layout")
     for name in names:
         tensor = state.pop(name)
-        yield name, tensor.to(dtype=dtype or tensor.dtype, device=device)
+        yield name, _finite(info, name, tensor, tensor.to(dtype=dtype or tensor.dtype, device=device))

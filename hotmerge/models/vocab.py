@@ -55,7 +55,7 @@ def vocabulary_axes(info) -> dict[str, int]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
-        config = AutoConfig.from_pretrained(info.path)
+        config = AutoConfig.from_pretrained(info.path, trust_remote_code=False)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
     except (OSError, ValueError, KeyError) as e:
@@ -105,7 +105,7 @@ class Vocabulary:
 def _tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path.partition("+")[0])
+    return AutoTokenizer.from_pretrained(path.partition("+")[0], trust_remote_code=False)
 
 
 def build(settings: dict, infos: dict, base: Optional[str]) -> Vocabulary:
@@ -200,7 +200,7 @@ def _copy(tokenizer):
 
     with tempfile.TemporaryDirectory() as folder:
         tokenizer.save_pretrained(folder)
-        return AutoTokenizer.from_pretrained(folder)
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
 
 
 def _union(base_tok, tokenizers: dict, sizes: dict):

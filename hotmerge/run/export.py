@@ -31,7 +31,8 @@ def export_merge(validated: ValidatedConfig, recipe, out_dir: str | Path, seed: 
     out_dir = Path(out_dir)
     reference = validated.reference.path
     dtype = OUT_DTYPES[getattr(recipe, "dtype", "bfloat16")]  # a merge config may ask for float16
-    model = AutoModelForCausalLM.from_pretrained(reference, dtype=dtype)
+    # Never code from the model folder, never a pickle checkpoint (models/folder.py).
+    model = AutoModelForCausalLM.from_pretrained(reference, dtype=dtype, trust_remote_code=False, use_safetensors=True)
     fit_vocabulary(model, validated)
     merger = Merger(validated, dict(model.named_parameters()), seed=seed, dtype=dtype)
     merger.apply(recipe)
@@ -45,7 +46,7 @@ def export_merge(validated: ValidatedConfig, recipe, out_dir: str | Path, seed: 
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         if any(Path(tokenizer_source).glob("tokenizer*")):
-            AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(tmp)
+            AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=False).save_pretrained(tmp)
         shutil.rmtree(out_dir, ignore_errors=True)
         tmp.rename(out_dir)
     finally:

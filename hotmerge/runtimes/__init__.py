@@ -28,9 +28,29 @@ class Runtime(Protocol):
     def close(self) -> None: ...
 
 
+def check_runtime_options(backend: str, device: str | None, tensor_parallel_size: int) -> None:
+    """Refuse options the chosen runtime or this machine cannot honour, before anything
+    starts: an option is never dropped in silence."""
+    tp = int(tensor_parallel_size)
+    if backend == "hf" and tp > 1:
+        raise ConfigError(f"--tensor-parallel-size {tp} splits a vLLM engine over GPUs, and the transformers "
+                          "runtime runs on one device: add --vllm, or drop --tensor-parallel-size")
+    if backend == "vllm" and device is not None:
+        raise ConfigError(f"--device {device} is for the transformers runtime; the vLLM engine runs on the GPUs "
+                          "that CUDA_VISIBLE_DEVICES shows (or the CPU): drop --device, or drop --vllm")
+    if backend == "vllm" and tp > 1:
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if tp > gpus:
+            raise ConfigError(f"--tensor-parallel-size {tp} needs {tp} GPUs but this machine has {gpus}: "
+                              f"use a --tensor-parallel-size of at most {max(gpus, 1)}")
+
+
 def start_runtime(validated, *, backend: str, device: str | None = None, batch_size: int | None = None,
                   seed: int = 0, tensor_parallel_size: int = 1) -> Runtime:
     """The runtime the backend names, started (model loaded, sources resident)."""
+    check_runtime_options(backend, device, tensor_parallel_size)
     if backend == "vllm":
         if validated.config.compute_dtype != "bfloat16":
             raise ConfigError(f"compute_dtype {validated.config.compute_dtype} is for the transformers runtime: "

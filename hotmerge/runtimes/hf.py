@@ -47,7 +47,9 @@ class HFRuntime:
         reference = validated.reference.path
         dtype = getattr(torch, validated.config.compute_dtype)
         try:
-            self.model = AutoModelForCausalLM.from_pretrained(reference, dtype=dtype)
+            # Never code from the model folder, never a pickle checkpoint (models/folder.py).
+            self.model = AutoModelForCausalLM.from_pretrained(reference, dtype=dtype, trust_remote_code=False,
+                                                              use_safetensors=True)
             fit_vocabulary(self.model, validated)
             self.model.to(self.device).eval()
         except torch.OutOfMemoryError:
@@ -58,7 +60,7 @@ class HFRuntime:
             raise SetupError(f"transformers could not load {reference} ({type(error).__name__}: {message}): "
                              "check that this transformers supports the model, or try the vLLM runtime (--vllm); "
                              "HOTMERGE_DEBUG=1 shows the traceback") from error
-        self.tokenizer = AutoTokenizer.from_pretrained(validated.tokenizer_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(validated.tokenizer_path, trust_remote_code=False)
         # named_parameters() lists a tied lm_head once, under the embedding's name.
         self.live = {name: p for name, p in self.model.named_parameters()}
         # Merges are written in bf16; a float32 model gets a copy of those same values.

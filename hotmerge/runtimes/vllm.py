@@ -201,6 +201,7 @@ class VLLMRuntime:
                 max_model_len=max_model_len,
                 max_num_seqs=max_num_seqs,
                 worker_extension_cls=EXTENSION,
+                trust_remote_code=False,  # never code from the model folder (models/folder.py)
                 **engine_kwargs,
             )
         except Exception as error:
@@ -234,6 +235,8 @@ class VLLMRuntime:
         layouts = self.llm.collective_rpc("hotmerge_setup", args=(spec,))
         self.seconds["setup"] = time.perf_counter() - started
         for layout in layouts:
+            if "config_error" in layout:
+                raise ConfigError(layout["config_error"])
             if "setup_error" in layout:
                 raise SetupError(layout["setup_error"])
         self.layout = layouts[0]
@@ -248,8 +251,8 @@ class VLLMRuntime:
                 f"({', '.join(unmapped[:3])}{', ...' if len(unmapped) > 3 else ''}), so every candidate "
                 "would be scored with them unmerged: use the transformers runtime (--no-vllm)")
 
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
-        hf_config = AutoConfig.from_pretrained(self.reference)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=False)
+        hf_config = AutoConfig.from_pretrained(self.reference, trust_remote_code=False)
         engine_len = vllm_compat.engine_max_model_len(self.llm)
         hf_len = lm_eval_compat.resolve_max_length(hf_config, tokenizer)
         self.lm = VLLMLM(self.llm, tokenizer, max_length=min(hf_len, engine_len - 2),

@@ -68,7 +68,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from hotmerge.errors import SetupError
+from hotmerge.errors import ConfigError, SetupError
 from hotmerge.runtimes import vllm_compat
 
 
@@ -240,7 +240,8 @@ class HotmergeWorkerExtension:
     def hotmerge_setup(self, spec: dict) -> dict:
         """hotmerge_setup_layout, or {"setup_error": message} when this worker cannot hold
         the merge (vLLM outside the supported range or missing an internal hotmerge
-        reaches, the CPU patch is missing, the layout cannot be mapped, no room)."""
+        reaches, the CPU patch is missing, the layout cannot be mapped, no room), or
+        {"config_error": message} when a source model is refused as it loads."""
         try:
             vllm_compat.check()
         except SetupError as error:
@@ -253,6 +254,8 @@ class HotmergeWorkerExtension:
             return self.hotmerge_setup_layout(spec)
         except (MappingError, SetupError) as error:
             return {"setup_error": str(error)}
+        except ConfigError as error:  # a source the reader refuses (inf or NaN in a tensor, say)
+            return {"config_error": str(error)}
 
     @torch.no_grad()
     def hotmerge_setup_layout(self, spec: dict) -> dict:
