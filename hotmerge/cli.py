@@ -21,7 +21,8 @@ toy_app = typer.Typer(help="The embedded model families: toy and smol.", **HELP)
 app.add_typer(toy_app, name="toy")
 bench_app = typer.Typer(help="Benchmarks (their code lives in the checkout's bench/).", **HELP)
 app.add_typer(bench_app, name="bench")
-console = Console()
+# A line is printed whole (paths unbroken) and a terminal wraps it; tables pass soft_wrap=False.
+console = Console(soft_wrap=True)
 
 
 @toy_app.command("build")
@@ -101,7 +102,7 @@ def toy_table(
                                      dtype=compute_dtype)
             rows[name] = [scores[t] for t in tasks.values()]
         title = f"{chosen.name} {split} split, {variant} ({metric(variant).split(',')[0]}, lm-eval)"
-        console.print(_score_table(title, chosen.skills, rows))
+        console.print(_score_table(title, chosen.skills, rows), soft_wrap=False)
 
 
 @toy_app.command("compare")
@@ -164,7 +165,7 @@ def toy_compare(
         rows[label] = [scores[t] for t in tasks.values()]
     rows |= recipes
     title = f"{chosen.name} {split} split, {variant} ({name})" + (", chat template" if chat else "")
-    console.print(_score_table(title, chosen.skills, rows))
+    console.print(_score_table(title, chosen.skills, rows), soft_wrap=False)
     means = {label: _mean_with_stderr(cells) for label, cells in rows.items()}
     rivals = {k: v[0] for k, v in means.items() if k != "best recipe"}
     margin = means["best recipe"][0] - max(rivals.values())
@@ -206,7 +207,7 @@ def plan(
     table.add_row("resident in all", _gib(p.resident), style="bold")
     table.add_row("device memory", _gib(p.device_total))
     table.add_row("room left (KV cache, activations)", _gib(p.kv_room), style="bold")
-    console.print(table)
+    console.print(table, soft_wrap=False)
     g, m, s, k = p.genome_shape
     console.print(f"genome: {g} layer groups x {m} models x {s} parameter sets x {k} parameters "
                   f"= {p.genome_size} genes; population {p.population}")
@@ -311,6 +312,23 @@ def _read_genotype(path: Path, size: int):
     return x
 
 
+def _metrics_table(title: str, results: dict[str, dict[str, float]]) -> Table:
+    """Every metric of every task with its standard error, as lm_eval prints them."""
+    table = Table(title=title)
+    table.add_column("task", overflow="fold")  # names whole, on more lines where narrow
+    table.add_column("metric", overflow="fold")
+    table.add_column("value", justify="right")
+    table.add_column("stderr", justify="right")
+    for task, metrics in results.items():
+        for key, value in metrics.items():
+            metric, _, filter_key = key.partition(",")
+            if metric.endswith("_stderr"):
+                continue  # beside its metric
+            stderr = metrics.get(f"{metric}_stderr,{filter_key}")
+            table.add_row(task, key, f"{value:.4f}", "N/A" if stderr is None else f"{stderr:.4f}")
+    return table
+
+
 @app.command("eval")
 def eval_command(
     config: Path = typer.Argument(..., help="A genome config, or a mergekit merge config (with --tasks)."),
@@ -331,6 +349,7 @@ def eval_command(
     from hotmerge.config.evolve import load_config, validate_config
     from hotmerge.run.evolve import check_task_search_paths
     from hotmerge.run.storage import check_file_target
+    from hotmerge.scoring.suite import ReportedTask
     from hotmerge.search.worker import CandidateWorker
 
     merge_config = _is_merge_config(config)
@@ -353,20 +372,18 @@ def eval_command(
         validated = _with_tasks(validate_config(load_config(config)), tasks)
         genome = validated.genome()
         x = genome.x0() if x0 else _read_genotype(genotype, genome.size)
+    # Every metric of every task is reported: the configured metric only picks the score.
+    validated = validated.with_tasks([ReportedTask(t.name, t.weight, t.metric) for t in validated.config.tasks])
     worker = CandidateWorker(validated, backend="vllm" if vllm else "hf", device=device,
                              batch_size=batch_size, seed=random_seed, task_paths=list(task_search_path))
+    for note in worker.suite.notes:
+        console.print(f"note: {note}", highlight=False)
     result = worker.evaluate(x, raise_bugs=True)
     if result["score"] is None:
         raise CandidateError(f"the candidate failed: {result['error']}")
     stderr = result.get("stderr")
-    table = Table(title=f"score {result['score']:.4f}" + (f" ± {stderr:.4f} (standard error)" if stderr else ""))
-    table.add_column("task")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for task, metrics in result["results"].items():
-        for metric, value in metrics.items():
-            table.add_row(task, metric, f"{value:.4f}")
-    console.print(table)
+    title = f"score {result['score']:.4f}" + (f" ± {stderr:.4f} (standard error)" if stderr else "")
+    console.print(_metrics_table(title, result["results"]), soft_wrap=False)
     seconds = {**result["seconds"], "startup": worker.startup_seconds}
     console.print("seconds: " + ", ".join(f"{k} {v:.3f}" for k, v in seconds.items()))
     if output is not None:

@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from hotmerge.errors import CandidateError, ConfigError
@@ -34,6 +34,17 @@ class TaskScores:
     seconds: dict[str, float] = field(default_factory=dict)
     # standard error of the weighted score (None where a metric has no closed-form one)
     stderr: float | None = None
+
+
+@dataclass(frozen=True)
+class ReportedTask:
+    """A task whose metrics are all reported (`hotmerge eval`): `metric` only picks its
+    score, and a task without that metric is scored by its first one instead."""
+
+    name: str
+    weight: float = 1.0
+    metric: str = "acc,none"
+    first_metric_fallback: bool = True
 
 
 def _quiet_lm_eval() -> None:
@@ -109,18 +120,24 @@ class TaskSuite:
         for task in self.tasks.values():
             for instance in task.instances:
                 self.requests[instance.request_type].append(instance)
-        for spec in self.specs:
-            self._check_metric(spec)
+        self.notes: list[str] = []  # one line for each metric replaced, for the command to print
+        self.specs = [self._check_metric(spec) for spec in self.specs]
 
-    def _check_metric(self, spec) -> None:
+    def _check_metric(self, spec):
+        """The spec, or (first_metric_fallback) the spec scored by the task's first metric."""
         task = self.tasks[spec.name]
         metric, _, filter_key = spec.metric.partition(",")
         filters = lm_eval_compat.task_filter_names(task)
-        if metric not in task.aggregation() or (filter_key and filter_key not in filters):
-            known = [f"{m},{f}" for m in task.aggregation() for f in filters]
-            raise ConfigError(
-                f"task {spec.name} has no metric {spec.metric!r}: use one of {', '.join(known)}"
-            )
+        if metric in task.aggregation() and (not filter_key or filter_key in filters):
+            return spec
+        known = [f"{m},{f}" for m in task.aggregation() for f in filters]
+        if getattr(spec, "first_metric_fallback", False):
+            self.notes.append(f"task {spec.name} has no metric {spec.metric}: its score is {known[0]}, "
+                              "its first metric")
+            return replace(spec, metric=known[0])
+        raise ConfigError(
+            f"task {spec.name} has no metric {spec.metric!r}: use one of {', '.join(known)}"
+        )
 
     @property
     def n_requests(self) -> int:
@@ -171,7 +188,7 @@ class TaskSuite:
         return {name: len(docs) for name, docs in self.docs.items()}
 
     def check_per_item_means(self) -> None:
-        """Racing needs every metric to be lm-eval's plain mean of per-document values."""
+        """Racing and subsets need every metric to be lm-eval's plain mean of per-document values."""
         from lm_eval.api import metrics
 
         for spec in self.specs:
@@ -179,9 +196,9 @@ class TaskSuite:
             aggregation = self.tasks[spec.name].aggregation()[metric]
             if aggregation is not metrics.mean:
                 raise ConfigError(
-                    f"racing needs metrics that lm-eval averages per document, and task {spec.name} "
+                    f"racing and subsets need metrics that lm-eval averages per document, and task {spec.name} "
                     f"aggregates {metric} with {getattr(aggregation, '__name__', aggregation)}: "
-                    "use a mean metric such as acc or exact_match, or turn racing off")
+                    "use a mean metric such as acc or exact_match, or turn racing and subsets off")
 
     def item_values(self, lm, positions: dict[str, list[int]]) -> dict[int, list[float]]:
         """Score the documents at `positions` (task -> indices into its documents) only.
