@@ -12,6 +12,7 @@ lm-eval versions in SUPPORTED, reached only through these functions:
     apply_filters(task, instances)    Task._filters (Task.apply_filters on some instances only)
     memoize_per_document(task, name)  relies on process_results calling self.doc_to_target/doc_to_choice
     token_scoring_lm()                TemplateLM's private hook _loglikelihood_tokens (fed by _encode_pair)
+    quiet_progress_bars(lm)           an LM's _loglikelihood_tokens, replaced on the instance
     add_special_kwargs(...)           lm_eval.models.utils._add_special_kwargs
     has_bos_prefix(...)               lm_eval.models.utils.has_bos_prefix
     resolve_max_length(...)           lm_eval.models.utils.resolve_max_length
@@ -168,6 +169,30 @@ def token_scoring_lm():
             return self.score_tokens(requests)
 
     return TokenScoringLM
+
+
+PROGRESS_METHODS = ("loglikelihood", "loglikelihood_rolling", "generate_until", "_loglikelihood_tokens")
+
+
+def quiet_progress_bars(lm) -> None:
+    """Turn off every progress bar of an lm-eval LM instance, whatever its callers ask for.
+
+    lm-eval's evaluator calls loglikelihood and generate_until without disable_tqdm, and
+    HFLM.loglikelihood_rolling scores its windows through _loglikelihood_tokens with
+    disable_tqdm=False even when told True: each method is wrapped on the instance to pass
+    disable_tqdm=True (lm-eval passes it by keyword). Calling it again changes nothing.
+    """
+    for name in PROGRESS_METHODS:
+        # _loglikelihood_tokens (TemplateLM's private hook): an instance attribute replaces it too.
+        method = getattr(lm, name, None)
+        if method is None or getattr(method, "quiet", False):
+            continue
+
+        def quiet(*args, _method=method, **kwargs):
+            return _method(*args, **{**kwargs, "disable_tqdm": True})
+
+        quiet.quiet = True
+        setattr(lm, name, quiet)
 
 
 def add_special_kwargs(add_special_tokens: Optional[bool], add_bos: Optional[bool]) -> dict:

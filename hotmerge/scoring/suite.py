@@ -146,6 +146,7 @@ class TaskSuite:
     def _forward(self, lm, instances) -> None:
         """Run `instances` through `lm` (an lm-eval LM), one call per request type, in
         lm-eval's order; their responses land in instance.resps."""
+        lm_eval_compat.quiet_progress_bars(lm)  # hotmerge draws its own progress
         by_type = defaultdict(list)
         for instance in instances:
             instance.resps = []

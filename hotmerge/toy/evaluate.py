@@ -15,17 +15,21 @@ def lm_eval_metrics(model_path: str | Path, tasks: list[str], batch_size: int = 
                     apply_chat_template: bool = False, dtype: str = "bfloat16") -> dict[str, tuple[float, float]]:
     """task -> (its primary metric (acc or exact_match), its standard error), by lm_eval.simple_evaluate."""
     import lm_eval
+    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
+
+    from hotmerge.scoring.lm_eval_compat import quiet_progress_bars
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
+    # The model simple_evaluate builds from model="hf", model_args="pretrained=...,dtype=...",
+    # built here to turn off its progress bars (lm-eval's evaluator asks for them).
+    lm = HFLM(pretrained=str(model_path), dtype=dtype, batch_size=batch_size, device="cpu")
+    quiet_progress_bars(lm)
     out = lm_eval.simple_evaluate(
-        model="hf",
-        model_args=f"pretrained={model_path},dtype={dtype}",
+        model=lm,
         tasks=tasks,
         task_manager=manager,
-        batch_size=batch_size,
-        device="cpu",
         apply_chat_template=apply_chat_template,
         log_samples=False,
         verbosity="ERROR",
