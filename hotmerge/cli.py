@@ -232,7 +232,7 @@ def evolve(
     resume: bool = typer.Option(False, help="Continue the run in --storage-path (also automatic)."),
     save_final_model: bool = typer.Option(True, "--save-final-model/--no-save-final-model",
                                           help="Write the best merge to STORAGE_PATH/final_model."),
-    quiet: bool = typer.Option(False, help="Plain log lines instead of the live display."),
+    quiet: bool = typer.Option(False, help="Print the result alone (best score, paths), warnings and errors."),
     device: str = typer.Option(None, help="Device for the transformers backend (default: cuda if present)."),
     wandb: bool = typer.Option(False, "--wandb/--no-wandb", help="Log to Weights & Biases."),
     wandb_project: str = typer.Option(None, help="Weights & Biases project."),

@@ -1,4 +1,5 @@
-"""The live display of a search (rich), or plain lines for logs (--quiet)."""
+"""The live display of a search (rich), plain lines where the output is no terminal, or only
+failures (--quiet: the command prints the result alone)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,12 @@ def _fmt(score: float | None, stderr: float | None = None) -> str:
     return f"{score:.4f}" if stderr is None or stderr != stderr else f"{score:.4f} ± {stderr:.4f}"
 
 
+def _evaluations(p: Progress) -> str:
+    """evaluations/limit; the search stops only between generations, so the count may pass the limit."""
+    text = f"{p.evaluations}/{p.max_fevals}"
+    return text + " (a generation is finished whole)" if p.evaluations > p.max_fevals else text
+
+
 def _eta(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -30,8 +37,9 @@ def _eta(seconds: float | None) -> str:
 class ProgressView:
     def __init__(self, console: Console, quiet: bool = False):
         self.console = console
-        self.quiet = quiet or not console.is_terminal
-        self.live = None if self.quiet else Live(console=console, refresh_per_second=4, transient=False)
+        self.quiet = quiet
+        self.plain = quiet or not console.is_terminal  # lines, not the live table
+        self.live = None if self.plain else Live(console=console, refresh_per_second=4, transient=False)
         self._last_generation = None
 
     def __enter__(self):
@@ -47,31 +55,35 @@ class ProgressView:
         if self.live is not None:
             self.live.update(self._table(p))
             return
+        if self.quiet and not record.get("error"):
+            return
         line = (f"gen {record['generation']} cand {record['index']}: "
                 f"score {_fmt(record.get('score'), record.get('stderr'))}  best {_fmt(p.best_score, p.best_stderr)}  "
-                f"evals {p.evaluations}/{p.max_fevals}  {p.per_minute:.1f}/min  eta {_eta(p.eta_seconds)}")
+                f"evals {_evaluations(p)}  {p.per_minute:.1f}/min  eta {_eta(p.eta_seconds)}")
         if record.get("stopped_early"):
             line += f"  (raced: stopped {record.get('race')} the best μ after {record.get('items')} items)"
         if record.get("error"):
             line += f"  FAILED: {record['error']}"
-        self.console.print(line, highlight=False)
+        self.console.print(line, highlight=False, soft_wrap=True)  # one line each, however narrow the console
 
     def heldout(self, record: dict) -> None:
         """A record re-scored on the held-out tasks."""
         if record.get("heldout_score") is None:
             line = f"held-out: gen {record['generation']} cand {record['index']} FAILED: {record.get('heldout_error')}"
+        elif self.quiet:
+            return
         else:
             what = "CMA-ES mean" if record.get("xfavorite") else f"gen {record['generation']} cand {record['index']}"
             line = (f"held-out: {what}: {_fmt(record['heldout_score'], record.get('heldout_stderr'))} "
                     f"(search {_fmt(record.get('score'), record.get('stderr'))})")
-        self.console.print(line, highlight=False)
+        self.console.print(line, highlight=False, soft_wrap=True)
 
     def _table(self, p: Progress) -> Table:
         table = Table(title="hotmerge evolve", show_header=False)
         table.add_column(justify="right", style="bold")
         table.add_column()
         table.add_row("generation", str(p.generation))
-        table.add_row("evaluations", f"{p.evaluations} / {p.max_fevals}")
+        table.add_row("evaluations", _evaluations(p))
         table.add_row("best score", _fmt(p.best_score, p.best_stderr))
         table.add_row("last score", _fmt(p.last_score))
         table.add_row("failed", str(p.failures))
