@@ -47,7 +47,7 @@ def collect(args) -> None:
                 positions = worker.race_plan.positions(generation, 0)
                 rows = []
                 for index, x in enumerate(candidates):
-                    result = worker.evaluate_items(x, generation, 0)
+                    result = worker.evaluate_items(x, generation, 0, worker.race_plan.total)
                     if result.get("error"):
                         raise SystemExit(f"candidate {index} failed: {result['error']}")
                     # spec -> values in document order, whatever order the plan scored them in

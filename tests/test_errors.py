@@ -614,13 +614,16 @@ def test_history_line_cut_by_a_kill_is_dropped_before_the_next_append(tmp_path):
     """A resumed run appends after the last complete record, never onto a fragment."""
     from hotmerge.run.storage import RunDir
 
+    def record(index):
+        return {"generation": 0, "index": index, "genotype": [0.1, 0.2], "score": 0.5 + index / 10}
+
     run = RunDir(tmp_path)
-    run.append_history({"index": 0, "score": 0.5})
-    run.append_history({"index": 1, "score": 0.6})
+    run.append_history(record(0))
+    run.append_history(record(1))
     with open(run.history_file, "a") as f:
-        f.write('{"index": 2, "sco')  # the kill
+        f.write('{"generation": 0, "index": 2, "sco')  # the kill
     resumed = RunDir(tmp_path)
     assert [r["index"] for r in resumed.read_history()] == [0, 1]
-    resumed.append_history({"index": 2, "score": 0.7})
-    resumed.append_history({"index": 3, "score": 0.8})
+    resumed.append_history(record(2))
+    resumed.append_history(record(3))
     assert [r["index"] for r in RunDir(tmp_path).read_history()] == [0, 1, 2, 3]

@@ -165,9 +165,9 @@ class KnownWorker:
         score = sum(w * float(np.mean(values[s])) for s, (_, _, w) in enumerate(SPECS))
         return {"score": score, "stderr": 0.01, "results": {}, "error": None, "params": None, "seconds": {}}
 
-    def evaluate_items(self, x, generation, round_) -> dict:
+    def evaluate_items(self, x, generation, start, stop) -> dict:
         self._tick()
-        values = _values(self.quality(x), self.race_plan.positions(generation, round_))
+        values = _values(self.quality(x), self.race_plan.span_positions(generation, start, stop))
         return {"values": {str(k): v for k, v in values.items()}, "error": None, "params": None,
                 "seconds": {"forward": 1.0}}
 

@@ -271,6 +271,42 @@ class RacingConfig(BaseModel):
         return value
 
 
+class SubsetsConfig(BaseModel):
+    """Fitness on adaptive subsets (search/subsets.py explains the rule). Sizes are shares of
+    the search items; the size adapts between `minimum` and `maximum`."""
+
+    model_config = _STRICT
+
+    start: float = 0.125
+    minimum: float = 0.03
+    # At most half: a disjoint second subset of the same size measures the ranking's noise.
+    maximum: float = 0.5
+    # Factor the size grows by after a noisy generation (UH-CMA-ES's alpha; it shrinks by
+    # growth ** -0.25 otherwise).
+    growth: float = 1.5
+
+    @field_validator("start", "minimum", "maximum")
+    @classmethod
+    def _share(cls, value: float) -> float:
+        if not 0 < value <= 0.5:
+            raise ValueError(f"is {value}: use a share of the search items in (0, 0.5], e.g. 0.125")
+        return value
+
+    @field_validator("growth")
+    @classmethod
+    def _growth(cls, value: float) -> float:
+        if not value > 1:
+            raise ValueError(f"is {value}: use a factor above 1, e.g. 1.5")
+        return value
+
+    @model_validator(mode="after")
+    def _order(self) -> "SubsetsConfig":
+        if not self.minimum <= self.start <= self.maximum:
+            raise ValueError(f"needs minimum <= start <= maximum, got {self.minimum}, {self.start}, {self.maximum}: "
+                             "reorder them")
+        return self
+
+
 class EvolveConfig(BaseModel):
     """mergekit.evo.config.EvolMergeConfiguration plus hotmerge's task_paths and seed."""
 
@@ -294,6 +330,8 @@ class EvolveConfig(BaseModel):
     select_by: Literal["search", "heldout"] = "search"
     # Racing (search/racing.py): off by default, so a plain run equals mergekit-evolve's.
     racing: Optional[RacingConfig] = None
+    # Fitness on adaptive subsets (search/subsets.py): off by default.
+    subsets: Optional[SubsetsConfig] = None
     # What the live model computes in (transformers runtime). Merges are bfloat16 either
     # way; float32 holds the same merged values and computes in float32, about 6x faster
     # than bfloat16 on CPUs without bf16 instructions (AVX2).
@@ -306,7 +344,7 @@ class EvolveConfig(BaseModel):
             raise ValueError("is empty: list at least one lm-eval task")
         return value
 
-    @field_validator("racing", mode="before")
+    @field_validator("racing", "subsets", mode="before")
     @classmethod
     def _racing(cls, value: Any) -> Any:
         # `racing: true` takes the documented defaults; `racing: false` is plain evaluation.
@@ -325,6 +363,8 @@ class EvolveConfig(BaseModel):
 
     @model_validator(mode="after")
     def _heldout_rules(self) -> "EvolveConfig":
+        if self.racing is not None and self.subsets is not None:
+            raise ValueError("racing and subsets are two ways to score fewer items: keep one of them")
         if self.select_by == "heldout" and not self.heldout_tasks:
             raise ValueError("select_by: heldout needs heldout_tasks: list the held-out tasks, or select_by: search")
         if self.heldout_top_k is not None and not self.heldout_tasks:
@@ -444,11 +484,16 @@ _FIELD_HINTS = {
     "heldout_tasks": "a list of task names or {name, weight, metric} entries",
     "heldout_top_k": "a positive whole number, or remove it",
     "select_by": "search or heldout",
-    "racing": "true, false or a mapping with schedule, delta and test",
+    "racing": "true, false or a mapping with schedule and delta",
+    "subsets": "true, false or a mapping with start, minimum, maximum and growth",
     "compute_dtype": "bfloat16 or float32",
     "racing.schedule": "a list of increasing shares ending with 1.0",
     "racing.delta": "a probability, e.g. 0.05",
-    "racing.test": "betting or normal",
+    "racing.test": "betting (the only test), or remove it",
+    "subsets.start": "a share of the search items in (0, 0.5], e.g. 0.125",
+    "subsets.minimum": "a share of the search items in (0, 0.5], e.g. 0.03",
+    "subsets.maximum": "a share of the search items in (0, 0.5], e.g. 0.5",
+    "subsets.growth": "a factor above 1, e.g. 1.5",
 }
 _ALLOWED_KEYS = {
     "": list(EvolveConfig.model_fields),
@@ -456,6 +501,7 @@ _ALLOWED_KEYS = {
     "genome.tokenizer": list(TokenizerSection.model_fields),
     "task": list(TaskConfig.model_fields),
     "racing": list(RacingConfig.model_fields),
+    "subsets": list(SubsetsConfig.model_fields),
 }
 
 

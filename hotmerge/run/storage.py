@@ -184,9 +184,13 @@ class RunDir:
         """Begin the state file with how the search started (Search.start)."""
         atomic_write(self.search_file, (json.dumps({"start": start}) + "\n").encode())
 
-    def append_told(self, generation: int, told: list[float], seconds: float) -> None:
-        """Keep what CMA-ES was told for one generation, after it was told."""
-        self._append(self.search_file, {"generation": generation, "told": list(told), "seconds": seconds})
+    def append_told(self, generation: int, told: list[float], seconds: float, subsets: dict | None = None) -> None:
+        """Keep what CMA-ES was told for one generation, after it was told (and, with subsets,
+        the size the next generation's subset has: search/subsets.py)."""
+        line = {"generation": generation, "told": list(told), "seconds": seconds}
+        if subsets is not None:
+            line["subsets"] = subsets
+        self._append(self.search_file, line)
 
     def read_search(self) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
         """(start, told generations) from the state file, every value checked; None when absent."""
@@ -201,8 +205,11 @@ class RunDir:
             raise ConfigError(f"{where} line 1 is not the start of a hotmerge search: restore the file or "
                               "pick a new --storage-path")
         for number, line in enumerate(lines[1:], start=2):
+            subsets = line.get("subsets")
             if not (_integer(line.get("generation")) and _numbers(line.get("told"))
-                    and _number(line.get("seconds")) and line["seconds"] >= 0):
+                    and _number(line.get("seconds")) and line["seconds"] >= 0
+                    and (subsets is None or (isinstance(subsets, dict) and set(subsets) == {"items", "noise"}
+                                             and _numbers(list(subsets.values())) and subsets["items"] > 0))):
                 raise ConfigError(f"{where} line {number} is not a told generation: restore the file or pick "
                                   "a new --storage-path")
         return start, lines[1:]
@@ -229,17 +236,27 @@ class RunDir:
         atomic_write(self.best_file, yaml.safe_dump(merge_config, sort_keys=False).encode())
 
 
+def full_score(record: dict[str, Any]) -> float | None:
+    """The record's score on every search item: None for an estimate on part of them (a raced
+    candidate stopped early; a subset's estimate that was not scored in full)."""
+    if record.get("stopped_early"):
+        return None
+    if record.get("fitness") == "subset":
+        return record.get("full_score")
+    return record.get("score")
+
+
 def best_record(records, select_by: str = "search") -> dict | None:
     """The record best_config.yaml is written from: the first with the highest search score
-    (select_by "search") or held-out score ("heldout"), among fully scored records (a raced
-    candidate stopped early has only an estimate)."""
-    key = "heldout_score" if select_by == "heldout" else "score"
+    (select_by "search") or held-out score ("heldout"), among fully scored records."""
+    def value(record):
+        if full_score(record) is None:
+            return None
+        return record.get("heldout_score") if select_by == "heldout" else full_score(record)
+
     best = None
     for record in records:
-        value = record.get(key)
-        if value is None or record.get("stopped_early"):
-            continue
-        if best is None or value > best[key]:
+        if value(record) is not None and (best is None or value(record) > value(best)):
             best = record
     return best
 

@@ -1,7 +1,8 @@
 """The search loop: rank 0 runs CMA-ES, every rank evaluates candidates.
 
-Work comes in jobs: score a candidate on the search tasks (CMD_EVAL), on one racing
-round's items (CMD_ITEMS, search/racing.py), or on the held-out tasks (CMD_HELDOUT).
+Work comes in jobs: score a candidate on the search tasks (CMD_EVAL), on a span of the
+generation's pool order (CMD_ITEMS: a racing round, search/racing.py, or a subset,
+search/subsets.py), or on the held-out tasks (CMD_HELDOUT).
 Single process: the loop does every job itself. Under torchrun (gloo process group),
 rank 0 keeps one dispatcher thread per other rank, each handing its rank the next job
 as soon as it is free, while rank 0's main thread does jobs too. Messages are
@@ -46,11 +47,12 @@ import torch.distributed as dist
 from hotmerge.errors import BUG
 from hotmerge.search.racing import Race
 from hotmerge.search.strategy import Search, told_values
-from hotmerge.run.storage import RunDir
+from hotmerge.search.subsets import SubsetSize, reevaluations, subset_estimate
+from hotmerge.run.storage import RunDir, full_score
 
 RESULT_BYTES = 1 << 18
 CMD_STOP, CMD_EVAL, CMD_ITEMS, CMD_HELDOUT = 0.0, 1.0, 2.0, 3.0
-HEADER = 4  # command, candidate index, generation, round; the genotype follows
+HEADER = 6  # command, candidate index, generation, round, start, stop; the genotype follows
 MAX_BUGS_IN_A_ROW = 3
 XFAVORITE_INDEX = -1  # the history index of CMA-ES's mean, scored at the end
 
@@ -64,6 +66,8 @@ class Job:
     x: np.ndarray
     generation: int = 0
     round: int = 0
+    start: int = 0  # CMD_ITEMS: the span of the generation's pool order to score
+    stop: int = 0
 
 
 def run_job(worker, job: Job) -> dict:
@@ -71,7 +75,7 @@ def run_job(worker, job: Job) -> dict:
     if job.command == CMD_EVAL:
         return worker.evaluate(job.x)
     if job.command == CMD_ITEMS:
-        return worker.evaluate_items(job.x, job.generation, job.round)
+        return worker.evaluate_items(job.x, job.generation, job.start, job.stop)
     if job.command == CMD_HELDOUT:
         return worker.evaluate_heldout(job.x)
     raise ValueError(f"unknown command {job.command}")
@@ -82,6 +86,7 @@ class Fitness:
     """How candidates are scored beyond one plain evaluation each."""
 
     racing: "RacingConfig | None" = None  # config.evolve.RacingConfig
+    subsets: "SubsetsConfig | None" = None  # config.evolve.SubsetsConfig
     heldout: bool = False  # re-score on the held-out tasks
     heldout_top_k: int | None = None  # None: each new best
     specs: tuple = ()  # (task, weight) of the search tasks, for racing
@@ -168,6 +173,10 @@ class Coordinator:
             self._track(record)
         self.race_cache = {(r["generation"], r["index"], r["round"]): r for r in run.read_race()
                            if r["generation"] >= search.generation}
+        self.subset_size = None
+        if fitness.subsets is not None:
+            self.subset_size = SubsetSize(worker.race_plan, fitness.subsets, genotype_size,
+                                          **(search.subset_state or {}))
         self._lock = threading.Lock()
         self.bugs_in_a_row: dict[int, int] = {}
         self.bug_stop: BugStop | None = None
@@ -177,11 +186,10 @@ class Coordinator:
         self.progress.last_score = score
         if score is None:
             self.progress.failures += 1
-        elif record.get("stopped_early"):
-            pass  # an estimate on part of the items: never the best
-        elif self.progress.best_score is None or score > self.progress.best_score:
-            self.progress.best_score = score
-            self.progress.best_stderr = record.get("stderr")
+        full = full_score(record)  # an estimate on part of the items is never the best
+        if full is not None and (self.progress.best_score is None or full > self.progress.best_score):
+            self.progress.best_score = full
+            self.progress.best_stderr = record.get("full_stderr", record.get("stderr"))
 
     def run_loop(self) -> None:
         try:
@@ -191,6 +199,8 @@ class Coordinator:
                 self.progress.generation = generation
                 if self.fitness.racing is not None:
                     told = self._race_generation(generation, candidates)
+                elif self.fitness.subsets is not None:
+                    told = self._subset_generation(generation, candidates)
                 else:
                     told = self._evaluate_generation(generation, candidates)
                 if told is None:  # stopped mid-generation; state stays at the last whole one
@@ -198,8 +208,9 @@ class Coordinator:
                 if self.fitness.heldout and not self._rescore_heldout(generation, len(candidates)):
                     break
                 self.search.tell(candidates, told)
-                self.run.append_told(generation, told, self.search.elapsed)
-                if self.fitness.racing is not None:
+                subsets = self.subset_size.state if self.subset_size is not None else None
+                self.run.append_told(generation, told, self.search.elapsed, subsets=subsets)
+                if self.fitness.racing is not None or self.fitness.subsets is not None:
                     self.run.clear_race()
                     self.race_cache.clear()
             if self.fitness.heldout and not self.stop_requested and self.bug_stop is None:
@@ -248,7 +259,8 @@ class Coordinator:
     def _remote(self, rank: int, job: Job) -> dict:
         """Have `rank` do `job`; its result dict."""
         message = torch.zeros(HEADER + self.genotype_size, dtype=torch.float64)
-        message[0], message[1], message[2], message[3] = job.command, job.index, job.generation, job.round
+        message[:HEADER] = torch.tensor([job.command, job.index, job.generation, job.round, job.start, job.stop],
+                                        dtype=torch.float64)
         message[HEADER:] = torch.from_numpy(job.x)
         dist.send(message, dst=rank)
         reply = torch.zeros(RESULT_BYTES, dtype=torch.uint8)
@@ -299,7 +311,8 @@ class Coordinator:
 
         def finish(job: Job, result: dict, rank: int) -> None:
             told, = told_values([result.get("score")])
-            records[job.index] = self._finish(generation, job.index, job.x, {**result, "told": told}, rank)
+            records[job.index] = self._finish(generation, job.index, job.x,
+                                              {**result, "fitness": "full", "told": told}, rank)
 
         self._dispatch(jobs, finish)
         if self.bug_stop is not None or len(records) < len(candidates):
@@ -311,8 +324,9 @@ class Coordinator:
     def _race_generation(self, generation: int, candidates: list[np.ndarray]) -> list | None:
         """Score a generation by racing (search/racing.py); the values to tell, or None when
         stopped. The history gets each candidate's record when it stops or finishes, then a
-        second line with `told` once the race is over. Every round's values are kept in race.jsonl, so a resumed run replays the
-        rounds it has and decides exactly as the killed run did."""
+        second line with `told` once the race is over. Every round's values are kept in
+        race.jsonl, so a resumed run replays the rounds it has and decides exactly as the
+        killed run did."""
         plan = self.worker.race_plan
         race = Race(plan, list(self.fitness.specs), len(candidates), self.search.mu, self.fitness.racing.delta,
                     generation)
@@ -334,7 +348,7 @@ class Coordinator:
                 if cached is not None and same_genotype(cached["genotype"], candidates[index]):
                     take_round(index, round_, cached["result"], cached["rank"])
                 else:
-                    jobs.append(Job(CMD_ITEMS, index, candidates[index], generation, round_))
+                    jobs.append(Job(CMD_ITEMS, index, candidates[index], generation, round_, *plan.cut(round_)))
 
             def finish(job: Job, result: dict, rank: int) -> None:
                 if result.get("failure") == BUG:
@@ -377,7 +391,8 @@ class Coordinator:
         """A raced candidate's history fields: scores on the items it saw, as lm-eval
         aggregates them (a finished candidate's equal a plain evaluation's)."""
         entry = race.entries[index]
-        common = {"params": last.get("params"), "seconds": seconds, "items": race.items_seen(index),
+        common = {"fitness": "raced", "params": last.get("params"), "seconds": seconds,
+                  "items": race.items_seen(index),
                   "stopped_early": entry.stopped is not None, "race": entry.stopped}
         if entry.failed:
             failure = {"score": None, "results": None, "failure": last.get("failure"), "error": last.get("error")}
@@ -387,21 +402,118 @@ class Coordinator:
         score, stderr, results = race.scores(index)
         return {"score": score, "stderr": stderr, "results": results, "error": None, **common}
 
+    # -- subsets ----------------------------------------------------------------------------
+
+    def _subset_generation(self, generation: int, candidates: list[np.ndarray]) -> list | None:
+        """Score a generation on one shared random subset (search/subsets.py); its first
+        candidates again on a second one, which adapts the size. The values to tell, or None
+        when stopped. Partial results are kept in race.jsonl, as racing's rounds are, so a
+        resumed run scores the same items and decides the same size."""
+        plan = self.worker.race_plan
+        n = self.subset_size.items
+        spans = {0: (0, n), 1: (n, 2 * n)}  # round 1: the re-scoring's disjoint subset
+        again = reevaluations(len(candidates))
+        specs = [(task, weight) for task, _, weight in self.fitness.specs]
+        results: dict[tuple[int, int], dict] = {}
+        records: dict[int, dict] = {}
+        jobs = []
+        for index, x in enumerate(candidates):
+            old = self._done_before(generation, index, x)
+            if old is not None:
+                records[index] = old
+                continue
+            for round_ in ((0, 1) if index < again else (0,)):
+                cached = self.race_cache.get((generation, index, round_))
+                if cached is not None and same_genotype(cached["genotype"], x):
+                    results[(index, round_)] = {**cached["result"], "rank": cached["rank"]}
+                else:
+                    jobs.append(Job(CMD_ITEMS, index, x, generation, round_, *spans[round_]))
+
+        def estimate(index: int, round_: int) -> tuple[float, float]:
+            values = {int(k): v for k, v in results[(index, round_)]["values"].items()}
+            return subset_estimate(plan, specs, generation, *spans[round_], values)
+
+        def record_if_done(index: int) -> None:
+            rounds = (0, 1) if index < again else (0,)
+            if index in records or any((index, r) not in results for r in rounds):
+                return
+            first = results[(index, 0)]
+            failed = next((results[(index, r)] for r in rounds if results[(index, r)].get("failure")), None)
+            common = {"fitness": "subset", "span": list(spans[0]), "params": first.get("params"),
+                      "seconds": first.get("seconds"), "items": n * len(rounds)}
+            if failed is not None:
+                result = {"score": None, "stderr": None, "results": None, "failure": failed.get("failure"),
+                          "error": failed.get("error"), **common}
+                if "traceback" in failed:
+                    result["traceback"] = failed["traceback"]
+            else:
+                score, stderr = estimate(index, 0)
+                result = {"score": score, "stderr": stderr, "results": None, "error": None, **common}
+                if len(rounds) == 2:
+                    again_score, again_stderr = estimate(index, 1)
+                    result["reevaluation"] = {"score": again_score, "stderr": again_stderr, "span": list(spans[1])}
+            result["told"], = told_values([result["score"]])
+            records[index] = self._finish(generation, index, candidates[index], result, first.get("rank", 0))
+
+        def finish(job: Job, result: dict, rank: int) -> None:
+            if result.get("failure") != BUG:  # a bug is not kept: a resumed run scores it again
+                entry = {"generation": generation, "index": job.index, "round": job.round, "rank": rank,
+                         "genotype": job.x.tolist(), "result": result}
+                self.run.append_race(entry)
+                self.race_cache[(generation, job.index, job.round)] = entry
+            results[(job.index, job.round)] = {**result, "rank": rank}
+            record_if_done(job.index)
+
+        for index in range(len(candidates)):
+            record_if_done(index)
+        if not self._dispatch(jobs, finish) or len(records) < len(candidates):
+            return None
+        told = [records[i]["told"] for i in range(len(candidates))]
+        if not self._score_best_in_full(generation, records):
+            return None
+        self.subset_size.update(told, {i: records[i]["reevaluation"]["score"] for i in range(again)
+                                       if records[i].get("reevaluation") is not None})
+        return told
+
+    def _score_best_in_full(self, generation: int, records: dict[int, dict]) -> bool:
+        """Score the generation's best estimate on every search item when it beats the best
+        full score so far; False when stopped."""
+        estimated = [r for r in records.values() if r.get("score") is not None]
+        if not estimated:
+            return True
+        best = max(estimated, key=lambda r: (r["score"], -r["index"]))
+        if "full_score" in best:
+            return True
+        if self.progress.best_score is not None and best["score"] <= self.progress.best_score:
+            return True
+        key = (generation, best["index"])
+
+        def finish(job: Job, result: dict, rank: int) -> None:
+            record = {**self.history[key], "full_score": result.get("score"), "full_stderr": result.get("stderr"),
+                      "full_results": result.get("results"),
+                      "items": self.history[key]["items"] + self.worker.race_plan.total}
+            if result.get("failure") is not None:
+                record["full_error"] = result.get("error")
+            self.run.append_history(record)
+            self.history[key] = record
+            records[best["index"]] = record
+            self._track(record)
+
+        return self._dispatch([Job(CMD_EVAL, best["index"], np.asarray(best["genotype"]), generation)], finish)
+
     # -- held-out re-scoring ----------------------------------------------------------------
 
     def _heldout_choice(self, generation: int, size: int) -> list[dict]:
         """The generation's records to score on the held-out tasks: its top k, or its best
         when that beats every earlier generation's (fully scored records only)."""
-        def full(record):
-            return record.get("score") is not None and not record.get("stopped_early")
-
-        mine = [self.history[(generation, i)] for i in range(size) if full(self.history.get((generation, i), {}))]
-        mine.sort(key=lambda r: (-r["score"], r["index"]))
+        mine = [self.history[(generation, i)] for i in range(size)
+                if full_score(self.history.get((generation, i), {})) is not None]
+        mine.sort(key=lambda r: (-full_score(r), r["index"]))
         if self.fitness.heldout_top_k is not None:
             return mine[:self.fitness.heldout_top_k]
-        earlier = [r["score"] for (g, i), r in self.history.items()
-                   if g < generation and i != XFAVORITE_INDEX and full(r)]
-        if mine and (not earlier or mine[0]["score"] > max(earlier)):
+        earlier = [full_score(r) for (g, i), r in self.history.items()
+                   if g < generation and i != XFAVORITE_INDEX and full_score(r) is not None]
+        if mine and (not earlier or full_score(mine[0]) > max(earlier)):
             return mine[:1]
         return []
 
@@ -440,7 +552,8 @@ class Coordinator:
         record = self._done_before(generation, XFAVORITE_INDEX, x)
         if record is None:
             record = self._finish(generation, XFAVORITE_INDEX, x,
-                                  {**run_job(self.worker, Job(CMD_EVAL, XFAVORITE_INDEX, x)), "xfavorite": True}, 0)
+                                  {**run_job(self.worker, Job(CMD_EVAL, XFAVORITE_INDEX, x)), "fitness": "full",
+                                   "xfavorite": True}, 0)
             if record.get("failure") == BUG:
                 return
         if "heldout_score" not in record:
@@ -477,8 +590,9 @@ def worker_loop(worker, genotype_size: int) -> None:
         dist.recv(message, src=0)
         if message[0].item() == CMD_STOP:
             return
-        command, index, generation, round_ = (message[i].item() for i in range(HEADER))
-        job = Job(command, int(index), message[HEADER:].numpy().copy(), int(generation), int(round_))
+        command, index, generation, round_, start, stop = (message[i].item() for i in range(HEADER))
+        job = Job(command, int(index), message[HEADER:].numpy().copy(), int(generation), int(round_), int(start),
+                  int(stop))
         dist.send(_encode_result(run_job(worker, job)), dst=0)
 
 

@@ -136,8 +136,26 @@ class RacePlan:
     def positions(self, generation: int, round_: int) -> dict[str, list[int]]:
         """task -> the indices of its documents that round `round_` scores, in order (every
         task is a key; a round may hold none of a small task's documents)."""
-        start, stop = self.cut(round_)
+        return self.span_positions(generation, *self.cut(round_))
+
+    def span_positions(self, generation: int, start: int, stop: int) -> dict[str, list[int]]:
+        """task -> the indices of its documents among the pool order's items start..stop."""
         return self._by_task(self.order(generation)[start:stop])
+
+    def whole_batches(self, items: float) -> int:
+        """`items` rounded to whole forward batches, at least one batch, at most the pool."""
+        return int(min(self.total, max(self.batch, math.floor(items / self.batch + 0.5) * self.batch)))
+
+    def pool_values(self, specs: list[tuple[str, float]], generation: int, start: int, stop: int,
+                    values: dict[int, list[float]]) -> np.ndarray:
+        """Each item's share of the weighted score as a pool mean, c = (N / N_t) Σ w_s m_s
+        (module docstring), for the items start..stop of the pool order, from their values
+        per spec (in that order)."""
+        tasks = np.array([task for task, _ in self.order(generation)[start:stop]])
+        out = np.zeros(stop - start)
+        for s, (task, weight) in enumerate(specs):
+            out[tasks == task] += self.total / self.doc_counts[task] * weight * np.asarray(values[s], dtype=float)
+        return out
 
     def _by_task(self, items: list[tuple[str, int]]) -> dict[str, list[int]]:
         out = {task: [] for task in sorted(self.doc_counts)}

@@ -64,6 +64,7 @@ class Search:
         self.timeout = timeout
         self.elapsed = 0.0
         self._asked_at: float | None = None
+        self.subset_state: dict | None = None  # with subsets: the size after the last told generation
 
     @classmethod
     def from_start(cls, start: dict, max_fevals: int, timeout: float | None = None) -> "Search":
@@ -139,3 +140,4 @@ class Search:
                                   f"{len(candidates)} candidates: restore it or pick a new --storage-path")
             self.tell(candidates, line["told"])
             self.elapsed = line["seconds"]
+            self.subset_state = line.get("subsets")

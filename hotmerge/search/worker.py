@@ -39,11 +39,11 @@ class CandidateWorker:
             # The held-out tasks judge the result: every document, in order (limit and
             # shuffle are the search's, as in mergekit-evolve).
             self.heldout_suite = suite(cfg.heldout_tasks) if cfg.heldout_tasks else None
-            self.race_plan = None
-            if cfg.racing is not None:
+            self.race_plan = None  # the pool's item order, for racing and subsets
+            if cfg.racing is not None or cfg.subsets is not None:
                 self.suite.check_per_item_means()
-                self.race_plan = RacePlan(self.suite.doc_counts, tuple(cfg.racing.schedule), seed,
-                                          batch=self.runtime.forward_batch)
+                schedule = tuple(cfg.racing.schedule) if cfg.racing is not None else (1.0,)
+                self.race_plan = RacePlan(self.suite.doc_counts, schedule, seed, batch=self.runtime.forward_batch)
         except BaseException:
             self.close()
             raise
@@ -75,9 +75,9 @@ class CandidateWorker:
             raise CandidateError(f"the merged model's score is {scores.score}")
         return {"score": scores.score, "stderr": scores.stderr, "results": scores.results, "error": None}
 
-    def _score_items(self, x, generation: int, round_: int, seconds: dict, started: float) -> dict:
+    def _score_items(self, x, generation: int, start: int, stop: int, seconds: dict, started: float) -> dict:
         self._apply(x, seconds, started)
-        positions = self.race_plan.positions(generation, round_)
+        positions = self.race_plan.span_positions(generation, start, stop)
         values = self.suite.item_values(self.runtime.lm, positions)
         seconds["forward"] = time.perf_counter() - started - seconds.get("apply", 0.0)
         for spec, vs in values.items():
@@ -86,7 +86,7 @@ class CandidateWorker:
             outside = [v for v in vs if not 0.0 <= v <= 1.0]
             if outside:  # the race's bound assumes the range: a task's property, not the candidate's
                 raise ConfigError(f"racing needs per-item values in [0, 1], and task {self.suite.specs[spec].name} "
-                                  f"gave {outside[0]}: turn racing off for this metric")
+                                  f"gave {outside[0]}: turn racing and subsets off for this metric")
         return {"values": {str(k): v for k, v in values.items()}, "error": None}
 
     def _score_heldout(self, x, seconds: dict, started: float) -> dict:
@@ -109,9 +109,11 @@ class CandidateWorker:
         """
         return self._guarded(x, self._score, raise_bugs=raise_bugs)
 
-    def evaluate_items(self, x, generation: int, round_: int) -> dict:
-        """Racing: the per-item values of one round's items (search/racing.py)."""
-        return self._guarded(x, lambda x, seconds, started: self._score_items(x, generation, round_, seconds, started))
+    def evaluate_items(self, x, generation: int, start: int, stop: int) -> dict:
+        """The per-item values of the items start..stop of the generation's pool order
+        (racing's rounds, search/racing.py; subsets, search/subsets.py)."""
+        return self._guarded(x, lambda x, seconds, started: self._score_items(x, generation, start, stop, seconds,
+                                                                              started))
 
     def evaluate_heldout(self, x) -> dict:
         """Score one genotype on the held-out tasks."""

@@ -1,0 +1,128 @@
+"""Fitness on adaptive subsets (search/subsets.py): shared fresh subsets, the size that
+follows the ranking's noise, the history's fields, the best scored in full, an exact resume."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from hotmerge.config.evolve import SubsetsConfig
+from hotmerge.search.coordinator import Coordinator, Fitness
+from hotmerge.search.racing import RacePlan
+from hotmerge.search.strategy import Search
+from hotmerge.search.subsets import SubsetSize, reevaluations, subset_estimate
+from hotmerge.run.evolve import resume_search
+from hotmerge.run.storage import RunDir, best_record
+from test_racing import DOCS, GENES, SPECS, KnownWorker
+
+SUBSETS = Fitness(subsets=SubsetsConfig(), specs=SPECS)
+TOTAL = sum(DOCS.values())
+
+
+def _coordinator(run_dir, worker, fitness=SUBSETS, fevals=48) -> Coordinator:
+    run = RunDir(run_dir)
+    run.path.mkdir(exist_ok=True)
+    search = resume_search(run, lambda: Search(np.full(GENES, 0.5), 0.2, 1, fevals, 16), fevals)
+    return Coordinator(run, search, worker, fevals, lambda record: None, genotype_size=GENES,
+                       log=lambda *_: None, fitness=fitness)
+
+
+def test_estimate_is_the_weighted_score_on_the_whole_pool():
+    plan = RacePlan(DOCS, (1.0,), seed=0)
+    rng = np.random.default_rng(0)
+    full = {0: rng.integers(0, 2, DOCS["a"]).astype(float), 1: rng.integers(0, 2, DOCS["b"]).astype(float)}
+    order = plan.task_orders(3)
+    values = {0: full[0][order["a"]].tolist(), 1: full[1][order["b"]].tolist()}
+    estimate, stderr = subset_estimate(plan, [("a", 1.0), ("b", 2.0)], 3, 0, TOTAL, values)
+    assert estimate == pytest.approx(full[0].mean() + 2 * full[1].mean()) and stderr == 0.0  # the whole pool
+    # on part of it: unbiased over the generations' random subsets
+    estimates = []
+    for generation in range(400):
+        span = plan.span_positions(generation, 0, 50)
+        part = {0: full[0][span["a"]].tolist(), 1: full[1][span["b"]].tolist()}
+        estimates.append(subset_estimate(plan, [("a", 1.0), ("b", 2.0)], generation, 0, 50, part))
+    means = np.array([e for e, _ in estimates])
+    assert abs(means.mean() - estimate) < 3 * means.std() / np.sqrt(len(means))
+    assert np.mean([s for _, s in estimates]) == pytest.approx(means.std(), rel=0.2)  # the stated error is honest
+
+
+def test_size_grows_when_the_ranking_is_noisy_and_shrinks_when_not():
+    plan = RacePlan(DOCS, (1.0,), seed=0)
+    rng = np.random.default_rng(1)
+    noisy, clear = SubsetSize(plan, SubsetsConfig(), GENES), SubsetSize(plan, SubsetsConfig(), GENES)
+    start = noisy.items
+    for _ in range(6):
+        told = rng.normal(size=16).tolist()
+        noisy.update(told, {i: float(rng.normal()) for i in range(reevaluations(16))})  # ranks reshuffle
+        told = list(np.arange(16.0))
+        clear.update(told, {i: told[i] + 0.01 for i in range(reevaluations(16))})  # ranks hold
+    assert noisy.items > start > clear.items
+    assert clear.items >= SubsetsConfig().minimum * TOTAL - 1 and noisy.items <= TOTAL // 2
+
+
+def test_subset_run_records_estimates_and_scores_the_best_in_full(tmp_path):
+    coordinator = _coordinator(tmp_path / "run", KnownWorker())
+    coordinator.run_loop()
+    run = RunDir(tmp_path / "run")
+    records = run.records()
+    assert len(records) == 48 and coordinator.search.generation == 3
+    again = reevaluations(16)
+    for r in records:
+        assert r["fitness"] == "subset" and r["told"] == r["score"] and r["stderr"] >= 0
+        n = r["span"][1] - r["span"][0]
+        assert r["span"][0] == 0 and 0 < n < TOTAL
+        assert ("reevaluation" in r) == (r["index"] < again)
+        assert r["items"] == n * (2 if r["index"] < again else 1) + (TOTAL if "full_score" in r else 0)
+    # the full scores equal plain evaluations, and only they choose the best
+    scored = [r for r in records if "full_score" in r]
+    assert scored and all(r["full_score"] == pytest.approx(KnownWorker().evaluate(np.asarray(r["genotype"]))["score"])
+                          for r in scored)
+    assert best_record(records)["full_score"] == max(r["full_score"] for r in scored)
+    # every generation told CMA-ES its estimates and kept the size its next subset has
+    lines = [json.loads(line) for line in run.search_file.read_text().splitlines()[1:]]
+    assert [line["generation"] for line in lines] == [0, 1, 2]
+    sizes = [r["span"][1] for r in sorted(records, key=lambda r: r["generation"]) if r["index"] == 0]
+    assert sizes[0] == RacePlan(DOCS, (1.0,), seed=0).whole_batches(SubsetsConfig().start * TOTAL)
+    assert all("items" in line["subsets"] for line in lines)
+
+
+def test_killed_subset_run_resumes_to_the_same_end(tmp_path):
+    reference = _coordinator(tmp_path / "reference", KnownWorker())
+    reference.run_loop()
+    for fail_after in (10, 20, 12):
+        killed = _coordinator(tmp_path / "run", KnownWorker(fail_after=fail_after))
+        killed.run_loop()
+        assert killed.stop_requested
+    resumed = _coordinator(tmp_path / "run", KnownWorker())
+    resumed.run_loop()
+
+    def outcome(path):
+        return sorted((r["generation"], r["index"], tuple(r["genotype"]), r["score"], r["span"][1], r.get("full_score"))
+                      for r in RunDir(path).records())
+
+    assert outcome(tmp_path / "run") == outcome(tmp_path / "reference")
+    assert (tmp_path / "run" / "search.jsonl").read_text() == (tmp_path / "reference" / "search.jsonl").read_text() \
+        or _same_told(tmp_path)
+    assert np.array_equal(resumed.search.xfavorite, reference.search.xfavorite)
+
+
+def _same_told(tmp_path) -> bool:
+    """The state files agree in everything but the seconds between ask and tell."""
+    def told(path):
+        return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+                for line in (path / "search.jsonl").read_text().splitlines()]
+
+    return told(tmp_path / "run") == told(tmp_path / "reference")
+
+
+def test_racing_and_subsets_together_are_refused():
+    from pydantic import ValidationError
+
+    from hotmerge.config.evolve import EvolveConfig
+
+    with pytest.raises(ValidationError, match="keep one of them"):
+        EvolveConfig(genome={"models": ["a", "b"], "merge_method": "linear"}, tasks=["t"], racing=True, subsets=True)
+    with pytest.raises(ValidationError):
+        SubsetsConfig(start=0.6)
