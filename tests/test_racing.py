@@ -171,6 +171,12 @@ class KnownWorker:
         return {"values": {str(k): v for k, v in values.items()}, "error": None, "params": None,
                 "seconds": {"forward": 1.0}}
 
+    def evaluate_pool_items(self, x, items) -> dict:
+        self._tick()
+        values = _values(self.quality(x), self.race_plan.pool_positions(items))
+        return {"values": {str(k): v for k, v in values.items()}, "error": None, "params": None,
+                "seconds": {"forward": 1.0}}
+
     def evaluate_heldout(self, x) -> dict:
         self._tick()
         return {"heldout_score": self.quality(x) - 0.05, "heldout_stderr": 0.02, "heldout_results": {},

@@ -307,6 +307,25 @@ class SubsetsConfig(BaseModel):
         return self
 
 
+class IrtConfig(BaseModel):
+    """IRT anchor fitness (search/irt.py explains the model and the schedule)."""
+
+    model_config = _STRICT
+
+    anchors: int = 100
+    # Generations scored in full at the start, to fit the item model.
+    calibration_generations: int = 2
+    # Every this many generations, a generation is scored in full and the model refitted.
+    recalibrate_every: int = 10
+
+    @field_validator("anchors", "calibration_generations", "recalibrate_every")
+    @classmethod
+    def _positive(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"is {value}: use a positive whole number")
+        return value
+
+
 class EvolveConfig(BaseModel):
     """mergekit.evo.config.EvolMergeConfiguration plus hotmerge's task_paths and seed."""
 
@@ -332,6 +351,8 @@ class EvolveConfig(BaseModel):
     racing: Optional[RacingConfig] = None
     # Fitness on adaptive subsets (search/subsets.py): off by default.
     subsets: Optional[SubsetsConfig] = None
+    # IRT anchor fitness (search/irt.py): off by default.
+    irt: Optional[IrtConfig] = None
     # What the live model computes in (transformers runtime). Merges are bfloat16 either
     # way; float32 holds the same merged values and computes in float32, about 6x faster
     # than bfloat16 on CPUs without bf16 instructions (AVX2).
@@ -344,7 +365,7 @@ class EvolveConfig(BaseModel):
             raise ValueError("is empty: list at least one lm-eval task")
         return value
 
-    @field_validator("racing", "subsets", mode="before")
+    @field_validator("racing", "subsets", "irt", mode="before")
     @classmethod
     def _racing(cls, value: Any) -> Any:
         # `racing: true` takes the documented defaults; `racing: false` is plain evaluation.
@@ -363,8 +384,12 @@ class EvolveConfig(BaseModel):
 
     @model_validator(mode="after")
     def _heldout_rules(self) -> "EvolveConfig":
-        if self.racing is not None and self.subsets is not None:
-            raise ValueError("racing and subsets are two ways to score fewer items: keep one of them")
+        chosen = [name for name in ("racing", "subsets", "irt") if getattr(self, name) is not None]
+        if len(chosen) > 1:
+            raise ValueError(f"{' and '.join(chosen)} are ways to score fewer items: keep one of them")
+        names = [task.name for task in self.tasks]
+        if self.irt is not None and len(set(names)) < len(names):
+            raise ValueError("irt needs one value per item: name each search task once")
         if self.select_by == "heldout" and not self.heldout_tasks:
             raise ValueError("select_by: heldout needs heldout_tasks: list the held-out tasks, or select_by: search")
         if self.heldout_top_k is not None and not self.heldout_tasks:
@@ -486,6 +511,10 @@ _FIELD_HINTS = {
     "select_by": "search or heldout",
     "racing": "true, false or a mapping with schedule and delta",
     "subsets": "true, false or a mapping with start, minimum, maximum and growth",
+    "irt": "true, false or a mapping with anchors, calibration_generations and recalibrate_every",
+    "irt.anchors": "a positive whole number, e.g. 100",
+    "irt.calibration_generations": "a positive whole number, e.g. 2",
+    "irt.recalibrate_every": "a positive whole number, e.g. 10",
     "compute_dtype": "bfloat16 or float32",
     "racing.schedule": "a list of increasing shares ending with 1.0",
     "racing.delta": "a probability, e.g. 0.05",
@@ -502,6 +531,7 @@ _ALLOWED_KEYS = {
     "task": list(TaskConfig.model_fields),
     "racing": list(RacingConfig.model_fields),
     "subsets": list(SubsetsConfig.model_fields),
+    "irt": list(IrtConfig.model_fields),
 }
 
 

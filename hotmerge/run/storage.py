@@ -5,6 +5,8 @@
   search.jsonl      how CMA-ES started, then per told generation the values it was told
                     (search/strategy.py replays them: the state is data, never a pickle)
   best_config.yaml  mergekit merge config of the best candidate so far (atomic)
+  irt.jsonl         with IRT anchors: every calibrated candidate's per-item values
+  irt.json          with IRT anchors: the fitted item model and its anchors (atomic)
   stopped.json      why the run stopped on bugs, so that a group torchrun restarts does not
                     run into them again (removed when the command is run anew)
   errors/           one file per candidate that met a bug: its traceback
@@ -82,6 +84,8 @@ class RunDir:
         self.best_file = self.path / "best_config.yaml"
         self.race_file = self.path / "race.jsonl"
         self.stop_file = self.path / "stopped.json"
+        self.irt_rows_file = self.path / "irt.jsonl"
+        self.irt_model_file = self.path / "irt.json"
         self._tails_checked = set()  # files whose unfinished last line (a kill's) is cut before appending
 
     def exists(self) -> bool:
@@ -214,6 +218,33 @@ class RunDir:
                                   "a new --storage-path")
         return start, lines[1:]
 
+    def append_irt_row(self, row: dict[str, Any]) -> None:
+        """Keep one calibrated candidate's per-item values (search/irt.py)."""
+        self._append(self.irt_rows_file, row)
+
+    def read_irt_rows(self) -> list[dict[str, Any]]:
+        rows = _read_jsonl(self.irt_rows_file)
+        for number, row in enumerate(rows, start=1):
+            if not (_integer(row.get("generation")) and _integer(row.get("index")) and _numbers(row.get("values"))):
+                raise ConfigError(f"{self.irt_rows_file} line {number} is not a calibrated candidate's values: "
+                                  "restore it, or pick a new --storage-path")
+        return rows
+
+    def save_irt_model(self, model) -> None:
+        atomic_write(self.irt_model_file, model.to_json().encode())
+
+    def read_irt_model(self, pool: int):
+        """The item model the run fitted last (search/irt.ItemModel), or None."""
+        from hotmerge.search.irt import ItemModel
+
+        if not self.irt_model_file.is_file():
+            return None
+        try:
+            return ItemModel.from_json(self.irt_model_file.read_text(), pool)
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{self.irt_model_file} is not what hotmerge wrote ({e}): restore it, or pick a new "
+                              "--storage-path") from None
+
     def save_stop(self, message: str) -> None:
         """Keep why the run stopped on bugs (read by a restarted torchrun group)."""
         atomic_write(self.stop_file, json.dumps({"message": message}).encode())
@@ -241,7 +272,7 @@ def full_score(record: dict[str, Any]) -> float | None:
     candidate stopped early; a subset's estimate that was not scored in full)."""
     if record.get("stopped_early"):
         return None
-    if record.get("fitness") == "subset":
+    if record.get("fitness") in ("subset", "irt"):
         return record.get("full_score")
     return record.get("score")
 

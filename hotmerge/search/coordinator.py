@@ -1,8 +1,9 @@
 """The search loop: rank 0 runs CMA-ES, every rank evaluates candidates.
 
 Work comes in jobs: score a candidate on the search tasks (CMD_EVAL), on a span of the
-generation's pool order (CMD_ITEMS: a racing round, search/racing.py, or a subset,
-search/subsets.py), or on the held-out tasks (CMD_HELDOUT).
+generation's pool order (CMD_ITEMS: a racing round, search/racing.py, a subset,
+search/subsets.py, or the whole pool item by item), on chosen pool items (CMD_POOL_ITEMS:
+IRT's anchors, search/irt.py), or on the held-out tasks (CMD_HELDOUT).
 Single process: the loop does every job itself. Under torchrun (gloo process group),
 rank 0 keeps one dispatcher thread per other rank, each handing its rank the next job
 as soon as it is free, while rank 0's main thread does jobs too. Messages are
@@ -45,13 +46,14 @@ import torch
 import torch.distributed as dist
 
 from hotmerge.errors import BUG
+from hotmerge.search import irt
 from hotmerge.search.racing import Race
 from hotmerge.search.strategy import Search, told_values
 from hotmerge.search.subsets import SubsetSize, reevaluations, subset_estimate
 from hotmerge.run.storage import RunDir, full_score
 
 RESULT_BYTES = 1 << 18
-CMD_STOP, CMD_EVAL, CMD_ITEMS, CMD_HELDOUT = 0.0, 1.0, 2.0, 3.0
+CMD_STOP, CMD_EVAL, CMD_ITEMS, CMD_HELDOUT, CMD_POOL_ITEMS = 0.0, 1.0, 2.0, 3.0, 4.0
 HEADER = 6  # command, candidate index, generation, round, start, stop; the genotype follows
 MAX_BUGS_IN_A_ROW = 3
 XFAVORITE_INDEX = -1  # the history index of CMA-ES's mean, scored at the end
@@ -68,6 +70,7 @@ class Job:
     round: int = 0
     start: int = 0  # CMD_ITEMS: the span of the generation's pool order to score
     stop: int = 0
+    items: tuple[int, ...] = ()  # CMD_POOL_ITEMS: indices into the pool's canonical order
 
 
 def run_job(worker, job: Job) -> dict:
@@ -78,6 +81,8 @@ def run_job(worker, job: Job) -> dict:
         return worker.evaluate_items(job.x, job.generation, job.start, job.stop)
     if job.command == CMD_HELDOUT:
         return worker.evaluate_heldout(job.x)
+    if job.command == CMD_POOL_ITEMS:
+        return worker.evaluate_pool_items(job.x, list(job.items))
     raise ValueError(f"unknown command {job.command}")
 
 
@@ -87,6 +92,8 @@ class Fitness:
 
     racing: "RacingConfig | None" = None  # config.evolve.RacingConfig
     subsets: "SubsetsConfig | None" = None  # config.evolve.SubsetsConfig
+    irt: "IrtConfig | None" = None  # config.evolve.IrtConfig
+    seed: int = 0  # the run's seed (IRT's anchor choice)
     heldout: bool = False  # re-score on the held-out tasks
     heldout_top_k: int | None = None  # None: each new best
     specs: tuple = ()  # (task, weight) of the search tasks, for racing
@@ -177,6 +184,9 @@ class Coordinator:
         if fitness.subsets is not None:
             self.subset_size = SubsetSize(worker.race_plan, fitness.subsets, genotype_size,
                                           **(search.subset_state or {}))
+        self.irt_model = None
+        if fitness.irt is not None:
+            self.irt_model = run.read_irt_model(worker.race_plan.total)
         self._lock = threading.Lock()
         self.bugs_in_a_row: dict[int, int] = {}
         self.bug_stop: BugStop | None = None
@@ -201,6 +211,8 @@ class Coordinator:
                     told = self._race_generation(generation, candidates)
                 elif self.fitness.subsets is not None:
                     told = self._subset_generation(generation, candidates)
+                elif self.fitness.irt is not None:
+                    told = self._irt_generation(generation, candidates)
                 else:
                     told = self._evaluate_generation(generation, candidates)
                 if told is None:  # stopped mid-generation; state stays at the last whole one
@@ -210,7 +222,7 @@ class Coordinator:
                 self.search.tell(candidates, told)
                 subsets = self.subset_size.state if self.subset_size is not None else None
                 self.run.append_told(generation, told, self.search.elapsed, subsets=subsets)
-                if self.fitness.racing is not None or self.fitness.subsets is not None:
+                if self.fitness.racing is not None or self.fitness.subsets is not None or self.fitness.irt is not None:
                     self.run.clear_race()
                     self.race_cache.clear()
             if self.fitness.heldout and not self.stop_requested and self.bug_stop is None:
@@ -262,7 +274,11 @@ class Coordinator:
         message[:HEADER] = torch.tensor([job.command, job.index, job.generation, job.round, job.start, job.stop],
                                         dtype=torch.float64)
         message[HEADER:] = torch.from_numpy(job.x)
+        if job.command == CMD_POOL_ITEMS:
+            message[5] = len(job.items)  # the items follow in a second message
         dist.send(message, dst=rank)
+        if job.command == CMD_POOL_ITEMS:
+            dist.send(torch.tensor(job.items, dtype=torch.int64), dst=rank)
         reply = torch.zeros(RESULT_BYTES, dtype=torch.uint8)
         dist.recv(reply, src=rank)
         return _decode_result(reply)
@@ -501,6 +517,101 @@ class Coordinator:
 
         return self._dispatch([Job(CMD_EVAL, best["index"], np.asarray(best["genotype"]), generation)], finish)
 
+    # -- IRT anchors -------------------------------------------------------------------------
+
+    def _calibrates(self, generation: int) -> bool:
+        """Whether this generation is scored in full to (re)fit the item model."""
+        config = self.fitness.irt
+        return self.irt_model is None or generation < config.calibration_generations \
+            or generation % config.recalibrate_every == 0
+
+    def _irt_scale(self) -> np.ndarray:
+        """Each pool item's c at m = 1, (N / N_t) w_t, in canonical order (search/irt.py)."""
+        plan = self.worker.race_plan
+        weight = {task: w for task, _, w in self.fitness.specs}
+        return np.array([plan.total / plan.doc_counts[task] * weight[task] for task, _ in plan.pool])
+
+    def _pool_row(self, generation: int, start: int, values: dict) -> list[float]:
+        """One candidate's per-item values, in the pool's canonical order, from a job's values
+        per spec (one spec per task) over items start.. of the generation's order."""
+        plan = self.worker.race_plan
+        spec_of = {task: s for s, (task, _, _) in enumerate(self.fitness.specs)}
+        index_of = {item: k for k, item in enumerate(plan.pool)}
+        row = [0.0] * plan.total
+        positions = plan.span_positions(generation, start, plan.total)
+        for task, docs in positions.items():
+            for doc, value in zip(docs, values[str(spec_of[task])]):
+                row[index_of[(task, doc)]] = float(value)
+        return row
+
+    def _irt_generation(self, generation: int, candidates: list[np.ndarray]) -> list | None:
+        """Score a generation with IRT anchors (search/irt.py): in full, item by item, when it
+        calibrates the item model; else on the anchors, told each candidate's estimate. The
+        values to tell, or None when stopped."""
+        plan = self.worker.race_plan
+        calibrating = self._calibrates(generation)
+        model = self.irt_model
+        anchors = tuple(model.anchors.tolist()) if model is not None else ()
+        scale = self._irt_scale()
+        records: dict[int, dict] = {}
+        jobs = []
+        for index, x in enumerate(candidates):
+            old = self._done_before(generation, index, x)
+            if old is not None:
+                records[index] = old
+            elif calibrating:
+                jobs.append(Job(CMD_ITEMS, index, x, generation, 0, 0, plan.total))
+            else:
+                jobs.append(Job(CMD_POOL_ITEMS, index, x, generation, items=anchors))
+
+        def finish(job: Job, result: dict, rank: int) -> None:
+            common = {"params": result.get("params"), "seconds": result.get("seconds")}
+            if result.get("failure") is not None:
+                record = {**result, "score": None, "stderr": None, "results": None,
+                          "fitness": "full" if calibrating else "irt"}
+            elif calibrating:
+                row = self._pool_row(generation, 0, result["values"])
+                self.run.append_irt_row({"generation": generation, "index": job.index, "values": row})
+                race = Race(plan, list(self.fitness.specs), len(candidates), self.search.mu, 0.05, generation)
+                race.add(job.index, 0, {int(k): v for k, v in result["values"].items()})
+                score, stderr, results = race.scores(job.index)
+                record = {"score": score, "stderr": stderr, "results": results, "error": None, "fitness": "full",
+                          "items": plan.total, **common}
+                if model is not None:  # the estimate the current model would give: its bias, measured
+                    values = np.asarray(row)[model.anchors]
+                    record["irt_estimate"], record["irt_stderr"] = irt.estimate(model, scale, values)
+            else:
+                pool = plan.pool
+                by_task = {task: list(vs) for task, vs in
+                           ((self.fitness.specs[int(k)][0], v) for k, v in result["values"].items())}
+                values = np.array([by_task[pool[i][0]].pop(0) for i in anchors])
+                score, stderr = irt.estimate(model, scale, values)
+                record = {"score": score, "stderr": stderr, "results": None, "error": None, "fitness": "irt",
+                          "items": len(anchors), **common}
+            record.pop("values", None)
+            record["told"], = told_values([record["score"]])
+            records[job.index] = self._finish(generation, job.index, job.x, record, rank)
+
+        if not self._dispatch(jobs, finish) or len(records) < len(candidates):
+            return None
+        told = [records[i]["told"] for i in range(len(candidates))]
+        if calibrating:
+            self._fit_irt(generation)
+        elif not self._score_best_in_full(generation, records):
+            return None
+        return told
+
+    def _fit_irt(self, generation: int) -> None:
+        """Refit the item model on every calibrated candidate so far and choose its anchors."""
+        rows = {(r["generation"], r["index"]): r["values"] for r in self.run.read_irt_rows()
+                if r["generation"] <= generation}
+        responses = np.array([rows[key] for key in sorted(rows)])
+        a, b, _ = irt.fit_items(responses)
+        anchors = irt.choose_anchors(a, b, self.fitness.irt.anchors, seed=self.fitness.seed + generation)
+        self.irt_model = irt.ItemModel(a, b, anchors)
+        self.run.save_irt_model(self.irt_model)
+        self.log(f"IRT item model fitted on {len(responses)} candidates; {len(anchors)} anchors")
+
     # -- held-out re-scoring ----------------------------------------------------------------
 
     def _heldout_choice(self, generation: int, size: int) -> list[dict]:
@@ -591,8 +702,13 @@ def worker_loop(worker, genotype_size: int) -> None:
         if message[0].item() == CMD_STOP:
             return
         command, index, generation, round_, start, stop = (message[i].item() for i in range(HEADER))
+        items = ()
+        if command == CMD_POOL_ITEMS:
+            received = torch.zeros(int(stop), dtype=torch.int64)
+            dist.recv(received, src=0)
+            items = tuple(received.tolist())
         job = Job(command, int(index), message[HEADER:].numpy().copy(), int(generation), int(round_), int(start),
-                  int(stop))
+                  int(stop), items)
         dist.send(_encode_result(run_job(worker, job)), dst=0)
 
 

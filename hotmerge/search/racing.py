@@ -118,11 +118,21 @@ class RacePlan:
     def rounds(self) -> int:
         return len(self.ends)
 
+    @property
+    def pool(self) -> list[tuple[str, int]]:
+        """The pool's (task, document index) pairs in canonical order: task by task."""
+        return [(task, doc) for task, count in sorted(self.doc_counts.items()) for doc in range(count)]
+
     def order(self, generation: int) -> list[tuple[str, int]]:
         """The pool's (task, document index) pairs in this generation's random order."""
-        pool = [(task, doc) for task, count in sorted(self.doc_counts.items()) for doc in range(count)]
+        pool = self.pool
         permutation = np.random.default_rng([self.seed, generation]).permutation(len(pool))
         return [pool[k] for k in permutation]
+
+    def pool_positions(self, items: list[int]) -> dict[str, list[int]]:
+        """task -> its documents among the canonical pool's items `items`, in that order."""
+        pool = self.pool
+        return self._by_task([pool[i] for i in items])
 
     def cut(self, round_: int) -> tuple[int, int]:
         """The slice of the pool's order that round `round_` scores."""

@@ -40,7 +40,7 @@ class CandidateWorker:
             # shuffle are the search's, as in mergekit-evolve).
             self.heldout_suite = suite(cfg.heldout_tasks) if cfg.heldout_tasks else None
             self.race_plan = None  # the pool's item order, for racing and subsets
-            if cfg.racing is not None or cfg.subsets is not None:
+            if cfg.racing is not None or cfg.subsets is not None or cfg.irt is not None:
                 self.suite.check_per_item_means()
                 schedule = tuple(cfg.racing.schedule) if cfg.racing is not None else (1.0,)
                 self.race_plan = RacePlan(self.suite.doc_counts, schedule, seed, batch=self.runtime.forward_batch)
@@ -75,9 +75,8 @@ class CandidateWorker:
             raise CandidateError(f"the merged model's score is {scores.score}")
         return {"score": scores.score, "stderr": scores.stderr, "results": scores.results, "error": None}
 
-    def _score_items(self, x, generation: int, start: int, stop: int, seconds: dict, started: float) -> dict:
+    def _score_items(self, x, positions: dict[str, list[int]], seconds: dict, started: float) -> dict:
         self._apply(x, seconds, started)
-        positions = self.race_plan.span_positions(generation, start, stop)
         values = self.suite.item_values(self.runtime.lm, positions)
         seconds["forward"] = time.perf_counter() - started - seconds.get("apply", 0.0)
         for spec, vs in values.items():
@@ -112,8 +111,14 @@ class CandidateWorker:
     def evaluate_items(self, x, generation: int, start: int, stop: int) -> dict:
         """The per-item values of the items start..stop of the generation's pool order
         (racing's rounds, search/racing.py; subsets, search/subsets.py)."""
-        return self._guarded(x, lambda x, seconds, started: self._score_items(x, generation, start, stop, seconds,
-                                                                              started))
+        positions = self.race_plan.span_positions(generation, start, stop)
+        return self._guarded(x, lambda x, seconds, started: self._score_items(x, positions, seconds, started))
+
+    def evaluate_pool_items(self, x, items: list[int]) -> dict:
+        """The per-item values of the pool items `items` (indices into the pool's canonical
+        order: IRT's anchors, search/irt.py), in that order."""
+        positions = self.race_plan.pool_positions(items)
+        return self._guarded(x, lambda x, seconds, started: self._score_items(x, positions, seconds, started))
 
     def evaluate_heldout(self, x) -> dict:
         """Score one genotype on the held-out tasks."""
