@@ -273,7 +273,8 @@ def evolve(config_path: Path, options: EvolveOptions, console=None) -> dict | No
             best.update(record)
             run.save_best(genome.to_mergekit_config(record["genotype"], names))
 
-    fitness = Fitness(racing=cfg.racing, subsets=cfg.subsets, heldout=bool(cfg.heldout_tasks),
+    fitness = Fitness(racing=cfg.racing, subsets=cfg.subsets, irt=cfg.irt, seed=options.random_seed,
+                      heldout=bool(cfg.heldout_tasks),
                       heldout_top_k=cfg.heldout_top_k,
                       specs=tuple((t.name, t.metric, t.weight) for t in cfg.tasks))
     coordinator = Coordinator(run, search, worker, options.max_fevals, on_result,
