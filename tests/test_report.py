@@ -350,3 +350,30 @@ def test_summary_shows_the_search_versus_heldout_gap(tmp_path):
     assert "| 0 | 0 | 0.9000 ± 0.1000 | 0.6000 ± 0.0500 | +0.3000 |" in summary
     assert "| 1 | CMA-ES mean | 0.8000 ± 0.1000 | 0.6200 ± 0.0500 | +0.1800 |" in summary
     assert f"Mean gap (search - held-out): {np.mean([0.3, 0.05, 0.18]):+.4f}" in summary
+
+
+def test_budget_plot_counts_the_search_documents_by_generation(tmp_path):
+    """budget.png: each re-scored candidate's held-out score against the documents the search
+    scored by the end of its generation; held-out scoring and CMA-ES's mean are not counted."""
+    from hotmerge.run.report import budget_points, build_report, load_run
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    config = {"genome": {"models": ["a", "b"], "merge_method": "linear"}, "tasks": ["t"], "heldout_tasks": ["h"],
+              "subsets": True}
+    (run_dir / "run.json").write_text(json.dumps({"config": config, "max_fevals": 4, "seed": 0}))
+
+    def record(generation, index, items, **extra):
+        return {"generation": generation, "index": index, "rank": 0, "genotype": [index], "score": 0.5 + index / 10,
+                "stderr": 0.1, "results": None, "error": None, "fitness": "subset", "items": items, **extra}
+
+    lines = [record(0, 0, 40), record(0, 1, 20, full_score=0.6, full_stderr=0.05),
+             record(0, 1, 120, full_score=0.6, full_stderr=0.05, heldout_score=0.55, heldout_stderr=0.05),
+             record(1, 0, 30), record(1, 1, 30, heldout_score=0.4),
+             {**record(2, -1, 100, heldout_score=0.58), "xfavorite": True}]
+    (run_dir / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    points, unit = budget_points(load_run(run_dir).records)
+    assert unit == "documents scored"
+    assert [(p["generation"], p["index"], p["spent"]) for p in points] == [(0, 1, 160), (1, 1, 220), (2, -1, 220)]
+    report = build_report(run_dir, tmp_path / "report")
+    assert report.files["budget"].stat().st_size > 0

@@ -11,6 +11,9 @@ finished yet". Writes into OUT (default RUN_DIR/report):
                    parameter and filter set, from the record's decoded params
   pareto.png       per-task metrics of every candidate, non-dominated ones marked
                    (only with two or more tasks; with more, the first two tasks)
+  budget.png       with held-out scores: each re-scored candidate's held-out score against
+                   the search documents scored by the end of its generation, and the
+                   search score or estimate beside it (an estimate's bias is the gap)
   summary.md       best recipe, its metrics, held-out metrics (--heldout), timings,
                    failures, non-dominated candidates
   heldout.json     with --heldout: the held-out results of the best and the x0 recipe
@@ -192,6 +195,42 @@ def rates(data: RunData) -> dict[str, Optional[float]]:
 
 
 # -- plots ------------------------------------------------------------------------------------
+
+def budget_points(records: Sequence[dict]) -> tuple[list[dict], str]:
+    """Each held-out re-scored record with the search documents scored by the end of its
+    generation (the records' `items`; held-out scoring and CMA-ES's mean are measurement,
+    not search, and are not counted), and the x axis's unit. Records from before `items`
+    was kept count one evaluation each."""
+    counted = all("items" in r for r in records if not r.get("xfavorite") and r.get("score") is not None)
+    per_generation: dict[int, int] = {}
+    for r in records:
+        if not r.get("xfavorite"):
+            per_generation[r["generation"]] = per_generation.get(r["generation"], 0) + (
+                (r.get("items") or 0) if counted else 1)
+    points = []
+    for r in records:
+        if r.get("heldout_score") is not None:
+            spent = sum(v for g, v in per_generation.items() if g <= r["generation"])
+            points.append({**r, "spent": spent})
+    return points, ("documents scored" if counted else "evaluations")
+
+
+def plot_budget(data: RunData, path: Path) -> None:
+    points, unit = budget_points(data.records)
+    fig = _figure(8, 4.5)
+    ax = fig.subplots()
+    x = [p["spent"] for p in points]
+    ax.errorbar(x, [p["heldout_score"] for p in points], yerr=[p.get("heldout_stderr") or 0 for p in points],
+                fmt="o", color="tab:green", label="held-out score", zorder=3)
+    ax.scatter(x, [p["score"] for p in points], marker="_", s=160, color="tab:blue",
+               label="search score or estimate", zorder=2)
+    ax.set_xlabel(f"search {unit} by the end of the candidate's generation")
+    ax.set_ylabel("score")
+    ax.set_title(f"{data.path.name}: held-out score against search compute")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.savefig(path)
+
 
 def _figure(width: float, height: float):
     """A figure drawn by the Agg canvas, without pyplot's global state (no display, thread-safe)."""
@@ -601,6 +640,9 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, *, heldout:
     if data.records:
         plot_progress(data, out / "progress.png")
         report.files["progress"] = out / "progress.png"
+    if data.rescored:
+        plot_budget(data, out / "budget.png")
+        report.files["budget"] = out / "budget.png"
     best = data.best
     pareto = None
     if best is not None:

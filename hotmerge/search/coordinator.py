@@ -610,7 +610,6 @@ class Coordinator:
         anchors = irt.choose_anchors(a, b, self.fitness.irt.anchors, seed=self.fitness.seed + generation)
         self.irt_model = irt.ItemModel(a, b, anchors)
         self.run.save_irt_model(self.irt_model)
-        self.log(f"IRT item model fitted on {len(responses)} candidates; {len(anchors)} anchors")
 
     # -- held-out re-scoring ----------------------------------------------------------------
 

@@ -73,7 +73,8 @@ class CandidateWorker:
         seconds.update(scores.seconds)
         if not math.isfinite(scores.score):
             raise CandidateError(f"the merged model's score is {scores.score}")
-        return {"score": scores.score, "stderr": scores.stderr, "results": scores.results, "error": None}
+        return {"score": scores.score, "stderr": scores.stderr, "results": scores.results, "error": None,
+                "items": sum(self.suite.doc_counts.values())}
 
     def _score_items(self, x, positions: dict[str, list[int]], seconds: dict, started: float) -> dict:
         self._apply(x, seconds, started)
