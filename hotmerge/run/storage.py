@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from hotmerge.errors import ConfigError
+from hotmerge.search.scores import full_score
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -265,16 +266,6 @@ class RunDir:
 
     def save_best(self, merge_config: dict[str, Any]) -> None:
         atomic_write(self.best_file, yaml.safe_dump(merge_config, sort_keys=False).encode())
-
-
-def full_score(record: dict[str, Any]) -> float | None:
-    """The record's score on every search item: None for an estimate on part of them (a raced
-    candidate stopped early; a subset's estimate that was not scored in full)."""
-    if record.get("stopped_early"):
-        return None
-    if record.get("fitness") in ("subset", "irt"):
-        return record.get("full_score")
-    return record.get("score")
 
 
 def best_record(records, select_by: str = "search") -> dict | None:

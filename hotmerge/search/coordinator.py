@@ -39,7 +39,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
@@ -50,13 +50,32 @@ from hotmerge.search import irt
 from hotmerge.search.racing import Race
 from hotmerge.search.strategy import Search, told_values
 from hotmerge.search.subsets import SubsetSize, reevaluations, subset_estimate
-from hotmerge.run.storage import RunDir, full_score
+from hotmerge.search.scores import full_score
 
 RESULT_BYTES = 1 << 18
 CMD_STOP, CMD_EVAL, CMD_ITEMS, CMD_HELDOUT, CMD_POOL_ITEMS = 0.0, 1.0, 2.0, 3.0, 4.0
 HEADER = 6  # command, candidate index, generation, round, start, stop; the genotype follows
 MAX_BUGS_IN_A_ROW = 3
 XFAVORITE_INDEX = -1  # the history index of CMA-ES's mean, scored at the end
+
+
+class RunStore(Protocol):
+    """What the search writes and reads in its run directory (run/storage.py's RunDir)."""
+
+    path: Path
+    history_file: Path
+
+    def records(self) -> list[dict]: ...
+    def append_history(self, record: dict) -> None: ...
+    def append_told(self, generation: int, told: list[float], seconds: float, subsets: dict | None = None) -> None: ...
+    def read_race(self) -> list[dict]: ...
+    def append_race(self, record: dict) -> None: ...
+    def clear_race(self) -> None: ...
+    def append_irt_row(self, row: dict) -> None: ...
+    def read_irt_rows(self) -> list[dict]: ...
+    def save_irt_model(self, model) -> None: ...
+    def read_irt_model(self, pool: int): ...
+    def save_traceback(self, name: str, text: str) -> Path: ...
 
 
 @dataclass(frozen=True)
@@ -159,7 +178,7 @@ def same_genotype(a, b) -> bool:
 class Coordinator:
     """Rank 0's loop. `worker` (search/worker.py) scores candidates on this process."""
 
-    def __init__(self, run: RunDir, search: Search, worker, max_fevals: int, on_result: Callable[[dict], None],
+    def __init__(self, run: RunStore, search: Search, worker, max_fevals: int, on_result: Callable[[dict], None],
                  world_size: int = 1, genotype_size: int = 0, log: Callable[[str], None] = print,
                  fitness: Fitness = Fitness(), on_heldout: Callable[[dict], None] = lambda record: None):
         self.run = run

@@ -10,7 +10,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from hotmerge.toy.world import SKILLS, build_facts, eval_docs
+import math
+import random
+
+from hotmerge.toy.world import SKILLS, build_facts, choices_for, eval_docs
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 SPLITS = ("search", "heldout")
@@ -131,3 +134,33 @@ def write_tasks(out_dir: Path = TASKS_DIR, seed: int = 0) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, content in render_tasks(seed).items():
         (out_dir / name).write_text(content)
+
+
+def pool_task_name(skill: str) -> str:
+    return f"toy_pool_{skill}_mc_search"
+
+
+def write_pool_tasks(out_dir: Path, items: int, seed: int = 0) -> list[str]:
+    """A large search pool for the toy family: every search fact asked several times, each
+    time with other distractors in another order, until the three tasks hold at least
+    `items` documents in all (held-out tasks stay the package's). Items of one fact are
+    correlated, as items on one topic are in real benchmarks. Returns the task names."""
+    facts = [f for f in build_facts(seed) if f.split == "search"]
+    variants = math.ceil(items / len(facts))
+    rng = random.Random(f"{seed}-pool-{items}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "toydata.py").write_text(LOADER)
+    names = []
+    for skill in SKILLS:
+        docs = []
+        for variant in range(variants):
+            for fact in (f for f in facts if f.skill == skill):
+                options, label = choices_for(fact, rng)
+                docs.append({"question": fact.prompt, "answer": fact.answer, "choices": options, "label": label})
+        data_file = f"pool_{skill}_search.jsonl"
+        (out_dir / data_file).write_text("".join(json.dumps(d) + "\n" for d in docs))
+        name = pool_task_name(skill)
+        (out_dir / f"{name}.yaml").write_text(MC_YAML.format(task=name, split="search", data_file=data_file,
+                                                             family="toy_pool"))
+        names.append(name)
+    return names
