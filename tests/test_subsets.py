@@ -126,3 +126,21 @@ def test_racing_and_subsets_together_are_refused():
         EvolveConfig(genome={"models": ["a", "b"], "merge_method": "linear"}, tasks=["t"], racing=True, subsets=True)
     with pytest.raises(ValidationError):
         SubsetsConfig(start=0.6)
+
+
+def test_toy_pool_tasks_ask_every_search_fact_with_other_distractors(tmp_path):
+    from hotmerge.toy.taskfiles import write_pool_tasks
+    from hotmerge.toy.world import build_facts
+
+    names = write_pool_tasks(tmp_path, 2000, seed=0)
+    docs = {name: [json.loads(line) for line in (tmp_path / f"pool_{name.split('_')[2]}_search.jsonl").open()]
+            for name in names}
+    assert sum(len(d) for d in docs.values()) >= 2000
+    search = {f.prompt: f.answer for f in build_facts(0) if f.split == "search"}
+    for rows in docs.values():
+        assert all(row["question"] in search and row["choices"][row["label"]] == search[row["question"]]
+                   for row in rows)
+    capital = docs["toy_pool_capital_mc_search"]
+    first = [row for row in capital if row["question"] == capital[0]["question"]]
+    assert len(first) > 1 and len({tuple(row["choices"]) for row in first}) > 1  # asked again, other options
+    assert (tmp_path / "toy_pool_capital_mc_search.yaml").is_file() and (tmp_path / "toydata.py").is_file()
