@@ -3,8 +3,8 @@ every fitness mode (full, racing, subsets, irt) at the same seeds, side by side 
 process with one resident model.
 
 For each seed and mode, a search runs with the mode's fitness; full evaluation gets
---fevals evaluations, the cheaper modes --fevals × --factor so that their curves reach
-at least full's documents. After every generation, two recipes are scored on the held-out
+--fevals evaluations, subsets and irt --fevals × --factor and racing × --racing-factor,
+so that their curves reach about full's documents. After every generation, two recipes are scored on the held-out
 tasks: the chosen one (best_config.yaml's rule: the best full search score so far) and
 CMA-ES's mean. Documents are the search's (each record's `items`); held-out scoring is
 measurement and is not counted.
@@ -16,7 +16,7 @@ the chosen recipe reaches that score less one standard error; the saving is D ov
     .venv/bin/hotmerge toy build .cache/toy --pool-items 2000
     .venv/bin/python bench/fitness.py --config configs/toy_pool.yaml --task-path .cache/toy/pool_tasks \
         --heldout-tasks toy_capital_mc_heldout,toy_color_mc_heldout,toy_sum_mc_heldout \
-        --seeds 0 1 2 3 4 --fevals 96 --factor 8 --out bench/results/budget_toy_pool.json
+        --seeds 0 1 2 3 4 --fevals 64 --factor 4 --out bench/results/budget_toy_pool.json
 """
 
 from __future__ import annotations
@@ -183,7 +183,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--fevals", type=int, default=96, help="full evaluation's evaluations")
-    parser.add_argument("--factor", type=float, default=8.0, help="the cheaper modes' evaluations, × --fevals")
+    parser.add_argument("--factor", type=float, default=8.0, help="subsets' and irt's evaluations, × --fevals")
+    parser.add_argument("--racing-factor", type=float, default=1.0,
+                        help="racing's evaluations, × --fevals (it saves under 2× documents per generation)")
     parser.add_argument("--popsize", type=int, default=16)
     parser.add_argument("--backend", default="hf", choices=["hf", "vllm"])
     parser.add_argument("--limit", default=None, help="items per search task: a number, or 'all'")
@@ -204,13 +206,15 @@ def main() -> None:
     worker = CandidateWorker(validate_config(cfg), backend=args.backend, seed=0)
     pool = worker.race_plan.total
     results = {"config": args.config, "seeds": args.seeds, "fevals": args.fevals, "factor": args.factor,
+               "racing_factor": args.racing_factor,
                "popsize": args.popsize, "pool_documents": pool, "backend": args.backend,
                "machine": platform.processor() or platform.machine(), "runs": []}
     cache: dict = {}
     with tempfile.TemporaryDirectory() as scratch:
         for seed in args.seeds:
             for mode in args.modes:
-                fevals = args.fevals if mode == "full" else int(args.fevals * args.factor)
+                factor = {"full": 1.0, "racing": args.racing_factor}.get(mode, args.factor)
+                fevals = int(args.fevals * factor)
                 out = search(worker, cfg, mode, seed=seed, fevals=fevals, popsize=args.popsize,
                              run_dir=Path(scratch) / f"{mode}-{seed}")
                 curve = heldout_curve(worker, out["generations"], cache)
