@@ -168,7 +168,8 @@ def plot(results: dict, path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("search documents scored (log)")
     ax.set_ylabel("held-out score (mean over seeds; dots: CMA-ES's mean, each run)")
-    ax.set_title(f"{Path(results['config']).name}: held-out quality per document, {len(results['seeds'])} seeds")
+    seeds = len({r["seed"] for r in results["runs"]})
+    ax.set_title(f"{Path(results['config']).name}: held-out quality per document, {seeds} seeds")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.savefig(path)
@@ -221,19 +222,26 @@ def main() -> None:
                 row = {"seed": seed, "mode": mode, "wall_s": out["wall_s"], "evaluations": out["evaluations"],
                        "curve": curve}
                 results["runs"].append(row)
+                save(results, Path(args.out))  # after every run: a long benchmark keeps what it measured
                 last = curve[-1]
                 print(json.dumps({"seed": seed, "mode": mode, "documents": last["documents"],
                                   "chosen": last["chosen"], "mean": last["mean"], "wall_s": round(out["wall_s"], 1)}),
                       flush=True)
     worker.close()
-    results["summary"] = summarise(results["runs"], args.seeds)
+    save(results, Path(args.out))
     print(json.dumps({k: v for k, v in results["summary"].items() if k != "modes"}, indent=2))
     for mode, row in results["summary"]["modes"].items():
         print(mode, {k: v for k, v in row.items() if k != "mean_curve"})
-    out = Path(args.out)
+
+
+def save(results: dict, out: Path) -> None:
+    """The runs so far, their summary (once full evaluation has run) and the plot."""
+    if any(r["mode"] == "full" for r in results["runs"]):
+        results["summary"] = summarise(results["runs"], sorted({r["seed"] for r in results["runs"]}))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
-    plot(results, out.with_suffix(".png"))
+    if "summary" in results:
+        plot(results, out.with_suffix(".png"))
 
 
 if __name__ == "__main__":
