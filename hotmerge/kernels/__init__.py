@@ -3,6 +3,7 @@
   methods.py        the method registry (every fact about a merge method, once)
   reference.py      the per-tensor torch oracle, equal to mergekit (the definition)
   stats.py          load-time statistics (|delta| histograms, norms, della rank codes)
+  stats_cache.py    those statistics kept on disk between runs (keyed by sources and code)
   layout.py         FlatSources: the resident sources, base and segment table
   table.py          build_table: one candidate's CoefficientTable
   finite.py         the finite-output check (NonFiniteMergeError)
@@ -39,7 +40,7 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str):
     module = _EXPORTS.get(name)
     if module is None:
-        if name in ("dispatch", "finite", "layout", "reference", "stats", "table", "torch_backend",
+        if name in ("dispatch", "finite", "layout", "reference", "stats", "stats_cache", "table", "torch_backend",
                     "cpu_backend", "cpu_native", "methods", "triton_merge"):
             return importlib.import_module(f"{__name__}.{name}")
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

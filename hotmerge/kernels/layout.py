@@ -14,6 +14,7 @@ The memory cost is the same: M 16-bit buffers.
   FlatSources.base    [total]     the base model (None for linear/slerp-only use)
   FlatSources.segments            Segment(offset, numel, tensor_key, row_len, ...)
   FlatSources.stats               stats.SourceStats (histograms, norms, ...)
+  FlatSources.stats_cache         stats_cache.StatsCache: where they are kept on disk, or None
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ class FlatSources:
     models: [M, total] contiguous bf16/fp16, the source models' weights (not deltas);
     base: [total] or None (linear / slerp only); model_keys: random-stream key of
     each source (default 0..M-1). After changing the buffers in place, set
-    `stats = None` so the next build_table recomputes the statistics.
+    `stats = None` (and `stats_cache = None`: its key describes the files the buffers
+    were read from) so the next build_table recomputes the statistics.
     """
 
     def __init__(
@@ -92,6 +94,10 @@ class FlatSources:
             raise ValueError("one model key per source")
         self.stats: Optional[SourceStats] = None
         self._stats_flags = (False, False)
+        # Where the statistics are loaded from and saved to (stats_cache.StatsCache), if
+        # anywhere; the buffers must not change while one is attached.
+        self.stats_cache = None
+        self._stats_unsaved = False
         self._stream_keys: dict = {}
         self._launch: dict = {}  # backend caches (block maps, device tables)
 
@@ -178,15 +184,25 @@ class FlatSources:
                         dtype=np.int64)
 
     def compute_stats(self, *, della: bool = False, slerp: bool = False) -> SourceStats:
-        """Load-time statistics (see stats.py); kept in self.stats."""
-        self.stats = compute_stats(self, della=della, slerp=slerp)
+        """Load-time statistics (see stats.py), taken from the stats cache when one is
+        attached and holds them; kept in self.stats."""
+        cached = self.stats_cache.load(self, della, slerp) if self.stats_cache is not None else None
+        self.stats = cached if cached is not None else compute_stats(self, della=della, slerp=slerp)
         self._stats_flags = (della, slerp)
+        self._stats_unsaved = cached is None and self.stats_cache is not None
         return self.stats
 
-    def ensure_stats(self, *, della: bool = False, slerp: bool = False) -> SourceStats:
+    def ensure_stats(self, *, della: bool = False, slerp: bool = False, save: bool = True) -> SourceStats:
+        """self.stats with at least these parts. save: write freshly computed statistics to
+        the stats cache now (False defers it to a later call: the vLLM worker computes them
+        at start-up and saves them with the first candidate, so a start-up that fails
+        leaves no cache behind in a run directory it never created)."""
         have_della, have_slerp = self._stats_flags
         if self.stats is None or (della and not have_della) or (slerp and not have_slerp):
             self.compute_stats(della=della or have_della, slerp=slerp or have_slerp)
+        if save and self._stats_unsaved:
+            self._stats_unsaved = False
+            self.stats_cache.save(self, *self._stats_flags)
         return self.stats
 
     def stream_keys(self, seed: int) -> np.ndarray:

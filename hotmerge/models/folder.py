@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import struct
 from dataclasses import dataclass, field, replace
@@ -392,3 +393,41 @@ def _folded_tensors(info: ModelInfo, names, dtype, device):
     for name in names:
         tensor = state.pop(name)
         yield name, _finite(info, name, tensor, tensor.to(dtype=dtype or tensor.dtype, device=device))
+
+
+def sources_identity(references, base: Optional[str], vocabulary: Optional[dict] = None) -> dict:
+    """What reading these models' weights depends on, found without reading them: the key
+    of the statistics cache (kernels/stats_cache.py). references: the models in order (a
+    folder or `model+adapter`); vocabulary: models/vocab.py's alignment_spec, when the
+    sources are read in another vocabulary (with the files of a tokenizer_source folder)."""
+    out = {"models": [_reference_identity(r) for r in references],
+           "base": _reference_identity(base) if base is not None else None}
+    if vocabulary is not None:
+        out["vocabulary"] = vocabulary
+        source = (vocabulary.get("settings") or {}).get("source")
+        if isinstance(source, str) and Path(source).is_dir():
+            out["tokenizer_source"] = _folder_identity(source)
+    return out
+
+
+def _reference_identity(reference: str) -> dict:
+    path, plus, adapter = str(reference).partition("+")
+    out = _folder_identity(path)
+    if plus:
+        out["adapter"] = _folder_identity(adapter)
+    return out
+
+
+def _folder_identity(folder) -> dict:
+    """Every file of a folder by name, size, mtime_ns and inode (following links, as hub
+    snapshots link to blobs). A rewrite, a touch, or a file replaced by another (a new
+    inode, even with the same size and time) changes it. Hashing the contents would cost
+    the very pass over the weights that the cache saves; a hash of the safetensors headers
+    would add a read per file and catch nothing these miss but a rewrite in place that
+    also sets the old time back."""
+    files = []
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if entry.is_file():
+            st = entry.stat()
+            files.append([entry.name, st.st_size, st.st_mtime_ns, st.st_ino])
+    return {"path": str(Path(folder).resolve()), "files": files}

@@ -57,9 +57,10 @@ def memory_plan(validated: ValidatedConfig, population_size: int | None = None,
     rows.append((f"sources: {n_models} models (resident)", n_models * model_bytes))
     method = get_method(genome_cfg.merge_method)
     if method.needs_base:
-        rows.append(("statistics: magnitude histograms", n_models * len(ref.tensors) * HISTOGRAM_BYTES))
+        # "cached": evolve keeps the statistics in <storage-path>/.stats-cache (kernels/stats_cache.py)
+        rows.append(("statistics: magnitude histograms (cached)", n_models * len(ref.tensors) * HISTOGRAM_BYTES))
     if method.rank_code_bytes_per_parameter:
-        rows.append(("statistics: della rank codes",
+        rows.append(("statistics: della rank codes (cached)",
                      n_models * parameters * method.rank_code_bytes_per_parameter))
     genome = validated.genome()
     return MemoryPlan(rows=rows, device=device, device_total=device_total,

@@ -185,6 +185,7 @@ def evolve(config_path: Path, options: EvolveOptions, console=None) -> dict | No
     rank, world = distributed_context()
     names = original_model_names(config_path, list(cfg.genome.models), cfg.genome.base_model)
 
+    from hotmerge.kernels import stats_cache
     from hotmerge.runtimes import check_runtime_options
     from hotmerge.search.worker import CandidateWorker
 
@@ -217,6 +218,8 @@ def evolve(config_path: Path, options: EvolveOptions, console=None) -> dict | No
     }
     if rank == 0 and run.check(meta, RESUME_KEYS):
         info(f"resuming the run in {run.path}")
+    # The load-time statistics are kept beside the run: a resumed or repeated run loads them.
+    stats_cache.use_folder(run.path / ".stats-cache")
     worker = CandidateWorker(
         validated,
         backend="vllm" if options.vllm else "hf",

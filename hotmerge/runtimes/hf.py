@@ -8,6 +8,7 @@ import torch
 
 from hotmerge.config.evolve import ValidatedConfig
 from hotmerge.errors import ConfigError, SetupError
+from hotmerge.kernels import stats_cache
 from hotmerge.models.vocab import fit_vocabulary
 from hotmerge.runtimes.merger import Merger
 
@@ -66,7 +67,7 @@ class HFRuntime:
         # Merges are written in bf16; a float32 model gets a copy of those same values.
         self.merged = self.live if dtype == torch.bfloat16 else {
             name: torch.empty_like(p, dtype=torch.bfloat16) for name, p in self.live.items()}
-        self.merger = Merger(validated, self.merged, seed=seed)
+        self.merger = Merger(validated, self.merged, seed=seed, stats_cache=stats_cache.folder())
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
         self.forward_batch = batch_size or 64  # documents per forward batch (racing rounds align to it)
         self.lm = HFLM(pretrained=self.model, tokenizer=self.tokenizer,

@@ -13,13 +13,16 @@ import torch
 from hotmerge.config.evolve import ValidatedConfig
 from hotmerge.runtimes.encoding import RecipeRows
 from hotmerge.errors import ConfigError, SetupError
-from hotmerge.models.folder import is_derived_buffer, iter_tensors
+from hotmerge.models.folder import is_derived_buffer, iter_tensors, sources_identity
+from hotmerge.models.vocab import alignment_spec
 from hotmerge.kernels import FlatSources, apply, build_table
+from hotmerge.kernels.stats_cache import StatsCache
 
 
 class Merger:
     def __init__(self, validated: ValidatedConfig, live: dict[str, torch.Tensor], seed: int = 0,
-                 dtype: torch.dtype = torch.bfloat16):
+                 dtype: torch.dtype = torch.bfloat16, stats_cache=None):
+        """stats_cache: a folder that keeps the load-time statistics between runs (None: none)."""
         source_names = validated.reference.tensors
         unknown = [n for n in live if n not in source_names]
         if unknown:
@@ -49,6 +52,11 @@ class Merger:
                 continue
             for name, tensor in iter_tensors(info, self.names, dtype=dtype):
                 self.flat.write(m, index[name], tensor)
+        if stats_cache is not None:
+            sources = sources_identity([info.reference for info in validated.models],
+                                       validated.base.reference if validated.base is not None else None,
+                                       alignment_spec(validated.reference))
+            self.flat.stats_cache = StatsCache(stats_cache, {"runtime": "transformers", **sources})
         self.seed = seed
 
     @torch.no_grad()

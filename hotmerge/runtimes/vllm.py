@@ -86,6 +86,7 @@ from hotmerge.models.vocab import alignment_spec
 from hotmerge.errors import ConfigError, SetupError
 from hotmerge.runtimes import vllm_compat
 from hotmerge.runtimes.vllm_worker import pack_array, unpack_tensor
+from hotmerge.kernels import stats_cache
 from hotmerge.kernels.methods import METHODS, get_method
 from hotmerge.scoring import lm_eval_compat
 
@@ -231,6 +232,7 @@ class VLLMRuntime:
             "seed": self.seed,
             "method": self.method,
             "tp": self.tp,
+            "stats_cache": str(stats_cache.folder()) if stats_cache.folder() is not None else None,
         }
         layouts = self.llm.collective_rpc("hotmerge_setup", args=(spec,))
         self.seconds["setup"] = time.perf_counter() - started

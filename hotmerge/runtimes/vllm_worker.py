@@ -196,6 +196,23 @@ def _iter_checkpoint(folder: str, names=None, infos=None):
                         dtype=dtype)
 
 
+def _stats_cache(spec: dict, placements: list):
+    """The statistics cache of this worker's sources (kernels/stats_cache.py): the model
+    files, vLLM's version (its loader lays the sources out), and where every placement sits
+    in the live parameters and in its source tensor (which tensor-parallel shard this is)."""
+    import hashlib
+    import json
+
+    from hotmerge.kernels.stats_cache import StatsCache
+    from hotmerge.models.folder import sources_identity
+
+    layout = json.dumps([[pl.name, pl.param, pl.box, pl.src_box] for pl in placements])
+    sources = sources_identity(spec["models"], spec.get("base"), spec.get("vocabulary"))
+    return StatsCache(spec["stats_cache"], {
+        "runtime": "vllm", "vllm": vllm_compat.installed_version(), "tp": int(spec.get("tp", 1)),
+        "placements": hashlib.sha256(layout.encode()).hexdigest(), **sources})
+
+
 def _find_src_box(region: torch.Tensor, source: torch.Tensor) -> Optional[list]:
     """Where a tensor-parallel shard sits in its source tensor (row or column split)."""
     if region.shape == source.shape:
@@ -263,7 +280,8 @@ class HotmergeWorkerExtension:
 
         spec: reference (folder the engine loaded), models (genome.models folders, in
         order), base (base_model folder or None), names (all source tensor names of the
-        reference), seed, method, tp (tensor-parallel size), vocabulary (models/vocab.py's
+        reference), seed, method, tp (tensor-parallel size), stats_cache (a folder that keeps
+        the load-time statistics between runs, or None), vocabulary (models/vocab.py's
         alignment_spec when the sources' vocabularies differ: the engine then started with
         placeholder weights in the output vocabulary, and the reference's aligned weights are
         loaded here first).
@@ -389,9 +407,12 @@ class HotmergeWorkerExtension:
         else:
             state.reference_row = models.index(spec["reference"])
         t3 = time.perf_counter()
+        if spec.get("stats_cache"):
+            state.flat.stats_cache = _stats_cache(spec, state.placements)
         method = get_method(spec["method"]) if spec.get("method") is not None else None
         if method is not None and (base is not None or method.combine):
-            state.flat.ensure_stats(della=method.needs_rank_codes, slerp=method.needs_slerp_constants)
+            # Saved with the first candidate: a start-up that fails writes no cache.
+            state.flat.ensure_stats(della=method.needs_rank_codes, slerp=method.needs_slerp_constants, save=False)
         timings["stats"] = time.perf_counter() - t3
 
         # 6. Output views: the live regions themselves where the fused engine can write them.
