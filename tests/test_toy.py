@@ -1,6 +1,7 @@
 """The toy family is only useful if merging means something on it; these tests measure that with lm-eval."""
 
 import hashlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hotmerge.toy.build import build_family
+from hotmerge.toy import build
 from hotmerge.toy.evaluate import lm_eval_scores
 from hotmerge.toy.taskfiles import TASKS_DIR, render_tasks, task_name
 from hotmerge.toy.world import SKILLS
@@ -23,17 +24,41 @@ def test_shipped_task_files_match_the_generator():
     assert shipped == rendered
 
 
-def _digest(folder: Path) -> str:
-    return hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+def _digest(folder: Path, name: str = "model.safetensors") -> str:
+    return hashlib.sha256((folder / name).read_bytes()).hexdigest()
 
 
-@pytest.mark.slow  # builds (trains) a second family
-def test_family_is_deterministic_from_its_seed(toy_family, tmp_path):
-    # the base and the last expert (trained from its own seed) are enough, and cost half the build
+# The whole build's code (tokenizer, init, seeded batches, AdamW and its schedule, the bf16
+# save, the expert's reload of the saved base) on few steps: what is not deterministic differs
+# after a step. The toy_family fixture's build is not built again here.
+FEW_STEPS = {"BASE_STEPS": 20, "EXPERT_STEPS": 10}
+# The facts and the vocabulary, printed by another process with another string-hash seed.
+WORLD = "from hotmerge.toy.world import build_facts, vocabulary; f = build_facts(0); print(repr((f, vocabulary(f))))"
+
+
+@pytest.mark.slow  # trains a base and an expert twice, and another base (few steps each)
+def test_family_is_deterministic_from_its_seed(tmp_path, monkeypatch):
+    """Two builds from seed 0 give the same bits: the base and the last expert (trained from
+    its own seed), weights and tokenizer; seed 1 gives another base. What they are built from
+    does not depend on the process's string-hash seed."""
+    from hotmerge.toy.world import build_facts, vocabulary
+
+    hash_seed = "2" if os.environ.get("PYTHONHASHSEED") == "1" else "1"
+    there = subprocess.run([sys.executable, "-c", WORLD], env={**os.environ, "PYTHONHASHSEED": hash_seed},
+                           capture_output=True, text=True, timeout=120, check=True).stdout
+    facts = build_facts(0)
+    assert there.strip() == repr((facts, vocabulary(facts)))
+
+    for name, value in FEW_STEPS.items():
+        monkeypatch.setattr(build, name, value)
     skill = SKILLS[-1]
-    again = build_family(tmp_path / "again", seed=0, log=lambda *_: None, skills=(skill,))
-    for mine, theirs in [(toy_family.base, again.base), (toy_family.expert(skill), again.expert(skill))]:
-        assert _digest(mine) == _digest(theirs), mine.name
+    first, again = (build.build_family(tmp_path / name, seed=0, log=lambda *_: None, skills=(skill,))
+                    for name in ("first", "again"))
+    for mine, theirs in [(first.base, again.base), (first.expert(skill), again.expert(skill))]:
+        for name in ("model.safetensors", "tokenizer.json"):
+            assert _digest(mine, name) == _digest(theirs, name), (mine.name, name)
+    other = build.build_family(tmp_path / "other", seed=1, log=lambda *_: None, skills=())
+    assert _digest(other.base) != _digest(first.base)
 
 
 def _task_arithmetic_merge(family, out: Path) -> Path:
@@ -50,17 +75,29 @@ def _task_arithmetic_merge(family, out: Path) -> Path:
     return out
 
 
-@pytest.mark.slow  # mergekit-yaml, then lm-eval on five models
-@pytest.mark.parametrize("variant", ["mc", "gen"])
-def test_experts_specialise_and_task_arithmetic_combines_them(toy_family, tmp_path, variant, capsys):
-    merged = _task_arithmetic_merge(toy_family, tmp_path / "merged")
+VARIANTS = ("mc", "gen")
+
+
+@pytest.fixture(scope="module")
+def heldout_tables(toy_family, tmp_path_factory):
+    """variant -> model -> skill -> held-out score: one mergekit-yaml merge, and each of the
+    five models loaded and scored once, on both variants' tasks (one lm-eval call)."""
+    merged = _task_arithmetic_merge(toy_family, tmp_path_factory.mktemp("toy_merge") / "merged")
     models = {"base": toy_family.base, "task_arithmetic": merged}
     models |= {f"expert_{s}": toy_family.expert(s) for s in SKILLS}
-    tasks = {s: task_name(s, variant, "heldout") for s in SKILLS}
-    table = {}
+    tasks = {(variant, s): task_name(s, variant, "heldout") for variant in VARIANTS for s in SKILLS}
+    tables = {variant: {} for variant in VARIANTS}
     for name, path in models.items():
         scores = lm_eval_scores(path, list(tasks.values()))
-        table[name] = {s: scores[t] for s, t in tasks.items()}
+        for (variant, s), task in tasks.items():
+            tables[variant].setdefault(name, {})[s] = scores[task]
+    return tables
+
+
+@pytest.mark.slow  # mergekit-yaml, then lm-eval on five models (shared by both variants)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_experts_specialise_and_task_arithmetic_combines_them(heldout_tables, variant, capsys):
+    table = heldout_tables[variant]
     mean = {name: sum(row.values()) / len(row) for name, row in table.items()}
 
     with capsys.disabled():

@@ -33,6 +33,10 @@ EXPERT_STEPS = 150
 EXPERT_LR = 1e-3
 BATCH_SIZE = 64
 GENERATOR_VERSION = 1  # bump when anything above or in world.py changes
+# One thread: the same family, bit for bit, as on two threads (checked), and no OpenMP barrier
+# to wait at. With two threads and another process on one of two cores, every op waited for the
+# thread that had lost its core: the build took five times as long as on one thread.
+THREADS = 1
 
 
 @dataclass
@@ -125,10 +129,19 @@ def family_is_current(out_dir: str | Path, seed: int) -> bool:
 
 def build_family(out_dir: str | Path, seed: int = 0, log=print, skills: tuple[str, ...] = SKILLS) -> FamilyPaths:
     """Train and write base + experts into out_dir (replacing what is there). `skills`
-    narrows the experts built (each is trained as in the whole family)."""
+    narrows the experts built (each is trained as in the whole family). Trains on THREADS
+    threads; the caller's thread count is restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        return _build(out_dir, seed, log, skills)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build(out_dir: str | Path, seed: int, log, skills: tuple[str, ...]) -> FamilyPaths:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.set_num_threads(2)
     started = time.time()
     paths = FamilyPaths(Path(out_dir))
     tmp = paths.root.with_name(paths.root.name + ".partial")
