@@ -110,17 +110,27 @@ def test_truncated_model_file_is_refused_by_plan(toy_family, tmp_path):
     assert tree(tmp_path) == before
 
 
-@pytest.mark.parametrize("where", ["file", "below a file"])
-def test_storage_path_that_is_a_file(toy_family, tmp_path, where):
-    config = toy_config(toy_family, tmp_path / "toy.yaml")
-    blocker = tmp_path / "notes.txt"
-    blocker.write_text("my notes\n")
-    storage = blocker if where == "file" else blocker / "run"
-    before = tree(tmp_path)
-    done = run_cli(["evolve", str(config), "--storage-path", str(storage), "--max-fevals", "6", *EVOLVE_OPTIONS],
-                   cwd=tmp_path)
-    assert "--storage-path" in one_error_line(done)
-    assert tree(tmp_path) == before and blocker.read_text() == "my notes\n"
+def test_storage_path_that_is_a_file(toy_family, tmp_path):
+    """--storage-path a file, or a folder below one: both runs side by side, each in a folder of
+    its own (each spends its time importing)."""
+    runs = {}
+    for where in ("file", "below a file"):
+        folder = tmp_path / where.replace(" ", "_")
+        folder.mkdir()
+        config = toy_config(toy_family, folder / "toy.yaml")
+        blocker = folder / "notes.txt"
+        blocker.write_text("my notes\n")
+        storage = blocker if where == "file" else blocker / "run"
+        before = tree(folder)
+        process = subprocess.Popen([*HOTMERGE, "evolve", str(config), "--storage-path", str(storage), "--max-fevals",
+                                    "6", *EVOLVE_OPTIONS], cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True)
+        runs[where] = folder, blocker, before, process
+    for where, (folder, blocker, before, process) in runs.items():
+        out, err = process.communicate(timeout=300)
+        done = subprocess.CompletedProcess(process.args, process.returncode, out, err)
+        assert "--storage-path" in one_error_line(done), where
+        assert tree(folder) == before and blocker.read_text() == "my notes\n", where
 
 
 @pytest.mark.slow  # an unknown task name needs lm-eval's full task index (15-20 s)
