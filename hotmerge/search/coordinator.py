@@ -393,10 +393,7 @@ class Coordinator:
                                                       self._race_result(race, job.index, last[job.index],
                                                                         seconds[job.index]), rank)
                     return
-                entry = {"generation": generation, "index": job.index, "round": job.round, "rank": rank,
-                         "genotype": job.x.tolist(), "result": result}
-                self.run.append_race(entry)
-                self.race_cache[(generation, job.index, job.round)] = entry
+                self._keep_round(job, result, rank)
                 take_round(job.index, job.round, result, rank)
 
             if not self._dispatch(jobs, finish):
@@ -421,6 +418,13 @@ class Coordinator:
                     self.run.append_history(record)
                     self.history[(generation, index)] = record
         return told
+
+    def _keep_round(self, job: Job, result: dict, rank: int) -> None:
+        """Keep one round's (or subset's) result in race.jsonl, for an exact resume."""
+        entry = {"generation": job.generation, "index": job.index, "round": job.round, "rank": rank,
+                 "genotype": job.x.tolist(), "result": result}
+        self.run.append_race(entry)
+        self.race_cache[(job.generation, job.index, job.round)] = entry
 
     def _race_result(self, race: Race, index: int, last: dict, seconds: dict) -> dict:
         """A raced candidate's history fields: scores on the items it saw, as lm-eval
@@ -492,10 +496,7 @@ class Coordinator:
 
         def finish(job: Job, result: dict, rank: int) -> None:
             if result.get("failure") != BUG:  # a bug is not kept: a resumed run scores it again
-                entry = {"generation": generation, "index": job.index, "round": job.round, "rank": rank,
-                         "genotype": job.x.tolist(), "result": result}
-                self.run.append_race(entry)
-                self.race_cache[(generation, job.index, job.round)] = entry
+                self._keep_round(job, result, rank)
             results[(job.index, job.round)] = {**result, "rank": rank}
             record_if_done(job.index)
 
