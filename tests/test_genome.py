@@ -361,3 +361,13 @@ def test_mergekit_merge_equals_recipe(family, tmp_path, case):
     for name in merged:
         expected = merge_with_recipe(g, recipe, sources, base_tensors, name)
         assert torch.equal(merged[name], expected.to(merged[name].dtype)), name
+
+
+def test_genome_module_does_not_import_the_config_schema():
+    """config/evolve.py imports the genome; the genome must not import it back."""
+    import subprocess
+    import sys
+
+    code = ("import sys, hotmerge.config.genome; "
+            "sys.exit('hotmerge.config.evolve' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

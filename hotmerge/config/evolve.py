@@ -30,6 +30,7 @@ from pydantic import (
     model_validator,
 )
 
+from hotmerge.config.genome import Genome
 from hotmerge.config.tokenizer import VOCAB_SOURCES, TokenizerSection, map_models, settings_of
 from hotmerge.errors import ConfigError
 from hotmerge.models.folder import ModelInfo, warn_own_code
@@ -630,9 +631,7 @@ class ValidatedConfig:
         """This config scoring `tasks` instead (and any other EvolveConfig fields in `update`)."""
         return dataclasses.replace(self, config=self.config.model_copy(update={"tasks": tasks, **update}))
 
-    def genome(self):
-        from hotmerge.config.genome import Genome
-
+    def genome(self) -> Genome:
         return Genome(self.config.genome, self.num_layers)
 
 

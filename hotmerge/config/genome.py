@@ -34,14 +34,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from hotmerge.config.evolve import GenomeConfig
 from hotmerge.config.tokenizer import VOCAB_SOURCES, map_models
 from hotmerge.models.folder import layer_index
 from hotmerge.kernels.methods import METHODS
+
+if TYPE_CHECKING:  # genome.py only reads the schema; evolve.py imports this module
+    from hotmerge.config.evolve import GenomeConfig
 
 # Genes per (layer group, model, filter set), in genotype order.
 METHOD_PARAMS: dict[str, tuple[str, ...]] = {name: spec.genes for name, spec in METHODS.items()}
