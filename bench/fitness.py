@@ -117,6 +117,9 @@ def summarise(runs: list[dict], seeds: list[int]) -> dict:
     target_se = statistics.stdev(finals) / math.sqrt(len(finals)) if len(finals) > 1 else 0.0
     summary = {"budget_documents": budget, "full_final_heldout": target, "full_final_heldout_stderr": target_se,
                "modes": {}}
+    # Where full evaluation itself first reached that score: the saving against it is the one
+    # that does not grow with a budget past full evaluation's plateau.
+    own = None
     for mode in MODES:
         rows = [r for r in runs if r["mode"] == mode]
         if not rows:
@@ -132,9 +135,12 @@ def summarise(runs: list[dict], seeds: list[int]) -> dict:
             mean_curve.append((documents, mean))
             if reached is None and mean >= target - target_se:
                 reached = documents
+        if mode == "full":
+            own = reached
         at_budget = [value_at(r["curve"], budget, "chosen") for r in rows]
         at_budget = [v for v in at_budget if v is not None]
         summary["modes"][mode] = {
+            "seeds": sorted(r["seed"] for r in rows),
             "documents_to_reach_full": reached,
             "saving": budget / reached if reached else None,
             "heldout_at_full_budget": statistics.mean(at_budget) if at_budget else None,
@@ -142,6 +148,10 @@ def summarise(runs: list[dict], seeds: list[int]) -> dict:
                                               if len(at_budget) > 1 else None),
             "mean_curve": mean_curve,
         }
+    summary["full_documents_to_reach"] = own
+    for row in summary["modes"].values():
+        reached = row["documents_to_reach_full"]
+        row["saving_vs_full_reaching"] = own / reached if own and reached else None
     return summary
 
 
@@ -191,6 +201,8 @@ def main() -> None:
     parser.add_argument("--backend", default="hf", choices=["hf", "vllm"])
     parser.add_argument("--limit", default=None, help="items per search task: a number, or 'all'")
     parser.add_argument("--out", default="bench/results/budget_toy.json")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the runs already in --out (same settings) and run only the missing ones")
     args = parser.parse_args()
 
     from hotmerge.config.evolve import RacingConfig, TaskConfig, load_config, validate_config
@@ -210,10 +222,20 @@ def main() -> None:
                "racing_factor": args.racing_factor,
                "popsize": args.popsize, "pool_documents": pool, "backend": args.backend,
                "machine": platform.processor() or platform.machine(), "runs": []}
+    if args.append and Path(args.out).is_file():
+        earlier = json.loads(Path(args.out).read_text())
+        settings = ("config", "fevals", "factor", "racing_factor", "popsize", "pool_documents", "backend")
+        if any(earlier.get(k) != results[k] for k in settings):
+            parser.error(f"{args.out} was measured with other settings: compare {settings}")
+        results["runs"] = earlier["runs"]
+        results["seeds"] = sorted({*earlier["seeds"], *args.seeds})
+    done = {(r["seed"], r["mode"]) for r in results["runs"]}
     cache: dict = {}
     with tempfile.TemporaryDirectory() as scratch:
         for seed in args.seeds:
             for mode in args.modes:
+                if (seed, mode) in done:
+                    continue
                 factor = {"full": 1.0, "racing": args.racing_factor}.get(mode, args.factor)
                 fevals = int(args.fevals * factor)
                 out = search(worker, cfg, mode, seed=seed, fevals=fevals, popsize=args.popsize,

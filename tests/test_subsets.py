@@ -21,7 +21,7 @@ SUBSETS = Fitness(subsets=SubsetsConfig(), specs=SPECS)
 TOTAL = sum(DOCS.values())
 
 
-def _coordinator(run_dir, worker, fitness=SUBSETS, fevals=48) -> Coordinator:
+def _coordinator(run_dir, worker, fitness=SUBSETS, fevals=96) -> Coordinator:
     run = RunDir(run_dir)
     run.path.mkdir(exist_ok=True)
     search = resume_search(run, lambda: Search(np.full(GENES, 0.5), 0.2, 1, fevals, 16), fevals)
@@ -67,7 +67,7 @@ def test_subset_run_records_estimates_and_scores_the_best_in_full(tmp_path):
     coordinator.run_loop()
     run = RunDir(tmp_path / "run")
     records = run.records()
-    assert len(records) == 48 and coordinator.search.generation == 3
+    assert len(records) == 96 and coordinator.search.generation == 6
     again = reevaluations(16)
     for r in records:
         assert r["fitness"] == "subset" and r["told"] == r["score"] and r["stderr"] >= 0
@@ -76,13 +76,19 @@ def test_subset_run_records_estimates_and_scores_the_best_in_full(tmp_path):
         assert ("reevaluation" in r) == (r["index"] < again)
         assert r["items"] == n * (2 if r["index"] < again else 1) + (TOTAL if "full_score" in r else 0)
     # the full scores equal plain evaluations, and only they choose the best
-    scored = [r for r in records if "full_score" in r]
+    scored = sorted((r for r in records if "full_score" in r), key=lambda r: r["generation"])
     assert scored and all(r["full_score"] == pytest.approx(KnownWorker().evaluate(np.asarray(r["genotype"]))["score"])
                           for r in scored)
     assert best_record(records)["full_score"] == max(r["full_score"] for r in scored)
+    # full scoring kept to its share of the documents, each scored estimate the best since the last
+    assert TOTAL * len(scored) <= SubsetsConfig().full_share * sum(r["items"] for r in records)
+    for earlier, later in zip([None, *scored], scored):
+        since = [r for r in records if (earlier is None or r["generation"] > earlier["generation"])
+                 and r["generation"] <= later["generation"]]
+        assert later["score"] == max(r["score"] for r in since)
     # every generation told CMA-ES its estimates and kept the size its next subset has
     lines = [json.loads(line) for line in run.search_file.read_text().splitlines()[1:]]
-    assert [line["generation"] for line in lines] == [0, 1, 2]
+    assert [line["generation"] for line in lines] == list(range(6))
     sizes = [r["span"][1] for r in sorted(records, key=lambda r: r["generation"]) if r["index"] == 0]
     assert sizes[0] == RacePlan(DOCS, (1.0,), seed=0).whole_batches(SubsetsConfig().start * TOTAL)
     assert all("items" in line["subsets"] for line in lines)
@@ -144,3 +150,19 @@ def test_toy_pool_tasks_ask_every_search_fact_with_other_distractors(tmp_path):
     first = [row for row in capital if row["question"] == capital[0]["question"]]
     assert len(first) > 1 and len({tuple(row["choices"]) for row in first}) > 1  # asked again, other options
     assert (tmp_path / "toy_pool_capital_mc_search.yaml").is_file() and (tmp_path / "toydata.py").is_file()
+
+
+def test_heldout_rescores_each_estimate_scored_in_full_under_its_own_record(tmp_path):
+    fitness = Fitness(subsets=SubsetsConfig(full_share=0.3), specs=SPECS, heldout=True)
+    _coordinator(tmp_path / "run", KnownWorker(), fitness).run_loop()
+    records = [r for r in RunDir(tmp_path / "run").records() if r["index"] >= 0]
+    scored = sorted((r for r in records if "full_score" in r), key=lambda r: r["generation"])
+    rescored = [r for r in records if "heldout_score" in r]
+    # each full score that became the best so far, and only those, has a held-out score on its own record
+    best, new_bests = -np.inf, []
+    for r in scored:
+        if r["full_score"] > best:
+            new_bests.append((r["generation"], r["index"]))
+            best = r["full_score"]
+    assert new_bests and sorted((r["generation"], r["index"]) for r in rescored) == new_bests
+    assert all(r["heldout_score"] == pytest.approx(KnownWorker.quality(r["genotype"]) - 0.05) for r in rescored)

@@ -272,14 +272,31 @@ class RacingConfig(BaseModel):
         return value
 
 
-class SubsetsConfig(BaseModel):
-    """Fitness on adaptive subsets (search/subsets.py explains the rule). Sizes are shares of
-    the search items; the size adapts between `minimum` and `maximum`."""
+class _EstimatedFitness(BaseModel):
+    """What the fitness modes that tell CMA-ES estimates share: an estimate is never the best,
+    so the best estimate is scored on every search item, within a share of the documents."""
 
     model_config = _STRICT
 
-    start: float = 0.125
-    minimum: float = 0.03
+    # Scoring estimates in full takes at most this share of the search's documents: a better
+    # estimate waits until the share allows it (search/coordinator.py, _score_best_in_full).
+    full_share: float = 0.25
+
+    @field_validator("full_share")
+    @classmethod
+    def _full_share(cls, value: float) -> float:
+        if not 0 < value < 1:
+            raise ValueError(f"is {value}: use a share of the documents in (0, 1), e.g. 0.25")
+        return value
+
+
+class SubsetsConfig(_EstimatedFitness):
+    """Fitness on adaptive subsets (search/subsets.py explains the rule). Sizes are shares of
+    the search items; the size adapts between `minimum` and `maximum`."""
+
+    # Small at first, as UH-CMA-ES starts: the size grows as soon as the ranking is noisy.
+    start: float = 0.05
+    minimum: float = 0.02
     # At most half: a disjoint second subset of the same size measures the ranking's noise.
     maximum: float = 0.5
     # Factor the size grows by after a noisy generation (UH-CMA-ES's alpha; it shrinks by
@@ -290,7 +307,7 @@ class SubsetsConfig(BaseModel):
     @classmethod
     def _share(cls, value: float) -> float:
         if not 0 < value <= 0.5:
-            raise ValueError(f"is {value}: use a share of the search items in (0, 0.5], e.g. 0.125")
+            raise ValueError(f"is {value}: use a share of the search items in (0, 0.5], e.g. 0.05")
         return value
 
     @field_validator("growth")
@@ -308,10 +325,8 @@ class SubsetsConfig(BaseModel):
         return self
 
 
-class IrtConfig(BaseModel):
+class IrtConfig(_EstimatedFitness):
     """IRT anchor fitness (search/irt.py explains the model and the schedule)."""
-
-    model_config = _STRICT
 
     anchors: int = 100
     # Generations scored in full at the start, to fit the item model.
@@ -511,8 +526,8 @@ _FIELD_HINTS = {
     "heldout_top_k": "a positive whole number, or remove it",
     "select_by": "search or heldout",
     "racing": "true, false or a mapping with schedule and delta",
-    "subsets": "true, false or a mapping with start, minimum, maximum and growth",
-    "irt": "true, false or a mapping with anchors, calibration_generations and recalibrate_every",
+    "subsets": "true, false or a mapping with start, minimum, maximum, growth and full_share",
+    "irt": "true, false or a mapping with anchors, calibration_generations, recalibrate_every and full_share",
     "irt.anchors": "a positive whole number, e.g. 100",
     "irt.calibration_generations": "a positive whole number, e.g. 2",
     "irt.recalibrate_every": "a positive whole number, e.g. 10",
@@ -520,8 +535,10 @@ _FIELD_HINTS = {
     "racing.schedule": "a list of increasing shares ending with 1.0",
     "racing.delta": "a probability, e.g. 0.05",
     "racing.test": "betting (the only test), or remove it",
-    "subsets.start": "a share of the search items in (0, 0.5], e.g. 0.125",
-    "subsets.minimum": "a share of the search items in (0, 0.5], e.g. 0.03",
+    "subsets.start": "a share of the search items in (0, 0.5], e.g. 0.05",
+    "subsets.minimum": "a share of the search items in (0, 0.5], e.g. 0.02",
+    "subsets.full_share": "a share of the documents in (0, 1), e.g. 0.25",
+    "irt.full_share": "a share of the documents in (0, 1), e.g. 0.25",
     "subsets.maximum": "a share of the search items in (0, 0.5], e.g. 0.5",
     "subsets.growth": "a factor above 1, e.g. 1.5",
 }

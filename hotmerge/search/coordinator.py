@@ -505,37 +505,48 @@ class Coordinator:
         if not self._dispatch(jobs, finish) or len(records) < len(candidates):
             return None
         told = [records[i]["told"] for i in range(len(candidates))]
-        if not self._score_best_in_full(generation, records):
+        if not self._score_best_in_full(generation):
             return None
         self.subset_size.update(told, {i: records[i]["reevaluation"]["score"] for i in range(again)
                                        if records[i].get("reevaluation") is not None})
         return told
 
-    def _score_best_in_full(self, generation: int, records: dict[int, dict]) -> bool:
-        """Score the generation's best estimate on every search item when it beats the best
-        full score so far; False when stopped."""
-        estimated = [r for r in records.values() if r.get("score") is not None]
-        if not estimated:
+    def _score_best_in_full(self, generation: int) -> bool:
+        """Score the best estimate since the last one scored in full on every search item, when
+        it beats the best full score so far; False when stopped.
+
+        Full scoring takes at most `full_share` of the search's documents (a full score costs
+        the whole pool, many candidates' estimates): until the share allows the next one, the
+        better estimates wait, and the best of them is scored when it does. Every quantity
+        comes from the history, so a resumed run decides the same."""
+        share = (self.fitness.subsets or self.fitness.irt).full_share
+        pool = self.worker.race_plan.total
+        records = [r for (g, i), r in self.history.items() if g <= generation and i != XFAVORITE_INDEX]
+        estimates = [r for r in records if r.get("fitness") in ("subset", "irt")]
+        scored = [r for r in estimates if "full_score" in r]
+        since = max((r["generation"] for r in scored), default=-1)
+        waiting = [r for r in estimates if r["generation"] > since and r.get("score") is not None]
+        if not waiting:
             return True
-        best = max(estimated, key=lambda r: (r["score"], -r["index"]))
-        if "full_score" in best:
-            return True
+        best = max(waiting, key=lambda r: (r["score"], -r["generation"], -r["index"]))
         if self.progress.best_score is not None and best["score"] <= self.progress.best_score:
             return True
-        key = (generation, best["index"])
+        spent = sum(r.get("items", 0) for r in records)
+        if pool * (len(scored) + 1) > share * (spent + pool):
+            return True
+        key = (best["generation"], best["index"])
 
         def finish(job: Job, result: dict, rank: int) -> None:
             record = {**self.history[key], "full_score": result.get("score"), "full_stderr": result.get("stderr"),
-                      "full_results": result.get("results"),
-                      "items": self.history[key]["items"] + self.worker.race_plan.total}
+                      "full_results": result.get("results"), "items": self.history[key]["items"] + pool}
             if result.get("failure") is not None:
                 record["full_error"] = result.get("error")
             self.run.append_history(record)
             self.history[key] = record
-            records[best["index"]] = record
             self._track(record)
 
-        return self._dispatch([Job(CMD_EVAL, best["index"], np.asarray(best["genotype"]), generation)], finish)
+        return self._dispatch([Job(CMD_EVAL, best["index"], np.asarray(best["genotype"]), best["generation"])],
+                              finish)
 
     # -- IRT anchors -------------------------------------------------------------------------
 
@@ -617,7 +628,7 @@ class Coordinator:
         told = [records[i]["told"] for i in range(len(candidates))]
         if calibrating:
             self._fit_irt(generation)
-        elif not self._score_best_in_full(generation, records):
+        elif not self._score_best_in_full(generation):
             return None
         return told
 
@@ -634,26 +645,25 @@ class Coordinator:
     # -- held-out re-scoring ----------------------------------------------------------------
 
     def _heldout_choice(self, generation: int, size: int) -> list[dict]:
-        """The generation's records to score on the held-out tasks: its top k, or its best
-        when that beats every earlier generation's (fully scored records only)."""
-        mine = [self.history[(generation, i)] for i in range(size)
-                if full_score(self.history.get((generation, i), {})) is not None]
-        mine.sort(key=lambda r: (-full_score(r), r["index"]))
+        """The records to score on the held-out tasks: the generation's top k, or the best
+        record so far (fully scored records only; an estimate scored in full after its own
+        generation counts when its full score arrives)."""
         if self.fitness.heldout_top_k is not None:
+            mine = [self.history[(generation, i)] for i in range(size)
+                    if full_score(self.history.get((generation, i), {})) is not None]
+            mine.sort(key=lambda r: (-full_score(r), r["index"]))
             return mine[:self.fitness.heldout_top_k]
-        earlier = [full_score(r) for (g, i), r in self.history.items()
-                   if g < generation and i != XFAVORITE_INDEX and full_score(r) is not None]
-        if mine and (not earlier or full_score(mine[0]) > max(earlier)):
-            return mine[:1]
-        return []
+        scored = [r for (g, i), r in self.history.items()
+                  if g <= generation and i != XFAVORITE_INDEX and full_score(r) is not None]
+        return [min(scored, key=lambda r: (-full_score(r), r["generation"], r["index"]))] if scored else []
 
     def _rescore_heldout(self, generation: int, size: int) -> bool:
         """Score the chosen records on the held-out tasks; False when stopped."""
         chosen = [r for r in self._heldout_choice(generation, size) if "heldout_score" not in r]
-        jobs = [Job(CMD_HELDOUT, r["index"], np.asarray(r["genotype"]), generation) for r in chosen]
+        jobs = [Job(CMD_HELDOUT, r["index"], np.asarray(r["genotype"]), r["generation"]) for r in chosen]
 
         def finish(job: Job, result: dict, rank: int) -> None:
-            self._take_heldout((generation, job.index), result, rank)
+            self._take_heldout((job.generation, job.index), result, rank)
 
         return self._dispatch(jobs, finish)
 

@@ -25,11 +25,16 @@ forward batches. CMA-ES is told each candidate's estimate on the shared subset (
 re-scoring only measures noise, as in UH-CMA-ES), and its σ is left alone: only the
 evaluation effort adapts.
 
+The size starts small (5% of the pool, at least one forward batch), as UH-CMA-ES starts
+from one evaluation: on the toy's 2,000-item pool a generation at 128 items costs 15× less
+than at the full pool, and the noise measure grows it only when the ranking needs more.
+
 The history marks every estimate `"fitness": "subset"` with `items` (documents scored)
 and `span` (its items: positions start..stop of the generation's pool order), and the
 re-scored candidates' second estimate as `reevaluation`. An estimate is never the best:
-the generation's best estimate is scored on every item when it beats the best full score
-so far (`full_score`), and best_config.yaml comes from full scores only.
+the best estimate since the last one scored in full is scored on every item when it beats
+the best full score so far (`full_score`), as often as `full_share` of the documents allows
+(search/coordinator.py), and best_config.yaml comes from full scores only.
 """
 
 from __future__ import annotations
