@@ -16,6 +16,9 @@ from hotmerge import kernels as F
 from hotmerge.kernels import cpu_backend
 from hotmerge.kernels import reference as R
 from hotmerge.kernels.methods import METHODS
+
+# the task-arithmetic family, linear and slerp; mergekit's functional methods: FUNCTIONAL_CASES
+CLASSIC = sorted(m for m, spec in METHODS.items() if spec.engine in ("combine", "task"))
 from hotmerge.kernels.stats import MagnitudeHistogram
 
 REPO = Path(__file__).resolve().parents[1]
@@ -393,7 +396,7 @@ def _expected(flat, base, models, method, params, *, normalize, lambda_=1.0, see
     return torch.cat(parts)
 
 
-@pytest.mark.parametrize("method", sorted(R.METHODS))
+@pytest.mark.parametrize("method", CLASSIC)
 @pytest.mark.parametrize("normalize", [False, True])
 def test_fused_torch_equals_reference(method, normalize):
     flat, base, models = _layout()
@@ -584,7 +587,7 @@ def test_fast_path_equals_chunk_path(monkeypatch, threads, dtype, use_native):
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for method in sorted(R.METHODS):
+        for method in CLASSIC:
             for wname, w in FAST_WEIGHTS.items():
                 for normalize in (False, True):
                     if method == "slerp":
@@ -689,9 +692,92 @@ def test_fast_path_matches_reference_on_edges(monkeypatch, use_native):
 # every method the same way, and the CUDA tests on a GPU).
 CPU_BACKENDS = ["torch_chunks", "cpu_fast_torch", "cpu_native"]
 
+# mergekit's functional methods the engine applies: (method, params, with a base); "active"
+# marks the models a tensor takes where the method takes fewer than all of them.
+FUNCTIONAL_CASES = [
+    ("model_stock", {}, True),
+    ("nuslerp", {"weight": [[0.3, 0.8, 0.0], [0.6, 0.0, 0.2]], "active": [[1, 1, 0], [1, 0, 1]]}, True),
+    ("nuslerp", {"weight": [0.3, 0.0, 0.8], "active": [1, 0, 1]}, False),
+    ("multislerp", {"weight": [[0.3, 0.8, 0.5], [1.2, -0.2, 0.4]]}, True),
+    ("multislerp", {"weight": [0.3, 0.8, 0.5], "normalize_weights": 0.0}, False),
+    ("karcher", {}, False),
+    ("karcher", {"max_iter": 3, "tol": 1e-3}, False),
+    ("passthrough", {"scale": [[0.0, 0.7, 0.0], [1.0, 0.0, 0.0]], "active": [[0, 1, 0], [1, 0, 0]]}, False),
+    ("nearswap", {"t": [[0.0, 0.03, 0.0], [0.0, 0.0, 0.2]], "active": [[0, 1, 0], [0, 0, 1]]}, True),
+]
+
+
+def _functional_expected(flat, base, models, method, params, with_base):
+    """reference.merge_tensor per segment, over the segment's active models."""
+    parts = []
+    for j, s in enumerate(flat.segments):
+        row = s.param_row
+        p = {k: (np.asarray(v, dtype=np.float64) if np.ndim(v) == 0 else
+                 np.broadcast_to(np.asarray(v, dtype=np.float64), (2, M))[row]) for k, v in params.items()}
+        idx = np.flatnonzero(p.pop("active", np.ones(M)))
+        p = {k: (v[idx] if v.ndim else float(v)) for k, v in p.items()}
+        if method == "nearswap":
+            p["t"] = float(p["t"][0])
+        if s.numel == 0:
+            parts.append(base[j].reshape(-1))
+            continue
+        out = R.merge_tensor(method, base[j] if with_base else None, [models[i][j] for i in idx], p,
+                             normalize=False)
+        parts.append(out.reshape(-1))
+    return torch.cat(parts)
+
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("case", FUNCTIONAL_CASES, ids=lambda c: c if isinstance(c, str) else None)
+def test_functional_methods_equal_reference(monkeypatch, backend, case):
+    """The load-time statistics plus the combine / task / nearswap kernels give
+    reference.merge_tensor's bits, on every CPU path, flat and per-tensor outputs."""
+    method, params, with_base = case
+    if backend == "torch_chunks":
+        monkeypatch.setattr(cpu_backend, "fast_ok", lambda flat: False)
+    else:
+        _native(monkeypatch, backend == "cpu_native")
+    flat, base, models = _layout(seed=41)
+    if not with_base:
+        flat = F.FlatSources(flat.models, flat.segments)
+    table = F.build_table(method, flat, params, normalize=True, lambda_=0.5)  # both ignored
+    expected = _functional_expected(flat, base, models, method, params, with_base)
+    out = torch.full((flat.total,), 5.0, dtype=torch.bfloat16)
+    F.apply(flat, table, out)
+    assert torch.equal(_gather(flat, out), expected), (method, backend)
+    views = [torch.zeros(s, dtype=torch.bfloat16) for s in SHAPES]
+    F.apply(flat, table, views)
+    assert torch.equal(torch.cat([v.reshape(-1) for v in views]), expected)
+
+
+def test_functional_statistics_are_computed_once():
+    """Candidate after candidate, the Gram matrices come from the load-time statistics:
+    no apply recomputes them, and a new weight changes only the coefficients."""
+    flat, base, models = _layout(seed=42)
+    first = F.build_table("multislerp", flat, {"weight": [0.2, 0.5, 0.9]}, normalize=False)
+    stats = flat.stats
+    assert stats.delta_dots is not None and stats.delta_dots.shape == (len(SHAPES), M, M)
+    second = F.build_table("multislerp", flat, {"weight": [0.9, 0.5, 0.2]}, normalize=False)
+    assert flat.stats is stats
+    assert not np.array_equal(first.weight, second.weight)
+    out = torch.zeros(flat.total, dtype=torch.bfloat16)
+    F.apply(flat, second, out)
+    expected = _functional_expected(flat, base, models, "multislerp", {"weight": [0.9, 0.5, 0.2]}, True)
+    assert torch.equal(_gather(flat, out), expected)
+
+
+def test_functional_methods_refuse_the_wrong_number_of_inputs():
+    flat, _, _ = _layout(seed=43)
+    with pytest.raises(ValueError, match="nuslerp merges 2 models besides the base"):
+        F.build_table("nuslerp", flat, {"weight": [0.3, 0.3, 0.4]}, normalize=False)
+    with pytest.raises(ValueError, match="nearswap merges 1 models"):
+        F.build_table("nearswap", flat, {"t": 0.1}, normalize=False)
+    with pytest.raises(ValueError, match="merge method sce is not supported"):
+        F.build_table("sce", flat, {}, normalize=False)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("method", CLASSIC)
 def test_parity_matrix(monkeypatch, method, backend):
     if backend == "torch_chunks":
         monkeypatch.setattr(cpu_backend, "fast_ok", lambda flat: False)
@@ -824,7 +910,7 @@ def _triton_checks(device="cpu", block=64):
     flat, _, _ = _layout(seed=11)
     if device != "cpu":
         flat = F.FlatSources(flat.models.to(device), flat.segments, flat.base.to(device))
-    for method in sorted(R.METHODS):
+    for method in CLASSIC:
         for normalize in (False, True):
             params = _candidate(method, seed=1)
             table = F.build_table(method, flat, params, normalize=normalize,
@@ -837,6 +923,14 @@ def _triton_checks(device="cpu", block=64):
             views = [torch.zeros(s.numel, dtype=flat.dtype, device=device) for s in flat.segments]
             F.apply(flat, table, views, backend="triton", block=block)
             assert torch.equal(torch.cat(views), _gather(flat, want)), (method, "views")
+    for method, params, with_base in FUNCTIONAL_CASES:
+        layout = flat if with_base else F.FlatSources(flat.models, flat.segments)
+        table = F.build_table(method, layout, params, normalize=False)
+        want = torch.zeros(flat.total, dtype=flat.dtype, device=device)
+        F.apply(layout, table, want, backend="torch")
+        got = torch.zeros_like(want)
+        F.apply(layout, table, got, backend="triton", block=block)
+        assert torch.equal(got, want), (method, with_base, int((got != want).sum()))
     # same masks: dare with weight 1 on one model reproduces exactly which deltas survive
     table = F.build_table("dare_linear", flat, {"weight": [1, 0, 0], "density": 0.3}, normalize=False,
                           rescale=False, seed=9)
@@ -887,7 +981,7 @@ def test_triton_cuda_large_equals_cpu_reference():
               for _ in range(3)]
     cpu = F.FlatSources.from_tensors(models, base, names=["a", "b", "c"])
     gpu = F.FlatSources(cpu.models.cuda(), cpu.segments, cpu.base.cuda())
-    for method in sorted(R.METHODS):
+    for method in CLASSIC:
         params = ({"t": 0.4, "pair": [0, 2]} if method == "slerp"
                   else {"weight": [0.5, 0.3, 0.8], "density": [0.4, 0.6, 0.5], "epsilon": 0.1})
         want = torch.zeros(cpu.total, dtype=torch.bfloat16)
@@ -920,9 +1014,11 @@ def test_triton_kernels_compile_for_cuda():
     # what the launcher specialises for 16-byte aligned buffers and a total divisible by 16
     aligned_args = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 14)}
     for consts in (
-        dict(M=3, COMBINE=True, SPARSE=0, CONSENSUS=False, NORMALIZE=True, IS_BF16=True,
+        dict(M=3, COMBINE=True, SPARSE=0, CONSENSUS=False, NORMALIZE=True, NEARSWAP=False, IS_BF16=True,
              OUT_MODE=0, ALIGN=T.VEC, BLOCK=1024),
-        dict(M=3, COMBINE=False, SPARSE=3, CONSENSUS=True, NORMALIZE=True, IS_BF16=True,
+        dict(M=3, COMBINE=False, SPARSE=3, CONSENSUS=True, NORMALIZE=True, NEARSWAP=False, IS_BF16=True,
+             OUT_MODE=1, ALIGN=T.VEC, BLOCK=1024),
+        dict(M=3, COMBINE=False, SPARSE=0, CONSENSUS=False, NORMALIZE=False, NEARSWAP=True, IS_BF16=True,
              OUT_MODE=1, ALIGN=T.VEC, BLOCK=1024),
     ):
         s = dict(sig, **{k: "constexpr" for k in consts})

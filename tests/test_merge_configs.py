@@ -92,6 +92,26 @@ def _cases(base, ex):
             "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
                                  {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
                                  {"value": 0.5}]}},
+        # mergekit's functional methods: defaults, every parameter set, with and without a base
+        "model_stock": {"merge_method": "model_stock", "base_model": base, "dtype": "bfloat16",
+                        "models": _models(ex, [{}] * 3)},
+        "nuslerp-base": {"merge_method": "nuslerp", "base_model": base, "dtype": "bfloat16",
+                         "models": _models(ex[:2], [{"weight": [0.2, 0.9]}, {"weight": 0.8}])},
+        "nuslerp-no-base": {"merge_method": "nuslerp", "dtype": "bfloat16",
+                            "models": _models(ex[1:], [{"weight": 0.6}, {"weight": 0.3}])},
+        "multislerp-base": {"merge_method": "multislerp", "base_model": base, "dtype": "bfloat16",
+                            "models": _models(ex, [{"weight": 0.3}, {"weight": 0.8}, {"weight": 0.5}])},
+        "multislerp-no-base-unnormalized": {
+            "merge_method": "multislerp", "dtype": "bfloat16",
+            "parameters": {"normalize_weights": False, "eps": 1e-6},
+            "models": _models(ex, [{"weight": 0.3}, {"weight": 0.4}, {"weight": 0.2}])},
+        "karcher": {"merge_method": "karcher", "dtype": "bfloat16", "parameters": {"max_iter": 5, "tol": 1e-4},
+                    "models": _models([base, *ex], [{}] * 4)},
+        "nearswap-gradient": {"merge_method": "nearswap", "base_model": base, "dtype": "bfloat16",
+                              "parameters": {"t": [0.001, 0.01]}, "models": _models(ex[:1], [{}])},
+        "passthrough-layers": {"merge_method": "passthrough", "dtype": "bfloat16", "slices": [
+            {"sources": [{"model": ex[0], "layer_range": [0, 2], "parameters": {"scale": 0.9}}]},
+            {"sources": [{"model": ex[1], "layer_range": [2, 4]}]}]},
         "ties-slices": {
             "merge_method": "ties", "base_model": base, "dtype": "bfloat16",
             "parameters": {"normalize": False},
@@ -170,7 +190,9 @@ def test_defaults_and_overrides_are_resolved_as_mergekit_does(toy_family):
     ({"modules": {"text": {}}}, "modules"),
     ({"chat_template": "chatml"}, "chat_template"),
     ({"merge_mehtod": "ties"}, "merge_mehtod"),
-    ({"merge_method": "model_stock"}, "model_stock"),
+    ({"merge_method": "sce"}, "merge method sce is not supported"),
+    ({"merge_method": "model_stock", "parameters": {"filter_wise": True}}, "filter_wise"),
+    ({"merge_method": "nuslerp"}, "nuslerp merges exactly 2 models besides the base per slice"),
 ])
 def test_what_cannot_be_honoured_is_refused_by_name(toy_family, change, named):
     base, ex = _family(toy_family)

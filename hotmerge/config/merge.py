@@ -28,7 +28,8 @@ from hotmerge.config.evolve import ValidatedConfig, parse_config, resolve_model_
 from hotmerge.errors import ConfigError
 from hotmerge.config.genome import TensorLocation, TensorRecipe, is_pre_weight
 from hotmerge.models.folder import layer_index
-from hotmerge.kernels.methods import METHOD_NAMES, METHODS, MethodSpec, Sparsification, get_method
+from hotmerge.models.hub import resolve_reference
+from hotmerge.kernels.methods import METHOD_NAMES, METHODS, SUPPORTED_METHODS, MethodSpec, Sparsification, get_method
 
 TOP_LEVEL_KEYS = ("merge_method", "base_model", "models", "slices", "modules", "parameters", "dtype",
                   "out_dtype", "tokenizer_source", "tokenizer", "chat_template")
@@ -82,8 +83,9 @@ class _Slice:
     parameters: Optional[dict]
 
 
-def load_merge_config(path) -> tuple[ValidatedConfig, MergeConfigRecipe]:
-    """Read a mergekit merge config file: (the models, checked; the resolved recipe)."""
+def load_merge_config(path, allow_crimes: bool = False) -> tuple[ValidatedConfig, MergeConfigRecipe]:
+    """Read a mergekit merge config file: (the models, checked; the resolved recipe).
+    allow_crimes: mergekit's flag, architectures may differ (validate_config)."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
@@ -94,24 +96,29 @@ def load_merge_config(path) -> tuple[ValidatedConfig, MergeConfigRecipe]:
     if not isinstance(data, dict) or "merge_method" not in data:
         raise ConfigError(f"{path} is not a mergekit merge config (no merge_method): pass a merge config, "
                           "or a genome config with --genotype")
-    return read_merge_config(data, base_dir=path.resolve().parent, source=str(path))
+    return read_merge_config(data, base_dir=path.resolve().parent, source=str(path), allow_crimes=allow_crimes)
 
 
-def read_merge_config(data: dict, base_dir=None, source: str = "merge config"
+def read_merge_config(data: dict, base_dir=None, source: str = "merge config", allow_crimes: bool = False
                       ) -> tuple[ValidatedConfig, MergeConfigRecipe]:
-    reader = _Reader(data, base_dir, source)
+    reader = _Reader(data, base_dir, source, allow_crimes)
     return reader.validated, reader.recipe()
 
 
 class _Reader:
-    def __init__(self, data: dict, base_dir, source: str):
+    def __init__(self, data: dict, base_dir, source: str, allow_crimes: bool = False):
         self.source = source
         self.base_dir = base_dir
+        self._local: dict[str, str] = {}
         _check_keys(data, TOP_LEVEL_KEYS, "", self.fail)
         method = data["merge_method"]
         if method not in METHOD_NAMES:
-            self.fail(f"merge_method {method!r} is not supported: use one of {', '.join(METHOD_NAMES)}")
+            self.fail(f"merge_method {method!r} is not supported: use one of {', '.join(SUPPORTED_METHODS)}")
         self.spec: MethodSpec = get_method(method)
+        try:
+            self.spec.refuse_unless_supported()
+        except ValueError as e:
+            self.fail(str(e))
         self._check_unsupported(data)
         self.parameters = self._parameters(data.get("parameters"), "parameters")
         self.base_model = self._path(data["base_model"], "base_model") if data.get("base_model") else None
@@ -119,13 +126,14 @@ class _Reader:
         self.models = self._models()
         self.out_dtype = OUT_DTYPES[data["out_dtype"]] if data.get("out_dtype") else None
         genome = {"models": list(self.models), "merge_method": method, "allow_negative_weights": True}
-        if not self.spec.combine:
+        if self.spec.takes_base:
             genome["base_model"] = self.base_model
         for key in ("tokenizer_source", "tokenizer"):
             if data.get(key) is not None:
                 genome[key] = data[key]
         cfg = parse_config({"genome": genome, "tasks": ["unused"]}, base_dir=base_dir, source=source)
-        self.validated = validate_config(cfg, inputs_of=self._vocabulary_inputs, tokenizer_base=self.base_model)
+        self.validated = validate_config(cfg, inputs_of=self._vocabulary_inputs, tokenizer_base=self.base_model,
+                                         allow_crimes=allow_crimes)
         self.dtype = self._merge_dtype(data.get("dtype"))
         self._check_layers()
 
@@ -162,12 +170,18 @@ class _Reader:
         return STORED_DTYPES[stored.pop()]
 
     def _path(self, value: Any, where: str) -> str:
+        """A model reference as local folders (hub names resolved once per reference), so
+        that the slices, the recipe and the checked models all name the same folders."""
         if not isinstance(value, str):
-            self.fail(f"{where} is {value!r}: give the path of a model folder")
-        try:
-            return resolve_model_path(value, self.base_dir)
-        except ValueError as e:
-            self.fail(f"{where} {e}")
+            self.fail(f"{where} is {value!r}: give a model folder or a hub repository name")
+        if value not in self._local:
+            try:
+                self._local[value] = resolve_reference(resolve_model_path(value, self.base_dir))
+            except ValueError as e:
+                self.fail(f"{where} {e}")
+            except ConfigError as e:
+                self.fail(f"{where}: {e}")
+        return self._local[value]
 
     def _parameters(self, value: Any, where: str) -> Optional[dict]:
         if value is None:
@@ -246,7 +260,7 @@ class _Reader:
                 if base not in names:
                     self.fail(f"slerp needs base_model to be one of the two sources of slice {i}: "
                               "set base_model to one of them")
-            elif not self.spec.combine:
+            elif self.spec.takes_base and (base is not None or self.spec.needs_base):
                 if base is None:
                     self.fail(f"{self.spec.name} needs base_model: add base_model (the model the others "
                               "were fine-tuned from)")
@@ -256,12 +270,26 @@ class _Reader:
                 if base not in names:
                     self.fail(f"slice {i} does not list base_model {base} among its sources, which mergekit "
                               "requires: add it to the slice's sources")
+            if self.spec.engine in ("stats", "nearswap"):
+                self._check_contract(i, [m for m in names if not (self.spec.takes_base and m == base)])
             for m in names:
-                if m not in seen and (self.spec.combine or m != self.base_model):
+                if m not in seen and (not self.spec.takes_base or m != self.base_model):
                     seen.append(m)
         if not seen:
             self.fail("the merge lists no model besides the base: add the models to merge")
         return tuple(seen)
+
+    def _check_contract(self, i: int, inputs: list) -> None:
+        """mergekit's input contract for one slice (inputs: its sources besides the base)."""
+        c, n = self.spec.contract, len(inputs)
+        with_base = self.spec.takes_base and (self.slices[i].base_model or self.base_model) is not None
+        lo = (c.min_non_base if with_base else None) or max(1, c.min_inputs - int(with_base))
+        hi = c.max_non_base if with_base and c.max_non_base is not None else (
+            None if c.max_inputs is None else c.max_inputs - int(with_base))
+        if n < lo or (hi is not None and n > hi):
+            want = f"exactly {lo}" if hi == lo else f"{lo} to {hi}" if hi is not None else f"at least {lo}"
+            what = "models besides the base" if with_base else "models"
+            self.fail(f"{self.spec.name} merges {want} {what} per slice, slice {i} has {n}: list {want}")
 
     def _check_layers(self) -> None:
         n = self.validated.num_layers
@@ -295,7 +323,7 @@ class _Reader:
         value = {k: (shared_seen[k][0] if k in shared_seen else defaults.get(k)) for k in SHARED_ONCE}
         return MergeConfigRecipe(
             method=spec.name, models=self.models,
-            base_model=None if spec.combine else self.base_model,
+            base_model=self.base_model if spec.takes_base else None,
             normalize=bool(value["normalize"]), rescale=bool(value["rescale"]),
             lambda_=float(value["lambda"]) if value["lambda"] is not None else 1.0,
             int8_mask=bool(value["int8_mask"]), tensors=tensors, dtype=self.dtype, out_dtype=self.out_dtype)
@@ -355,12 +383,21 @@ class _Reader:
             other = next(model for model in in_slice if model != base)
             return TensorRecipe(name, location, {}, active, base=self.models.index(base),
                                 other=self.models.index(other), t=float(shared["t"]))
-        params = {p.name: np.full(m, 0.0 if p.required else float(p.default)) for p in spec.tensor_params}
+        # the one optional parameter, passthrough's scale, leaves the tensor as it is when
+        # unset: as a scale of 1 does
+        params = {p.name: np.full(m, 0.0 if p.required else 1.0 if p.default is None else float(p.default))
+                  for p in spec.tensor_params}
         for i, model in enumerate(self.models):
             if not active[i]:
                 continue
             for p in spec.tensor_params:
-                params[p.name][i] = self._resolve(p, name, t, sl, model)
+                value = self._resolve(p, name, t, sl, model)
+                params[p.name][i] = 1.0 if value is None else value
+        if spec.engine in ("stats", "nearswap"):
+            self._refuse_unexact(shared, name)
+            # shared values travel as per-model columns; active: this tensor's inputs
+            params.update({key: np.full(m, float(value)) for key, value in shared.items()})
+            params["active"] = active.astype(np.float64)
         if spec.sparsification is Sparsification.della_magprune:
             d, eps = params["density"], params["epsilon"]
             bad = active & (d > 0) & (d < 1) & ((d + eps >= 1) | (d - eps <= 0))
@@ -369,6 +406,16 @@ class _Reader:
                 self.fail(f"{spec.name} needs density +/- epsilon inside (0, 1), but {self.models[i]} has "
                           f"density {d[i]} and epsilon {eps[i]} for {name}: lower epsilon or move density")
         return TensorRecipe(name, location, params, active)
+
+
+    def _refuse_unexact(self, shared: dict, name: str) -> None:
+        """Options of the functional methods that hotmerge does not reproduce: one line each."""
+        if shared.get("filter_wise"):
+            self.fail(f"model_stock with filter_wise: true (for {name}) is not supported: its per-row "
+                      "statistics are not in the engine; remove filter_wise")
+        if shared.get("nuslerp_row_wise") or shared.get("nuslerp_flatten") is False:
+            self.fail(f"nuslerp with nuslerp_row_wise: true or nuslerp_flatten: false (for {name}) is not "
+                      "supported: its per-row slerp is not in the engine; keep the defaults")
 
 
 def _evaluate(tensor_name: str, setting, t: float, validate):

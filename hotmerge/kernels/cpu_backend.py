@@ -25,7 +25,7 @@ from . import reference as R
 from .layout import FlatSources, Segment
 from .table import CoefficientTable
 from .finite import unproven_segments
-from .torch_backend import chunks, l1_kept_reference, merge_chunk_torch, out_slice, scalar_f32
+from .torch_backend import chunks, l1_kept_reference, merge_chunk_torch, nearswap_chunk, out_slice, scalar_f32
 
 
 def l1_kept(flat: FlatSources, table: CoefficientTable, *, skip_unused: bool = False) -> np.ndarray:
@@ -451,6 +451,20 @@ def _deltas(flat, scr, plan: _MaskPlan, lo, hi, a, b, P, h):
 
 
 
+def _nearswap_segment(flat: FlatSources, table: CoefficientTable, scale: np.ndarray, j: int, out) -> None:
+    """nearswap of segment j: the C kernel on bf16, else the torch chunks (the same bits)."""
+    seg = flat.segments[j]
+    m = int(np.flatnonzero(scale[j])[0]) if scale[j].any() else 0
+    a, b = seg.offset, seg.offset + seg.numel
+    if _native_ok(flat):
+        native.nearswap(flat.models[m, a:b], flat.base[a:b], float(scale[j, m]), out_slice(out, flat, j, 0, seg.numel))
+        return
+    for lo, hi in chunks(seg.numel):
+        out_slice(out, flat, j, lo, hi).copy_(
+            nearswap_chunk(flat, table, scale, j, a + lo, a + hi, flat.base[a + lo: a + hi].float()))
+
+
+
 def merge_segment_fast(flat: FlatSources, table: CoefficientTable, scale: np.ndarray, j: int,
                         out, scr: _Scratch, plan: Optional["_MaskPlan"] = None,
                         cache: Optional[torch.Tensor] = None) -> None:
@@ -460,7 +474,10 @@ def merge_segment_fast(flat: FlatSources, table: CoefficientTable, scale: np.nda
     dev = flat.device
     f32 = torch.float32
     threads = torch.get_num_threads()
-    if spec.combine:
+    if table.kind == "nearswap":
+        _nearswap_segment(flat, table, scale, j, out)
+        return
+    if table.combine:
         rows = [m for m in range(flat.n_models) if table.coef[j, m] != 0]
         coefs = [float(table.coef[j, m]) for m in rows]
         div = float(table.div[j])

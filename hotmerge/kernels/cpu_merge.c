@@ -3,6 +3,7 @@
  *   hm_merge_bf16    sums of deltas, with TIES' sign consensus, magnitude-range masks
  *                    (ties, breadcrumbs) or DARE's random masks
  *   hm_l1_bf16       the masked L1 norms that DARE rescales by
+ *   hm_nearswap_bf16 nearswap: each delta weighted by clamp(t / |delta|, 0, 1)
  * One pass per element block: each source is read once, the result written once,
  * everything in between stays in L1.
  *
@@ -60,6 +61,18 @@ void hm_combine_bf16(const uint16_t *const *rows, const float *coef, int k, int 
         if (div != 1.0f)
             for (int64_t e = 0; e < len; e++) acc[e] = acc[e] / div;
         for (int64_t e = 0; e < len; e++) out[lo + e] = f32_to_bf16(acc[e]);
+    }
+}
+
+/* out = bf16(B + d * clamp(t / max(|d|, 1e-6), 0, 1)), d = bf16(X - B) */
+void hm_nearswap_bf16(const uint16_t *x, const uint16_t *base, float t, uint16_t *out, int64_t n) {
+    for (int64_t e = 0; e < n; e++) {
+        float b = bf16_to_f32(base[e]);
+        float d = bits_to_f32(round_to_bf16_bits(bf16_to_f32(x[e]) - b));
+        float a = fabsf(d);
+        float w = t / (a > 1e-6f ? a : 1e-6f);
+        w = w > 0.0f ? (w < 1.0f ? w : 1.0f) : 0.0f;
+        out[e] = f32_to_bf16(b + d * w);
     }
 }
 

@@ -90,7 +90,10 @@ def _build() -> ctypes.CDLL:
                                   ctypes.c_void_p, ctypes.c_int64]
     lib.hm_l1_bf16.argtypes = [ctypes.c_void_p, u16pp, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                ctypes.POINTER(ctypes.c_double)]
+    lib.hm_nearswap_bf16.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p,
+                                     ctypes.c_int64]
     lib.hm_combine_bf16.restype = lib.hm_merge_bf16.restype = lib.hm_l1_bf16.restype = None
+    lib.hm_nearswap_bf16.restype = None
     return lib
 
 
@@ -158,6 +161,16 @@ def combine(rows: Sequence[torch.Tensor], coef: Sequence[float], fix: bool, div:
     def call(lo, hi):
         lib.hm_combine_bf16(_pointers(rows, lo), c, len(rows), int(fix), div,
                             out.data_ptr() + 2 * lo, hi - lo)
+
+    _parallel(out.numel(), call)
+
+
+def nearswap(x: torch.Tensor, base: torch.Tensor, t: float, out: torch.Tensor) -> None:
+    """out <- bf16(B + d * clamp(t / max(|d|, 1e-6), 0, 1)), d = bf16(x - B); 1-D contiguous bf16."""
+    lib = library()
+
+    def call(lo, hi):
+        lib.hm_nearswap_bf16(x.data_ptr() + 2 * lo, base.data_ptr() + 2 * lo, t, out.data_ptr() + 2 * lo, hi - lo)
 
     _parallel(out.numel(), call)
 

@@ -38,11 +38,13 @@ def unproven_segments(flat: FlatSources, table: CoefficientTable, scale: np.ndar
     limit = 0.99 * torch.finfo(flat.dtype).max
     big = 1e37  # keep float32 intermediates far from overflow
     with np.errstate(all="ignore"):
-        if table.spec.combine:
+        if table.combine:
             inner = (np.abs(table.coef.astype(np.float64)) * st.max_source).sum(1)
             bound = inner / np.abs(table.div.astype(np.float64))
         else:
             a = np.abs(scale.astype(np.float64)) * st.max_delta
+            if table.kind == "nearswap":
+                a = st.max_delta.copy()  # its per-element weight lies in [0, 1]
             a = np.where(scale == 0, 0.0, a)  # skipped models contribute nothing
             inner = a.sum(1)
             if not table.normalize:

@@ -46,20 +46,56 @@ _SPARSE_MODE = {
 DEFAULT_GAMMA = 0.01
 DEFAULT_EPSILON = 0.15
 
-Value = Union[float, bool]
+Value = Union[float, bool, int]
 REQUIRED = None  # a parameter without a default must be given
+
+# mergekit's ParameterScope: one value per merge (per tensor), per non-base input, per input.
+SHARED, NON_BASE, INPUT = "shared", "non_base", "input"
 
 
 @dataclass(frozen=True)
 class Param:
-    """One mergekit parameter: its name and default (REQUIRED: none)."""
+    """One mergekit parameter: its name, default (REQUIRED: none) and scope.
+
+    optional: the parameter may be left unset (mergekit's Optional[float] = None,
+    passthrough's scale); its default is then None without being required."""
 
     name: str
     default: Optional[Value] = REQUIRED
+    scope: str = SHARED
+    optional: bool = False
 
     @property
     def required(self) -> bool:
-        return self.default is REQUIRED
+        return self.default is REQUIRED and not self.optional
+
+
+# mergekit's BasePolicy, as far as hotmerge reads it
+BASE_REQUIRED, BASE_OPTIONAL, BASE_IGNORED = "required", "optional", "ignored"
+
+
+@dataclass(frozen=True)
+class Contract:
+    """mergekit's InputContract: the base policy and how many inputs a tensor takes."""
+
+    base: str = BASE_IGNORED
+    min_inputs: int = 1
+    max_inputs: Optional[int] = None
+    min_non_base: Optional[int] = None
+    max_non_base: Optional[int] = None
+
+
+BASE_CONTRACT = Contract(base=BASE_REQUIRED)
+
+
+# How the engine applies a method (MethodSpec.engine):
+#   "combine"  sum of coef * source (linear, slerp; the table holds the coefficients)
+#   "task"     base + sum of w * kept delta (the task-arithmetic family)
+#   "stats"    a linear combination whose coefficients come from load-time statistics of
+#              each tensor (norms and dot products): the table turns them into combine or
+#              task coefficients, so the fused kernels need no branch of their own
+#   "nearswap" an elementwise branch of its own
+#   None       registered (mergekit has it) but not applied by hotmerge: `refusal` says why
 
 
 @dataclass(frozen=True)
@@ -75,6 +111,11 @@ class MethodSpec:
     genes: tuple  # what mergekit-evolve searches per (layer group, model, filter set)
     evolve_normalize: bool  # the genome's normalize when genome.normalize is unset
     evolve_native: bool  # one of mergekit-evolve's own five methods
+    contract: Contract = BASE_CONTRACT
+    engine: Optional[str] = "task"
+    refusal: str = ""  # engine None: what hotmerge cannot reproduce, for the one-line refusal
+    # what a statistic that depends on the candidate costs per apply ("" when none does)
+    candidate_statistics: str = ""
 
     def _default(self, name: str) -> Value:
         return next(p.default for p in self.global_params if p.name == name)
@@ -90,7 +131,37 @@ class MethodSpec:
 
     @property
     def needs_base(self) -> bool:
-        return not self.combine
+        """A base model must be given (slerp takes its base among its two sources)."""
+        return self.contract.base == BASE_REQUIRED and not self.combine
+
+    @property
+    def takes_base(self) -> bool:
+        """The base, when given, enters the merge as the base (not as one more source)."""
+        return self.contract.base in (BASE_REQUIRED, BASE_OPTIONAL) and not self.combine
+
+    @property
+    def supported(self) -> bool:
+        return self.engine is not None
+
+    def refuse_unless_supported(self) -> None:
+        """Raise ValueError in one line when hotmerge cannot apply this method exactly."""
+        if not self.supported:
+            raise ValueError(f"merge method {self.name} is not supported: {self.refusal}")
+
+    @property
+    def searchable(self) -> bool:
+        """evolve has at least one gene to move."""
+        return bool(self.genes)
+
+    @property
+    def gene_scope(self) -> str:
+        """NON_BASE: one gene per (layer group, model, filter set); SHARED: per (layer group, filter set)."""
+        if self.name == "slerp":
+            return NON_BASE  # mergekit-evolve: a gene per model, the top two pick the pair and t
+        return NON_BASE if all(self._scope(g) != SHARED for g in self.genes) else SHARED
+
+    def _scope(self, name: str) -> str:
+        return next(p.scope for p in self.tensor_params + self.global_params if p.name == name)
 
     @property
     def sparsify(self) -> Optional[str]:
@@ -123,7 +194,8 @@ class MethodSpec:
 
     @property
     def needs_slerp_constants(self) -> bool:
-        return self.name == "slerp"
+        """Per-segment norms and dot products (slerp, and every "stats" method)."""
+        return self.name == "slerp" or self.engine == "stats"
 
     @property
     def rank_code_bytes_per_parameter(self) -> int:
@@ -133,7 +205,8 @@ class MethodSpec:
     @property
     def tensor_parallel_exact(self) -> bool:
         """Merges shard by shard exactly: no statistic over a whole tensor."""
-        return self.sparsification is Sparsification.none and self.name != "slerp"
+        return (self.sparsification is Sparsification.none and self.name != "slerp"
+                and self.engine in ("combine", "task", "nearswap"))
 
 
 _LINEAR_GLOBALS = (Param("normalize", True),)
@@ -141,11 +214,11 @@ _LINEAR_GLOBALS = (Param("normalize", True),)
 
 def _gta(name, pretty, paper, sparsification, consensus, normalize, rescale, *,
          evolve_normalize, evolve_native=False) -> MethodSpec:
-    tensor = [Param("weight"), Param("density", 1.0)]
+    tensor = [Param("weight", scope=NON_BASE), Param("density", 1.0, NON_BASE)]
     if sparsification is Sparsification.magnitude_outliers:
-        tensor.append(Param("gamma", DEFAULT_GAMMA))
+        tensor.append(Param("gamma", DEFAULT_GAMMA, NON_BASE))
     if sparsification is Sparsification.della_magprune:
-        tensor.append(Param("epsilon", DEFAULT_EPSILON))
+        tensor.append(Param("epsilon", DEFAULT_EPSILON, NON_BASE))
     return MethodSpec(
         name=name, pretty_name=pretty, paper=paper, combine=False,
         sparsification=sparsification, consensus=consensus,
@@ -157,13 +230,26 @@ def _gta(name, pretty, paper, sparsification, consensus, normalize, rescale, *,
     )
 
 
+def _own(name, pretty, paper, *, tensor=(), shared=(), genes=(), contract, engine,
+         combine=False, refusal="", candidate_statistics="") -> MethodSpec:
+    """A method outside the task-arithmetic family (mergekit's functional methods)."""
+    return MethodSpec(
+        name=name, pretty_name=pretty, paper=paper, combine=combine,
+        sparsification=Sparsification.none, consensus=False,
+        tensor_params=tuple(tensor), global_params=tuple(shared), genes=tuple(genes),
+        evolve_normalize=False, evolve_native=False, contract=contract, engine=engine,
+        refusal=refusal, candidate_statistics=candidate_statistics,
+    )
+
+
 S = Sparsification
 _ALL = (
     MethodSpec("linear", "Linear", "https://arxiv.org/abs/2203.05482", True, S.none, False,
-               (Param("weight"),), _LINEAR_GLOBALS, ("weight",),
-               evolve_normalize=True, evolve_native=True),
+               (Param("weight", scope=INPUT),), _LINEAR_GLOBALS, ("weight",),
+               evolve_normalize=True, evolve_native=True, contract=Contract(), engine="combine"),
     MethodSpec("slerp", "SLERP", "https://en.wikipedia.org/wiki/Slerp", True, S.none, False,
-               (), (Param("t"),), ("t",), evolve_normalize=False, evolve_native=True),
+               (), (Param("t"),), ("t",), evolve_normalize=False, evolve_native=True,
+               contract=Contract(base=BASE_REQUIRED, min_inputs=2, max_inputs=2), engine="combine"),
     _gta("task_arithmetic", "Task Arithmetic", "https://arxiv.org/abs/2212.04089",
          S.none, False, False, False, evolve_normalize=False, evolve_native=True),
     _gta("ties", "TIES", "https://arxiv.org/abs/2306.01708",
@@ -182,6 +268,52 @@ _ALL = (
          S.della_magprune, True, True, True, evolve_normalize=True),
     _gta("della_linear", "Linear DELLA", "https://arxiv.org/abs/2406.11617",
          S.della_magprune, False, False, True, evolve_normalize=False),
+    # mergekit's functional methods. A "stats" method is a linear combination of the
+    # sources (or of the deltas, with a base) whose coefficients come from each tensor's
+    # norms and dot products, computed once at load.
+    _own("model_stock", "Model Stock", "https://arxiv.org/abs/2403.19522",
+         shared=(Param("filter_wise", False),),
+         contract=Contract(base=BASE_REQUIRED, min_inputs=3), engine="stats"),
+    _own("nuslerp", "NuSLERP", "",
+         tensor=(Param("weight", scope=NON_BASE),),
+         shared=(Param("nuslerp_row_wise", False), Param("nuslerp_flatten", True)),
+         genes=("weight",),
+         contract=Contract(base=BASE_OPTIONAL, min_non_base=2, max_non_base=2), engine="stats"),
+    _own("multislerp", "Multi-SLERP", "https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+         tensor=(Param("weight", scope=NON_BASE),),
+         shared=(Param("normalize_weights", True), Param("eps", 1e-8)),
+         genes=("weight",),
+         contract=Contract(base=BASE_OPTIONAL, min_non_base=1), engine="stats",
+         candidate_statistics="none per element: the weights enter an O(M^2) solve per tensor "
+                              "on the host from the load-time dot products"),
+    _own("karcher", "Karcher Mean", "https://arxiv.org/abs/2603.04972",
+         shared=(Param("max_iter", 10), Param("tol", 1e-5)),
+         contract=Contract(), engine="stats", combine=True),
+    _own("sce", "SCE", "https://arxiv.org/abs/2408.07990",
+         shared=(Param("int8_mask", False), Param("select_topk", 1.0)),
+         genes=("select_topk",), contract=BASE_CONTRACT, engine=None,
+         refusal="its top-k of the variance across models, the sign election and the per-model "
+                 "weights from the selected deltas are not in the fused kernels yet: use ties or "
+                 "della, or merge it with mergekit-yaml"),
+    _own("arcee_fusion", "Arcee Fusion", "https://arcee.ai",
+         contract=Contract(base=BASE_REQUIRED, min_inputs=2, max_inputs=2), engine=None,
+         refusal="its importance threshold samples a million elements at random on tensors "
+                 "larger than that, which hotmerge cannot reproduce: merge it with mergekit-yaml"),
+    _own("nearswap", "NearSwap", "https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
+         shared=(Param("t"),), genes=("t",),
+         contract=Contract(base=BASE_REQUIRED, min_inputs=2, max_inputs=2), engine="nearswap"),
+    _own("ram", "Reinforced Agent Merging", "https://arxiv.org/abs/2601.13572",
+         shared=(Param("epsilon", 1e-5),), contract=BASE_CONTRACT, engine=None,
+         refusal="its per-element count of contributing models is not in the fused kernels yet: "
+                 "merge it with mergekit-yaml"),
+    _own("ramplus_tl", "Reinforced Agent Merging Plus (Tensor-Local)", "https://arxiv.org/abs/2601.13572",
+         shared=(Param("r", 0.1), Param("alpha", 0.2), Param("epsilon", 1e-5)),
+         genes=("r", "alpha"), contract=BASE_CONTRACT, engine=None,
+         refusal="its per-element count of contributing models is not in the fused kernels yet: "
+                 "merge it with mergekit-yaml"),
+    _own("passthrough", "Passthrough", "",
+         tensor=(Param("scale", scope=INPUT, optional=True),),
+         contract=Contract(max_inputs=1), engine="stats", combine=True),
 )
 del S
 
@@ -197,6 +329,8 @@ def _registry(methods) -> dict:
 
 METHODS: dict = _registry(_ALL)
 METHOD_NAMES: tuple = tuple(METHODS)
+# The methods hotmerge applies (every other registered one is refused in one line).
+SUPPORTED_METHODS: tuple = tuple(name for name, spec in METHODS.items() if spec.supported)
 
 
 def get_method(name: str) -> MethodSpec:

@@ -50,9 +50,11 @@ Semantics, and where they knowingly differ from mergekit:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
+import numpy as np
 import torch
 
 # The method table lives in methods.py (the one registry); re-exported for the kernels.
@@ -429,6 +431,11 @@ def merge_tensor(
     (default 0..M-1). row_len: della's ranking rows (default: see default_row_len).
     """
     spec = get_method(method)
+    spec.refuse_unless_supported()
+    if spec.engine == "stats":
+        return stats_merge_tensor(method, base if spec.takes_base else None, sources, params)
+    if spec.engine == "nearswap":
+        return nearswap_tensor(float(params["t"]), base, sources[0])
     if method == "slerp":
         if len(sources) != 1:
             raise ValueError("slerp takes the base and exactly one other source")
@@ -483,3 +490,262 @@ def merge_tensor(
         mixed = mixed / divisor
     mixed = mixed * _f32(lambda_)
     return (b + mixed).to(dtype)
+
+
+# ---------------------------------------------------------------------------
+# Methods whose merge is a linear combination with coefficients from each tensor's
+# dot products (MethodSpec.engine == "stats"): model_stock, nuslerp, multislerp,
+# karcher, passthrough. mergekit computes them from the whole tensor (flattened); the
+# result is sum_i c_i v_i, where v_i are the sources (no base) or mergekit's deltas
+# bf16(X_i - B) (with a base, then B is added). Only the Gram matrix G_ij = v_i . v_j
+# (float64, computed once at load) enters the coefficients, so each method is an
+# O(M^2) solve per tensor on the host, then one pass of the combine or task-arithmetic
+# kernel. The coefficient maths is float64 where mergekit rounds its intermediates to
+# the working dtype: the results agree within bf16 rounding, not bit for bit.
+
+
+def gram(vectors: Sequence[torch.Tensor]) -> np.ndarray:
+    """float64 Gram matrix of flattened tensors."""
+    v = torch.stack([x.reshape(-1).double() for x in vectors]) if vectors else torch.zeros(0, 0)
+    return (v @ v.T).numpy()
+
+
+def _norm2(c: np.ndarray, g: np.ndarray) -> float:
+    """||sum_i c_i v_i||, from the Gram matrix."""
+    return float(np.sqrt(max(float(c @ g @ c), 0.0)))
+
+
+def model_stock_coefficients(g: np.ndarray) -> np.ndarray:
+    """mergekit's model_stock (filter_wise off) on N >= 2 deltas: B + sum_i c_i delta_i.
+
+    t = N cos / (1 + (N - 1) cos) with cos the mean pairwise cosine of the deltas;
+    the result t * mean(X_i) + (1 - t) * B is B + (t / N) * sum_i delta_i."""
+    n = g.shape[0]
+    norms = np.sqrt(np.maximum(np.diag(g), 0.0))
+    cos = [min(max(g[i, j] / max(norms[i] * norms[j], 1e-6), -1.0), 1.0)
+           for i in range(n) for j in range(i + 1, n)]
+    c = float(np.mean(cos))
+    den = 1 + (n - 1) * c
+    t = 0.0 if abs(den) < 1e-6 else n * c / den  # the singular case keeps the base
+    return np.full(n, t / n)
+
+
+def nuslerp_coefficients(weights: Sequence[float], g: np.ndarray, eps: float = 1e-8) -> np.ndarray:
+    """mergekit's nuslerp (flattened) of two vectors: t = w1 / (w0 + w1), 0.5 when that
+    sum is below 1e-6; slerp of the vectors themselves, lerp where they are colinear."""
+    w0, w1 = float(weights[0]), float(weights[1])
+    total = w0 + w1
+    t = 0.5 if abs(total) < 1e-6 else w1 / total
+    n0, n1 = (max(float(np.sqrt(max(g[i, i], 0.0))), 1e-7) for i in (0, 1))
+    cos = min(max(g[0, 1] / (n0 * n1), -1.0), 1.0)
+    if 1 - cos * cos <= eps * eps:
+        return np.array([1 - t, t])
+    theta = math.acos(cos)
+    s = math.sin(theta)
+    return np.array([math.sin((1 - t) * theta) / s, math.sin(t * theta) / s])
+
+
+def multislerp_weights(weights: Sequence[float], normalize: bool, dtype: torch.dtype) -> np.ndarray:
+    """mergekit builds the weight tensor in the working dtype and normalises it there."""
+    w = torch.tensor([float(x) for x in weights], dtype=dtype)
+    if normalize:
+        w = w / w.sum()
+    return w.double().numpy()
+
+
+def multislerp_coefficients(weights: Sequence[float], g: np.ndarray, eps: float = 1e-8) -> np.ndarray:
+    """mergekit's multislerp of N >= 2 vectors (weights as multislerp_weights gives them):
+    the weighted mean of the unit vectors, projected to the tangent space there, mapped
+    back with the exponential map, scaled by the weighted mean norm.
+
+    Raises ValueError where mergekit does (weighted unit vectors that cancel, N > 2)."""
+    w = np.asarray(weights, dtype=np.float64)
+    norms = np.sqrt(np.maximum(np.diag(g), 0.0))
+    inv = 1.0 / (norms + eps)  # unit_i = v_i * inv_i
+    a = w * inv  # the mean sum_i w_i unit_i, as coefficients of the v_i
+    mean_norm = _norm2(a, g)
+    if mean_norm < eps:
+        if len(w) == 2:
+            return w.copy()  # mergekit falls back to the weighted sum
+        raise ValueError("multislerp: the weighted sum of the unit tensors is zero (antipodal inputs with "
+                         "balancing weights): use other weights")
+    m = a / mean_norm
+    dots = (g @ m) * inv  # unit_i . mean
+    tangent = a - float(np.sum(w * dots)) * m  # sum_i w_i (unit_i - dots_i mean)
+    tn = _norm2(tangent, g) + eps
+    return float(np.sum(norms * w)) * (m * math.cos(tn) + tangent * (math.sin(tn) / tn))
+
+
+def karcher_coefficients(g: np.ndarray, max_iter: int = 10, tol: float = 1e-5,
+                         dtype: torch.dtype = torch.float32) -> np.ndarray:
+    """mergekit's karcher mean of N vectors with equal weights: the Riemannian mean of the
+    unit vectors on the sphere (fixed-point iterations), scaled by the mean norm.
+
+    Without a base nothing absorbs a scalar's error, so the scalars that mergekit rounds to
+    the working dtype are rounded here too (torch.dot of 16-bit tensors returns a 16-bit
+    value, and so do arccos, sin and their quotient; a float32 0-dim tensor times a 16-bit
+    tensor is rounded to 16 bits first): the angle's steps and the final scale then equal
+    mergekit's, and what remains is its elementwise rounding."""
+
+    def scalar(x):  # a float32 0-dim tensor, as mergekit's norms are
+        return torch.tensor(float(x), dtype=torch.float32)
+
+    def times(x):  # float32 0-dim x times a `dtype` tensor: x is rounded to dtype first
+        return float(scalar(x).to(dtype))
+
+    n = g.shape[0]
+    if n == 1:
+        return np.ones(1)
+    alphas = np.full(n, 1.0 / n)
+    norms = np.sqrt(np.maximum(np.diag(g), 0.0))
+    valid = [i for i in range(n) if norms[i] > tol]
+    if not valid:
+        return np.zeros(n)
+    inv = np.where(norms > 0, 1.0 / np.where(norms > 0, norms, 1.0), 0.0)
+    a_valid = alphas[valid] / alphas[valid].sum()
+
+    def unit(i):
+        e = np.zeros(n)
+        e[i] = inv[i]
+        return e
+
+    mean = np.zeros(n)
+    for al, i in zip(a_valid, valid):
+        mean += al * unit(i)
+    mn = _norm2(mean, g)
+    mean = unit(valid[0]) if mn < tol else mean / mn
+    for _ in range(max_iter):
+        tangent = np.zeros(n)
+        gm = g @ mean
+        for al, i in zip(a_valid, valid):
+            dot = torch.clamp(scalar(gm[i] * inv[i]).to(dtype), -1.0, 1.0)
+            theta = torch.arccos(dot)
+            if theta.item() < tol:
+                continue
+            factor = float(al * (theta / torch.sin(theta)))
+            tangent += factor * (unit(i) - float(dot) * mean)
+        tn = _norm2(tangent, g)
+        if tn < tol:
+            break
+        tn32 = scalar(tn)
+        mean = times(torch.cos(tn32)) * mean + times(torch.sin(tn32)) * (tangent / float(tn32))
+        un = _norm2(mean, g)
+        if un > tol:
+            mean = mean / un
+    scale = sum(float(al) * scalar(nm) for al, nm in zip(alphas, norms))
+    return times(scale) * mean
+
+
+def karcher_tensor_coefficients(tensors: Sequence[torch.Tensor], max_iter: int = 10,
+                                tol: float = 1e-5) -> np.ndarray:
+    """karcher_coefficients' decisions taken on the tensors themselves, in their dtype.
+
+    In 16 bits, mergekit's dot products round to 2^-8 near 1, and an input whose dot with
+    the running mean rounds to 1 is skipped for that step: on nearly parallel tensors that
+    decision turns on the last bit of the rounded mean, which only the rounded mean itself
+    gives. So this runs mergekit's iteration on the tensors (once per tensor, at load: the
+    method has nothing a candidate changes) and follows each step's scalars with the
+    coefficients of the mean; the result is sum_i c_i X_i, off mergekit's only by its
+    elementwise rounding."""
+    n = len(tensors)
+    if n == 1:
+        return np.ones(1)
+    dtype = tensors[0].dtype
+    norms = [torch.linalg.vector_norm(t.float()) for t in tensors]
+    units = [torch.zeros_like(t) if float(nm) == 0.0 else (t / nm).to(dtype) for t, nm in zip(tensors, norms)]
+    valid = [i for i in range(n) if float(norms[i]) > tol]
+    if not valid:
+        return np.zeros(n)
+    alphas = [1.0 / n] * n
+    total = sum(alphas[i] for i in valid)
+    a_valid = [alphas[i] / total for i in valid]
+
+    def unit(i):  # coefficients of unit i (the division by the float32 norm is not rounded)
+        e = np.zeros(n)
+        e[i] = 1.0 / float(norms[i]) if float(norms[i]) != 0.0 else 0.0
+        return e
+
+    mean, cm = torch.zeros_like(units[valid[0]]), np.zeros(n)
+    for al, i in zip(a_valid, valid):
+        mean += al * units[i]
+        cm += al * unit(i)
+    mn = torch.linalg.vector_norm(mean.float())
+    if mn.item() < tol:
+        mean, cm = units[valid[0]].clone(), unit(valid[0])
+    else:
+        mean, cm = (mean / mn).to(dtype), cm / float(mn)
+    for _ in range(max_iter):
+        tangent, ct = torch.zeros_like(mean), np.zeros(n)
+        for al, i in zip(a_valid, valid):
+            dot = torch.clamp(torch.dot(mean.flatten(), units[i].flatten()), -1.0, 1.0)
+            theta = torch.arccos(dot)
+            if theta.item() < tol:
+                continue
+            factor = al * (theta / torch.sin(theta))
+            tangent += factor * (units[i] - dot * mean)
+            ct += float(factor) * (unit(i) - float(dot) * cm)
+        tn = torch.linalg.vector_norm(tangent.float())
+        if tn.item() < tol:
+            break
+        cos_t, sin_t = torch.cos(tn), torch.sin(tn)
+        mean = (cos_t * mean + sin_t * (tangent / tn)).to(dtype)
+        # a float32 0-dim tensor times a 16-bit tensor is rounded to 16 bits first
+        cm = float(cos_t.to(dtype)) * cm + float(sin_t.to(dtype)) * (ct / float(tn))
+        un = torch.linalg.vector_norm(mean.float())
+        if un.item() > tol:
+            mean, cm = (mean / un).to(dtype), cm / float(un)
+    scale = sum(al * nm for al, nm in zip(alphas, norms))
+    return float(scale.to(dtype)) * cm
+
+
+def stats_coefficients(method: str, g: np.ndarray, params: Mapping, dtype: torch.dtype) -> np.ndarray:
+    """Coefficients of one tensor's merge over its N active inputs (params: per-input
+    values for those inputs, shared ones as scalars)."""
+    n = g.shape[0]
+    if method == "model_stock":
+        return model_stock_coefficients(g)
+    if method == "nuslerp":
+        return nuslerp_coefficients(params["weight"], g)
+    if method == "multislerp":
+        if n == 1:
+            return np.ones(1)
+        w = multislerp_weights(params["weight"], bool(params.get("normalize_weights", True)), dtype)
+        return multislerp_coefficients(w, g, float(params.get("eps", 1e-8)))
+    if method == "karcher":
+        return karcher_coefficients(g, int(params.get("max_iter", 10)), float(params.get("tol", 1e-5)), dtype)
+    if method == "passthrough":
+        scale = params.get("scale")
+        return np.array([1.0 if scale is None or np.isnan(scale[0]) else float(scale[0])])
+    raise ValueError(f"{method} is not a statistics method")
+
+
+def stats_merge_tensor(method: str, base: Optional[torch.Tensor], sources: Sequence[torch.Tensor],
+                       params: Mapping) -> torch.Tensor:
+    """One tensor of a "stats" method: sources are the active inputs, base the base (None
+    without one). With a base the result is B + sum_i c_i delta_i, else sum_i c_i X_i,
+    in float32 rounded once."""
+    dtype = sources[0].dtype
+    with_base = base is not None and not (method == "multislerp" and len(sources) == 1)
+    if with_base:
+        b = base.float()
+        vs = [(x.float() - b).to(dtype) for x in sources]
+    else:
+        vs = list(sources)
+    if method == "karcher":
+        c = karcher_tensor_coefficients(vs, int(params.get("max_iter", 10)), float(params.get("tol", 1e-5)))
+    else:
+        c = stats_coefficients(method, gram(vs), params, dtype)
+    acc = torch.zeros(sources[0].shape, dtype=torch.float32)
+    for v, ci in zip(vs, c):
+        acc = acc + v.float() * _f32(ci)
+    return (b + acc if with_base else acc).to(dtype)
+
+
+def nearswap_tensor(t: float, base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """mergekit's nearswap: each element moves from the base towards x by the weight
+    clamp(t / |x - B|, 0, 1) (|x - B| at least 1e-6), so elements that differ by less
+    than t take x's value. delta is mergekit's bf16(X - B); float32, rounded once."""
+    b = base.float()
+    d = (x.float() - b).to(x.dtype).float()
+    w = torch.clamp(_f32(t) / torch.clamp(d.abs(), min=1e-6), 0.0, 1.0)
+    return (b + d * w).to(x.dtype)

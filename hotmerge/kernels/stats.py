@@ -14,6 +14,9 @@ Everything a candidate needs besides its own coefficients:
   max |base| and max |source| (for the non-finite bound in finite.py).
 * SLERP constants: L2 norm of each source and the raw dot products between sources,
   so slerp of any pair is s0*a + s1*b with (s0, s1) from reference.slerp_coefficients.
+  With a base, also the dot products between the deltas: the Gram matrices from which
+  model_stock, nuslerp, multislerp and karcher take their coefficients
+  (reference.stats_coefficients), so that no apply passes over a tensor to find them.
 * DELLA rank codes: della ranks |delta| within rows, which a per-tensor histogram
   cannot give, so each element's 8-bit normalised row rank is stored (uint8, one
   byte per element and model, only when della is used); see reference.della_rank_codes.
@@ -107,6 +110,7 @@ class SourceStats:
     hist: Optional[List[List[MagnitudeHistogram]]] = None  # [S][M]
     norms: Optional[np.ndarray] = None  # [S, M] ||X_m||_2 (slerp)
     dots: Optional[np.ndarray] = None  # [S, M, M] raw X_i . X_j (slerp)
+    delta_dots: Optional[np.ndarray] = None  # [S, M, M] delta_i . delta_j (with slerp and a base)
     rank_codes: Optional[torch.Tensor] = None  # [M, total] uint8 (della), flat's device
     extras: dict = field(default_factory=dict)
 
@@ -123,6 +127,8 @@ def compute_stats(flat, *, della: bool = False, slerp: bool = False, chunk: int 
     if slerp:
         st.norms = np.zeros((S, M))
         st.dots = np.zeros((S, M, M))
+    if slerp and base is not None:
+        st.delta_dots = np.zeros((S, M, M))
     if base is not None:
         st.max_base = np.zeros(S)
         st.max_delta = np.zeros((S, M))
@@ -152,12 +158,18 @@ def compute_stats(flat, *, della: bool = False, slerp: bool = False, chunk: int 
                 continue
             bb = base[a:b].float()
             st.max_base[j] = max(st.max_base[j], _finite_max(base[a:b]))
+            deltas = []
             for m in range(M):
                 delta = (xs[m].float() - bb).to(dtype)
+                if slerp:
+                    deltas.append(delta.double())
                 keys = R.magnitude_keys(delta)
                 counts[m] += torch.bincount(keys, minlength=R.KEY_MAX + 1)
                 st.max_delta[j, m] = max(st.max_delta[j, m], _finite_max(delta))
                 st.l1[j, m] += float(delta.double().abs().sum())
+            if slerp:
+                d64 = torch.stack(deltas)
+                st.delta_dots[j] += (d64 @ d64.T).cpu().numpy()
         if slerp:
             st.norms[j] = np.sqrt(np.maximum(np.diag(st.dots[j]), 0.0))
         if base is not None:

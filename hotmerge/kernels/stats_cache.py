@@ -41,7 +41,7 @@ import torch
 from . import reference as R
 from .stats import MagnitudeHistogram, SourceStats
 
-STATS_FORMAT = 1  # bump when the statistics' meaning or arrays change
+STATS_FORMAT = 2  # bump when the statistics' meaning or arrays change
 
 LOG = logging.getLogger(__name__)
 
@@ -161,6 +161,8 @@ def _arrays(st: SourceStats) -> dict:
                    hist_cum_l1=_cat([h.cum_l1 for h in hists], np.float64))
     if st.norms is not None:
         out.update(norms=st.norms, dots=st.dots)
+    if st.delta_dots is not None:
+        out["delta_dots"] = st.delta_dots
     if st.rank_codes is not None:
         out["rank_codes"] = st.rank_codes.cpu().numpy()
     return {name: np.ascontiguousarray(a) for name, a in out.items()}
@@ -187,6 +189,8 @@ def _read(path: Path, key: dict, flat, della: bool, slerp: bool) -> SourceStats:
                       hist_cum_l1=(f64, None))
     if slerp:
         expect.update(norms=(f64, (S, M)), dots=(f64, (S, M, M)))
+        if has_base:
+            expect["delta_dots"] = (f64, (S, M, M))
     if della:
         expect["rank_codes"] = (np.dtype(np.uint8), (M, flat.total))
     if set(a) != set(expect):
@@ -200,6 +204,7 @@ def _read(path: Path, key: dict, flat, della: bool, slerp: bool) -> SourceStats:
         st.hist = _histograms(a, flat)
     if slerp:
         st.norms, st.dots = a["norms"], a["dots"]
+        st.delta_dots = a.get("delta_dots")
     if della:
         st.rank_codes = torch.from_numpy(a["rank_codes"]).to(flat.device)
     return st

@@ -40,6 +40,13 @@ class CoefficientTable:
     l1: np.ndarray  # [S, M] f64 ||delta||_1
     l1_kept: np.ndarray  # [S, M] f64 ||masked||_1; NaN: measured by apply (random masks)
     rank_codes: Optional[torch.Tensor] = None
+    # how the kernels apply it: "combine" (sum of coef * X), "task" (B + merged deltas),
+    # "nearswap" (B + clamp(t / |delta|, 0, 1) * delta, t in `weight`)
+    kind: str = "task"
+
+    @property
+    def combine(self) -> bool:
+        return self.kind == "combine"
 
     @property
     def needs_l1_pass(self) -> bool:
@@ -47,7 +54,7 @@ class CoefficientTable:
 
     def scales(self, l1_kept: Optional[np.ndarray] = None) -> np.ndarray:
         """[S, M] f32 per-model factor w * rescale applied to each kept delta."""
-        if self.spec.combine:
+        if self.combine:
             return self.coef
         kept = self.l1_kept if l1_kept is None else l1_kept
         r = np.ones_like(self.l1)
@@ -97,6 +104,8 @@ def _param_dict(spec: R.MethodSpec, params) -> dict:
         raise ValueError("params: a dict or an [rows, M, P] array")
     if spec.name == "slerp":
         return {"genes": a[:, :, 0]}
+    if spec.engine != "task" and a.shape[2]:
+        return {name: a[:, :, i] for i, name in enumerate(spec.genes[: a.shape[2]])}
     if a.shape[2] > len(spec.params):
         raise ValueError(f"{spec.name} takes at most {len(spec.params)} params per model")
     return {name: a[:, :, i] for i, name in enumerate(spec.params[: a.shape[2]])}
@@ -124,6 +133,7 @@ def build_table(
     rescale: None uses mergekit's default for the method.
     """
     spec = R.get_method(method)
+    spec.refuse_unless_supported()
     S, M = len(flat.segments), flat.n_models
     rows = flat.param_rows()
     p = _param_dict(spec, params)
@@ -145,7 +155,11 @@ def build_table(
     l1_kept = l1.copy()
     keys = np.zeros((S, M, 2), dtype=np.uint32)
 
-    if method == "slerp":
+    kind = "combine" if spec.combine else "task"
+    if spec.engine in ("stats", "nearswap"):
+        kind = _functional(spec, flat, p, rows, st, coef, weight)
+        normalize, rescale, lambda_ = False, False, 1.0
+    elif method == "slerp":
         if "genes" in p:
             pair, t = slerp_from_genes(p["genes"])
             pair, t = pair[rows], t[rows]
@@ -211,5 +225,58 @@ def build_table(
         method=method, spec=spec, normalize=bool(normalize), rescale=bool(rescale),
         lambda_=float(lambda_), seed=int(seed), coef=coef, weight=weight, div=div,
         lo=lo, hi=hi, p0=p0, p1=p1, keys=keys, sparsified=sparsified, l1=l1, l1_kept=l1_kept,
-        rank_codes=st.rank_codes if spec.sparse_mode == R.SPARSE_RANKED else None,
+        rank_codes=st.rank_codes if spec.sparse_mode == R.SPARSE_RANKED else None, kind=kind,
     )
+
+
+def _karcher(flat: FlatSources, j: int, idx: np.ndarray, max_iter: int, tol: float) -> np.ndarray:
+    """karcher's coefficients of segment j, from its iteration on the tensors
+    (reference.karcher_tensor_coefficients): once per layout and setting, never per apply."""
+    key = ("karcher", j, tuple(int(i) for i in idx), max_iter, tol)
+    if key not in flat._launch:
+        seg = flat.segments[j]
+        rows = [flat.models[int(i), seg.offset: seg.offset + seg.numel] for i in idx]
+        flat._launch[key] = R.karcher_tensor_coefficients(rows, max_iter, tol)
+    return flat._launch[key]
+
+
+def _functional(spec: R.MethodSpec, flat: FlatSources, p: dict, rows: np.ndarray, st, coef: np.ndarray,
+                weight: np.ndarray) -> str:
+    """Fill coef (no base) or weight (with a base) for a "stats" method, or weight with
+    nearswap's t; returns the table's kind. p["active"]: which models are this tensor's
+    inputs (default all); shared parameters come as per-model values, read from the
+    first active model."""
+    S, M = coef.shape
+    active = _expand(p.get("active", 1.0), rows, S, M, "active") != 0
+    per_model = {q.name for q in spec.tensor_params}
+    shared = {q.name: q.default for q in spec.global_params}
+    values = {name: _expand(p[name], rows, S, M, name) for name in list(per_model) + list(shared) if name in p}
+    c = spec.contract
+    with_base = spec.takes_base and flat.base is not None
+    if spec.needs_base and not with_base:
+        raise ValueError(f"{spec.name} needs a base model")
+    lo = (c.min_non_base if with_base else None) or (c.min_inputs - (1 if with_base else 0))
+    hi = c.max_non_base if with_base and c.max_non_base is not None else (
+        None if c.max_inputs is None else c.max_inputs - (1 if with_base else 0))
+    grams = st.delta_dots if with_base else st.dots
+    for j in range(S):
+        idx = np.flatnonzero(active[j])
+        if len(idx) < max(lo, 1) or (hi is not None and len(idx) > hi):
+            want = f"{lo}" if hi == lo else f"{lo} to {hi}" if hi is not None else f"at least {lo}"
+            raise ValueError(f"{spec.name} merges {want} models besides the base per tensor, "
+                             f"{flat.segments[j].name or j} has {len(idx)}")
+        if spec.engine == "nearswap":
+            weight[j, idx[0]] = np.float32(values["t"][j, idx[0]])
+            continue
+        if flat.segments[j].numel == 0:
+            continue  # nothing to write (mergekit never sees an empty tensor)
+        params = {name: values[name][j, idx] for name in per_model if name in values}
+        params.update({name: values[name][j, idx[0]] for name in shared if name in values})
+        if spec.name == "karcher":
+            ci = _karcher(flat, j, idx, int(params.get("max_iter", 10)), float(params.get("tol", 1e-5)))
+        else:
+            ci = R.stats_coefficients(spec.name, grams[j][np.ix_(idx, idx)], params, flat.dtype)
+        (weight if with_base else coef)[j, idx] = ci
+    if spec.engine == "nearswap":
+        return "nearswap"
+    return "task" if with_base else "combine"

@@ -8,6 +8,7 @@ and element indices >= 2^31.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from . import reference as R
@@ -74,7 +75,7 @@ def merge_chunk_torch(flat, table, scale, j, lo, hi) -> torch.Tensor:
     seg = flat.segments[j]
     a, b = seg.offset + lo, seg.offset + hi
     n = hi - lo
-    if table.spec.combine:
+    if table.combine:
         acc = torch.zeros(n, dtype=torch.float32, device=flat.device)
         for m in range(flat.n_models):
             if table.coef[j, m] != 0:
@@ -82,6 +83,8 @@ def merge_chunk_torch(flat, table, scale, j, lo, hi) -> torch.Tensor:
         return (acc / scalar_f32(table.div[j])).to(flat.dtype)
 
     base = flat.base[a:b].float()
+    if table.kind == "nearswap":
+        return nearswap_chunk(flat, table, scale, j, a, b, base)
     elem = None
     if table.spec.sparse_mode != R.SPARSE_NONE:
         elem = R.element_indices(seg.elem_offset + lo, seg.elem_offset + hi, flat.device)
@@ -111,6 +114,15 @@ def merge_chunk_torch(flat, table, scale, j, lo, hi) -> torch.Tensor:
         mixed = mixed / divisor
     mixed = mixed * scalar_f32(table.lambda_)
     return (base + mixed).to(flat.dtype)
+
+
+
+def nearswap_chunk(flat, table, scale, j, a, b, base) -> torch.Tensor:
+    """reference.nearswap_tensor on flat range [a, b): t is the scale of the one model."""
+    m = int(np.flatnonzero(scale[j])[0]) if scale[j].any() else 0
+    d = (flat.models[m, a:b].float() - base).to(flat.dtype).float()
+    w = torch.clamp(scalar_f32(scale[j, m]) / torch.clamp(d.abs(), min=1e-6), 0.0, 1.0)
+    return (base + d * w).to(flat.dtype)
 
 
 

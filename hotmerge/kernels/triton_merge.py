@@ -130,7 +130,7 @@ def _merge_kernel(
     blk_seg_ptr, blk_start_ptr, seg_off_ptr, seg_numel_ptr, seg_elem_ptr,
     ftab_ptr, itab_ptr, div_ptr, total, lam,
     M: tl.constexpr, COMBINE: tl.constexpr, SPARSE: tl.constexpr,
-    CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr, IS_BF16: tl.constexpr,
+    CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr, NEARSWAP: tl.constexpr, IS_BF16: tl.constexpr,
     OUT_MODE: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -157,7 +157,12 @@ def _merge_kernel(
             if s != 0.0:
                 keep, d = _delta_keep(src_ptr, code_ptr, m * total64, pos, inb, b, elem,
                                       ibase + 8 * m, SPARSE, IS_BF16)
-                tot = tot + tl.where(keep, d * s, 0.0)
+                if NEARSWAP:
+                    # s is t: weight clamp(t / max(|d|, 1e-6), 0, 1) per element
+                    w = tl.math.div_rn(tl.zeros([BLOCK], dtype=tl.float32) + s, tl.maximum(tl.abs(d), 1e-6))
+                    tot = tot + d * tl.minimum(tl.maximum(w, 0.0), 1.0)
+                else:
+                    tot = tot + tl.where(keep, d * s, 0.0)
         if CONSENSUS:
             positive = tot >= 0
             mixed = tl.zeros([BLOCK], dtype=tl.float32)
@@ -263,7 +268,7 @@ def _int_table(flat, table) -> torch.Tensor:
 def _float_table(flat, table, scale) -> tuple:
     S, M = table.coef.shape
     ft = np.zeros((S, M, 2), dtype=np.float32)
-    ft[..., 0] = table.coef if table.spec.combine else scale
+    ft[..., 0] = table.coef if table.combine else scale
     ft[..., 1] = table.weight
     return (torch.from_numpy(ft).to(flat.device),
             torch.from_numpy(table.div.astype(np.float32)).to(flat.device))
@@ -328,7 +333,7 @@ def _launch_merge(flat, table, scale, blk, out_mode, out=None, addr=None, flags=
     off, numel, elem = _segment_arrays(flat)
     ftab, div = _float_table(flat, table, scale)
     dummy = _dummy(flat)
-    combine = table.spec.combine
+    combine = table.combine
     _merge_kernel[(blk_seg.numel(),)](
         flat.base if flat.base is not None else dummy, flat.models,
         table.rank_codes if table.rank_codes is not None else dummy,
@@ -338,7 +343,7 @@ def _launch_merge(flat, table, scale, blk, out_mode, out=None, addr=None, flags=
         blk_seg, blk_start, off, numel, elem,
         ftab, _int_table(flat, table), div, flat.total, float(table.lambda_),
         M=flat.n_models, COMBINE=combine, SPARSE=0 if combine else table.spec.sparse_mode,
-        CONSENSUS=table.spec.consensus, NORMALIZE=table.normalize,
+        CONSENSUS=table.spec.consensus, NORMALIZE=table.normalize, NEARSWAP=table.kind == "nearswap",
         IS_BF16=flat.dtype == torch.bfloat16, OUT_MODE=out_mode, ALIGN=align, BLOCK=block,
         num_warps=NUM_WARPS, **_launch_opts(),
     )
