@@ -192,20 +192,42 @@ def _gib(n: int | None) -> str:
     return f"{n / 2**30:.2f} GiB" if abs(n) >= 2**30 else f"{n / 2**20:.2f} MiB"
 
 
+STRATEGY_HELP = ("pool, buffered or serial (mergekit-evolve's schedulers): all three run as "
+                 "hotmerge's one dispatch, each rank's resident model taking the next candidate.")
+ALLOW_CRIMES_HELP = "Merge models whose architectures differ, where every tensor's name and shape match."
+STRATEGIES = ("pool", "buffered", "serial")
+
+
+HUB_CACHE_HELP = ("Hugging Face cache for models given by hub name (default: HF_HUB_CACHE); "
+                  "mergekit-evolve's is STORAGE_PATH/transformers_cache.")
+
+
+def _use_hub_cache(folder: Path | None) -> None:
+    """Where hub names resolve (models/hub.py); with HF_HUB_OFFLINE=1, from there alone."""
+    from hotmerge.models import hub
+
+    if folder is not None and folder.exists() and not folder.is_dir():
+        raise ConfigError(f"--hub-cache {folder} is a file: give a folder (it is created if missing)")
+    hub.use_cache(folder)
+
+
 @app.command()
 def plan(
     config: Path = typer.Argument(..., help="A genome config (YAML)."),
     force_population_size: int = typer.Option(None, min=2, help="As for evolve."),
     device: str = typer.Option(None, help="cpu or cuda (default: cuda if present)."),
+    allow_crimes: bool = typer.Option(False, "--allow-crimes/--no-allow-crimes", help=ALLOW_CRIMES_HELP),
+    hub_cache: Path = typer.Option(None, help=HUB_CACHE_HELP),
 ) -> None:
     """Print the memory plan and the search size; loads no weights."""
     from hotmerge.config.evolve import load_config, validate_config
     from hotmerge.models.plan import local_device_memory, memory_plan
     from hotmerge.runtimes.hf import pick_device
 
+    _use_hub_cache(hub_cache)
     if device:
         pick_device(device)  # one line, exit 2, for a device this machine does not have
-    validated = validate_config(load_config(config))
+    validated = validate_config(load_config(config), allow_crimes=allow_crimes)
     name, total = local_device_memory(device)
     p = memory_plan(validated, force_population_size, total, name)
     table = Table(title=f"memory plan on {name}")
@@ -223,6 +245,39 @@ def plan(
     if p.kv_room is not None and p.kv_room < 0:
         raise ConfigError(f"the resident model and sources need {_gib(p.resident)} but {name} has "
                           f"{_gib(p.device_total)}: merge fewer models or use a bigger device")
+
+
+def _mergekit_evolve_flags(*, strategy: str, in_memory: bool | None, merge_cuda: bool | None,
+                           reshard: bool | None, trust_remote_code: bool, load_in_8bit: bool,
+                           load_in_4bit: bool) -> list[str]:
+    """mergekit-evolve's flags that hotmerge honours by what it always does: a note for each
+    one given, so none is dropped in silence; a ConfigError for those it refuses."""
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"--strategy {strategy!r} is not one of mergekit-evolve's: use pool, buffered or serial")
+    if trust_remote_code:
+        raise ConfigError("--trust-remote-code: hotmerge never runs code from a model folder (models are built "
+                          "by transformers' own classes, so a folder's code never runs): drop the flag")
+    for flag, given in (("--load-in-8bit", load_in_8bit), ("--load-in-4bit", load_in_4bit)):
+        if given:
+            raise ConfigError(
+                f"{flag}: hotmerge writes each merge in place into 16-bit live weights, and no runtime here "
+                "quantises them per candidate as mergekit's bitsandbytes load of each merge does, so scores "
+                "would not be the quantised model's: drop the flag (candidates are scored in bfloat16)")
+    notes = []
+    if strategy != "pool":
+        notes.append(f"--strategy {strategy}: each rank keeps one model resident and takes the next candidate "
+                     "when free (mergekit-evolve's pool with --in-memory); a merge is written in place in "
+                     "milliseconds, so there is nothing to buffer or to load per candidate")
+    if in_memory is False:
+        notes.append("--no-in-memory: hotmerge always merges in memory, into the resident model; no merged "
+                     "model is written per candidate")
+    if merge_cuda is not None:
+        notes.append(f"--{'' if merge_cuda else 'no-'}merge-cuda changes nothing: each merge runs where the live "
+                     "weights are (--device, or the vLLM engine's GPUs)")
+    if reshard is not None:
+        notes.append(f"--{'' if reshard else 'no-'}reshard changes nothing: safetensors shards are read in "
+                     "place, and nothing is copied")
+    return notes
 
 
 @app.command()
@@ -249,13 +304,34 @@ def evolve(
     allow_benchmark_tasks: bool = typer.Option(
         False, "--i-understand-the-depths-of-the-evils-i-am-unleashing",
         help="Allow tasks named after test benchmarks (mmlu, gsm8k, arc_, ...) as objectives."),
+    strategy: str = typer.Option("pool", "--strategy", "-s", help=STRATEGY_HELP),
+    in_memory: bool = typer.Option(None, "--in-memory/--no-in-memory", show_default=False,
+                                   help="Always in memory here: each merge is written into the resident model."),
+    num_gpus: int = typer.Option(None, min=1, help="GPUs to use on this machine: starts one rank per GPU (per "
+                                                   "--tensor-parallel-size GPUs) under torchrun."),
+    merge_cuda: bool = typer.Option(None, "--merge-cuda/--no-merge-cuda", show_default=False,
+                                    help="No effect: merges run where the live weights are."),
+    reshard: bool = typer.Option(None, "--reshard/--no-reshard", show_default=False,
+                                 help="No effect: shards are read in place, nothing is copied."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code/--no-trust-remote-code",
+                                           help="Refused: hotmerge never runs a model folder's code."),
+    allow_crimes: bool = typer.Option(False, "--allow-crimes/--no-allow-crimes", help=ALLOW_CRIMES_HELP),
+    load_in_8bit: bool = typer.Option(False, "--load-in-8bit", help="Refused: merges are scored in 16 bits."),
+    load_in_4bit: bool = typer.Option(False, "--load-in-4bit", help="Refused: merges are scored in 16 bits."),
+    hub_cache: Path = typer.Option(None, help=HUB_CACHE_HELP),
 ) -> None:
     """Search merge recipes with CMA-ES.
 
-    Single process, or under `torchrun -m hotmerge evolve`.
+    Takes mergekit-evolve's command line. Single process, --num-gpus N ranks on one
+    machine, or under `torchrun -m hotmerge evolve`.
     """
     from hotmerge.run.evolve import EvolveOptions, evolve as run_evolve
 
+    for note in _mergekit_evolve_flags(strategy=strategy, in_memory=in_memory, merge_cuda=merge_cuda,
+                                       reshard=reshard, trust_remote_code=trust_remote_code,
+                                       load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit):
+        console.print(f"note: {note}", highlight=False)
+    _use_hub_cache(hub_cache)
     if wandb:
         from hotmerge.run.sinks import require_wandb
 
@@ -269,7 +345,8 @@ def evolve(
         tensor_parallel_size=tensor_parallel_size, resume=resume,
         save_final_model=save_final_model, quiet=quiet, device=device,
         wandb=wandb, wandb_project=wandb_project, wandb_entity=wandb_entity,
-        allow_benchmark_tasks=allow_benchmark_tasks,
+        allow_benchmark_tasks=allow_benchmark_tasks, num_gpus=num_gpus, allow_crimes=allow_crimes,
+        hub_cache=hub_cache.absolute() if hub_cache is not None else None,
     )
     best = run_evolve(config, options, console=console)
     if best is not None:
@@ -351,6 +428,8 @@ def eval_command(
     random_seed: int = typer.Option(0, min=0, help="Seeds the DARE/DELLA masks."),
     task_search_path: list[str] = typer.Option([], help="Folder of lm-eval task YAML (repeatable)."),
     device: str = typer.Option(None),
+    allow_crimes: bool = typer.Option(False, "--allow-crimes/--no-allow-crimes", help=ALLOW_CRIMES_HELP),
+    hub_cache: Path = typer.Option(None, help=HUB_CACHE_HELP),
 ) -> None:
     """Score one candidate and print its per-task metrics."""
     import json
@@ -372,13 +451,14 @@ def eval_command(
     if output is not None:
         check_file_target(output, "--output")  # before the work, not after it
     check_task_search_paths(task_search_path)
+    _use_hub_cache(hub_cache)
     if merge_config:
         from hotmerge.config.merge import load_merge_config
 
-        validated, x = load_merge_config(config)
+        validated, x = load_merge_config(config, allow_crimes=allow_crimes)
         validated = _with_tasks(validated, tasks)
     else:
-        validated = _with_tasks(validate_config(load_config(config)), tasks)
+        validated = _with_tasks(validate_config(load_config(config), allow_crimes=allow_crimes), tasks)
         genome = validated.genome()
         x = genome.x0() if x0 else _read_genotype(genotype, genome.size)
     # Every metric of every task is reported: the configured metric only picks the score.
@@ -411,6 +491,8 @@ def export(
     genotype: Path = typer.Option(None, help="With a genome config: JSON list of genes."),
     x0: bool = typer.Option(False, "--x0", help="With a genome config: mergekit-evolve's starting recipe."),
     random_seed: int = typer.Option(0, min=0, help="Seeds the DARE/DELLA masks (as in the search)."),
+    allow_crimes: bool = typer.Option(False, "--allow-crimes/--no-allow-crimes", help=ALLOW_CRIMES_HELP),
+    hub_cache: Path = typer.Option(None, help=HUB_CACHE_HELP),
 ) -> None:
     """Write a merged model folder with hotmerge's merge engine.
 
@@ -420,14 +502,15 @@ def export(
     from hotmerge.run.export import export_merge
     from hotmerge.config.merge import load_merge_config
 
+    _use_hub_cache(hub_cache)
     if _is_merge_config(config):
         if genotype is not None or x0:
             raise ConfigError("a merge config fixes the recipe: drop --genotype/--x0")
-        validated, recipe = load_merge_config(config)
+        validated, recipe = load_merge_config(config, allow_crimes=allow_crimes)
     else:
         if (genotype is None) == (not x0):
             raise ConfigError("with a genome config give exactly one of --genotype FILE and --x0")
-        validated = validate_config(load_config(config))
+        validated = validate_config(load_config(config), allow_crimes=allow_crimes)
         genome = validated.genome()
         recipe = genome.decode(genome.x0() if x0 else _read_genotype(genotype, genome.size))
     _check_export_target(out_dir, validated)

@@ -34,6 +34,7 @@ from hotmerge.config.genome import Genome
 from hotmerge.config.tokenizer import VOCAB_SOURCES, TokenizerSection, map_models, settings_of
 from hotmerge.errors import ConfigError
 from hotmerge.models.folder import ModelInfo, warn_own_code
+from hotmerge.models.hub import normalize_reference, resolve_reference
 from hotmerge.kernels.methods import METHOD_NAMES, get_method
 
 MERGE_METHODS = METHOD_NAMES
@@ -61,27 +62,12 @@ def _resolve_model(value: str, info: ValidationInfo) -> str:
 
 
 def resolve_model_path(value: str, base_dir=None) -> str:
-    """A model reference of a config as an absolute path (ValueError: why it is not one).
-
-    `model+adapter` (mergekit's LoRA syntax) resolves both folders: `/abs/model+/abs/adapter`."""
-    value = _check_model_string(value)
-    model, plus, adapter = value.partition("+")
-    if plus and not (model.strip() and adapter.strip()):
-        raise ValueError(f"'{value}' is not model+adapter: give both folders, e.g. models/base+adapters/lora")
-    resolved = _absolute(model, base_dir)
-    return f"{resolved}+{_absolute(adapter, base_dir)}" if plus else resolved
-
-
-def _check_model_string(value: str) -> str:
-    # mergekit parses "path+lora" and "path@revision"; hotmerge reads local folders only.
+    """A model reference of a config, normalised (ValueError: why it is not one): a folder
+    (made absolute), a hub name (name@revision), or mergekit's `model+adapter` of either.
+    validate_config turns hub names into cached folders (models/hub.py)."""
     if not value.strip():
-        raise ValueError("is empty: give the path of a model folder")
-    if "@" in value:
-        raise ValueError(
-            f"'{value}' names a revision (path@revision), which is not supported: "
-            "give the path of a local model folder"
-        )
-    return value
+        raise ValueError("is empty: give a model folder or a hub repository name")
+    return normalize_reference(value, base_dir)
 
 
 class GenomeConfig(BaseModel):
@@ -111,7 +97,7 @@ class GenomeConfig(BaseModel):
             try:
                 out.append(_resolve_model(v, info))
             except ValueError as e:
-                raise ValueError(f"entry {i} {e}") from None
+                raise ValueError(f"[{i}] {e}") from None
         dup = sorted({p for p in out if out.count(p) > 1})
         if dup:
             raise ValueError(f"lists {dup[0]} twice: list each model once")
@@ -585,7 +571,7 @@ def format_validation_error(e: ValidationError) -> str:
         if not field:
             return f"{text}{more}"
         # Field checks read on from the field name ("genome.models is empty: ...").
-        sep = " " if text.startswith(("is ", "entry ", "lists ", "'")) else ": "
+        sep = "" if text.startswith("[") else " " if text.startswith(("is ", "entry ", "lists ", "'")) else ": "
         return f"{field}{sep}{text}{more}"
     hint = _hint_for(field)
     got = err.get("input")
@@ -656,13 +642,16 @@ class ValidatedConfig:
         return Genome(self.config.genome, self.num_layers)
 
 
-def validate_config(cfg: EvolveConfig, inputs_of=None, tokenizer_base: Optional[str] = None) -> ValidatedConfig:
+def validate_config(cfg: EvolveConfig, inputs_of=None, tokenizer_base: Optional[str] = None,
+                    allow_crimes: bool = False) -> ValidatedConfig:
     """Check that the models exist, match each other, and fit the genome; load no weights
-    (with tokenizer_source: build the vocabulary, see models/vocab.py).
+    (with tokenizer_source: build the vocabulary, see models/vocab.py). allow_crimes
+    (mergekit's flag) lets architectures differ where every tensor's name and shape match.
 
     A merge config's slices say what mergekit gathers for a vocabulary tensor,
     inputs_of(tensor name) -> (models, base), and its base_model (tokenizer_base) is the
     base of the vocabulary even where the method takes none."""
+    cfg = with_local_models(cfg)
     g = cfg.genome
     infos = {}
     for i, p in enumerate(g.models):
@@ -687,7 +676,7 @@ def validate_config(cfg: EvolveConfig, inputs_of=None, tokenizer_base: Optional[
         axes = vocabulary_axes(ref)
     for i, info in enumerate(models):
         if info is not ref:
-            _check_same_layout(info, f"genome.models[{i}]", ref, ref_label, axes)
+            _check_same_layout(info, f"genome.models[{i}]", ref, ref_label, axes, allow_crimes)
 
     n = ref.num_layers
     if n < 1:
@@ -707,6 +696,36 @@ def validate_config(cfg: EvolveConfig, inputs_of=None, tokenizer_base: Optional[
         if not os.path.exists(p):
             raise ConfigError(f"task_paths[{i}] {p} does not exist: fix the path or remove it")
     return ValidatedConfig(config=cfg, models=models, base=base, num_layers=n, vocabulary=vocabulary)
+
+
+def with_local_models(cfg: EvolveConfig) -> EvolveConfig:
+    """cfg with every model reference a local folder: hub names (name@revision, either half
+    of model+adapter) fetched into the Hugging Face cache, or found there offline."""
+    g = cfg.genome
+    found: dict[str, str] = {}
+
+    def local(ref: str, label: str) -> str:
+        if ref not in found:
+            try:
+                found[ref] = resolve_reference(ref)
+            except ConfigError as e:
+                raise ConfigError(f"{label}: {e}") from None
+        return found[ref]
+
+    models = [local(ref, f"genome.models[{i}]") for i, ref in enumerate(g.models)]
+    for i, folder in enumerate(models):
+        if folder in models[:i]:
+            j = models.index(folder)
+            raise ConfigError(f"genome.models[{j}] {g.models[j]} and genome.models[{i}] {g.models[i]} are the same "
+                              f"model ({folder}): list each model once")
+    update: dict[str, Any] = {"models": models}
+    if g.base_model is not None:
+        update["base_model"] = local(g.base_model, "genome.base_model")
+    if g.tokenizer_source is not None and g.tokenizer_source not in VOCAB_SOURCES:
+        update["tokenizer_source"] = local(g.tokenizer_source, "genome.tokenizer_source")
+    if g.tokenizer is not None:
+        update["tokenizer"] = map_models(g.tokenizer, lambda ref: local(ref, "genome.tokenizer"))
+    return cfg.model_copy(update={"genome": g.model_copy(update=update)})
 
 
 def _align(g: GenomeConfig, settings: dict, models: list, base: Optional[ModelInfo], inputs_of, tokenizer_base):
@@ -746,16 +765,18 @@ def _model_info(path: str, label: str) -> ModelInfo:
     return info
 
 
-def _check_same_layout(info: ModelInfo, label: str, ref: ModelInfo, ref_label: str, vocab_axes: dict) -> None:
-    """Same architecture, layers and tensors; a vocabulary tensor (vocab_axes: name ->
-    token axis, given with tokenizer_source) may differ along its token axis."""
+def _check_same_layout(info: ModelInfo, label: str, ref: ModelInfo, ref_label: str, vocab_axes: dict,
+                       allow_crimes: bool = False) -> None:
+    """Same architecture (unless allow_crimes), layers and tensors; a vocabulary tensor
+    (vocab_axes: name -> token axis, given with tokenizer_source) may differ along its token axis."""
     fix = "merge only models fine-tuned from the same base"
     who = f"{label} ({info.path})"
     refwho = f"{ref_label} ({ref.path})"
-    if info.architectures != ref.architectures:
+    if info.architectures != ref.architectures and not allow_crimes:
         raise ConfigError(
             f"{who} has architectures {info.architectures} but {refwho} has "
-            f"{ref.architectures}: {fix}"
+            f"{ref.architectures}: {fix}, or pass --allow-crimes to merge them where every tensor's name and "
+            "shape match (the merged model is built as the reference's architecture)"
         )
     if info.num_layers != ref.num_layers:
         raise ConfigError(

@@ -76,6 +76,12 @@ class ModelInfo:
             if not adapter_config.is_file():
                 raise ConfigError(f"{adapter} has no adapter_config.json: give a PEFT adapter folder "
                                   "(saved with save_pretrained) after the +")
+            if not (Path(adapter) / "adapter_model.safetensors").is_file():
+                pickles = sorted(p.name for pattern in PICKLE_PATTERNS for p in Path(adapter).glob(pattern))
+                held = (f"holds only pickle weights ({', '.join(pickles[:3])}), which hotmerge never loads "
+                        "(unpickling can run code)") if pickles else "has no adapter_model.safetensors"
+                raise ConfigError(f"adapter {adapter} {held}: save the adapter with "
+                                  "save_pretrained(..., safe_serialization=True)")
             return replace(cls.from_path(path), lora=str(Path(adapter)))
         folder = Path(path)
         if not folder.is_dir():

@@ -45,6 +45,11 @@ class EvolveOptions:
     csv: bool = True
     tensorboard: bool | None = None
     allow_benchmark_tasks: bool = False
+    # mergekit-evolve's --num-gpus: ranks started on this machine, one per GPU (or per
+    # tensor_parallel_size GPUs); None: this process alone, or the ranks torchrun started.
+    num_gpus: int | None = None
+    allow_crimes: bool = False  # merge models whose architectures differ, tensors alike
+    hub_cache: Path | None = None  # where hub names resolve (models/hub.py); recorded in run.json
 
 
 # Changing any of these makes a different run: resuming with other values is refused.
@@ -77,13 +82,50 @@ def versions() -> dict[str, str]:
     return found
 
 
-def original_model_names(config_path: Path, resolved: list[str], base: str | None) -> dict[str, str]:
-    """Resolved path -> the string the user wrote, so best_config.yaml keeps the user's paths."""
+def original_model_names(config_path: Path, genome) -> dict[str, str]:
+    """Local folder -> the reference the user wrote (a path or a hub name), so that
+    best_config.yaml names the models as the config does."""
     raw = yaml.safe_load(config_path.read_text())["genome"]
-    names = dict(zip(resolved, raw["models"]))
-    if base is not None and raw.get("base_model") is not None:
-        names.setdefault(base, raw["base_model"])
+    names = dict(zip(genome.models, raw["models"]))
+    for key in ("base_model", "tokenizer_source"):
+        if getattr(genome, key) is not None and raw.get(key) is not None:
+            names.setdefault(getattr(genome, key), raw[key])
     return names
+
+
+def ranks_for_gpus(num_gpus: int | None, tensor_parallel_size: int, device: str | None) -> int:
+    """The ranks --num-gpus asks this machine for: 1 runs the search in this process.
+    Under torchrun, --num-gpus must match the group torchrun started (it counts every node's)."""
+    if num_gpus is None:
+        return 1
+    if device is not None:
+        raise ConfigError(f"--num-gpus {num_gpus} gives each rank GPUs of its own, and --device {device} one "
+                          "device for all: drop --device")
+    if num_gpus % tensor_parallel_size:
+        raise ConfigError(f"--num-gpus {num_gpus} is not a multiple of --tensor-parallel-size "
+                          f"{tensor_parallel_size} (GPUs per engine): make it one")
+    ranks = num_gpus // tensor_parallel_size
+    if "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world != ranks:
+            raise ConfigError(f"--num-gpus {num_gpus} asks for {ranks} ranks but torchrun started {world}: drop "
+                              "--num-gpus under torchrun (its --nnodes and --nproc-per-node set the ranks)")
+        return 1
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus < num_gpus:
+        raise ConfigError(f"--num-gpus {num_gpus} but this machine has {gpus} GPU{'s' if gpus != 1 else ''}: "
+                          f"use --num-gpus {gpus} or fewer" + (" (or drop it to run on the CPU)" if not gpus else "")
+                          + "; for several machines, start the ranks with torchrun")
+    return ranks
+
+
+def torchrun_command(ranks: int, argv: list[str]) -> list[str]:
+    """This command line (argv: its words after the program) again, under torch's own
+    launcher with `ranks` local ranks: each rank finds itself under torchrun and runs."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+            "-m", "hotmerge", *argv]
 
 
 def check_task_search_paths(paths) -> None:
@@ -176,14 +218,14 @@ def evolve(config_path: Path, options: EvolveOptions, console=None) -> dict | No
     cfg = load_config(config_path)
     for task in check_benchmark_tasks(cfg, options.allow_benchmark_tasks):
         log(f"warning: task {task} is a common benchmark; its score measures the search, not the model")
-    validated = validate_config(cfg)
+    validated = validate_config(cfg, allow_crimes=options.allow_crimes)
     genome = validated.genome()
     # torch.distributed and pycma are imported once the config has passed: a config
     # error comes back in a second, not after the heavy imports.
     from hotmerge.search.coordinator import Coordinator, Fitness, distributed_context, worker_loop
 
     rank, world = distributed_context()
-    names = original_model_names(config_path, list(cfg.genome.models), cfg.genome.base_model)
+    names = original_model_names(config_path, validated.config.genome)
 
     from hotmerge.kernels import stats_cache
     from hotmerge.runtimes import check_runtime_options
@@ -203,6 +245,16 @@ def evolve(config_path: Path, options: EvolveOptions, console=None) -> dict | No
     check_runtime_options("vllm" if options.vllm else "hf", options.device, options.tensor_parallel_size)
     if options.resume and not run.exists():
         raise ConfigError(f"--resume: {run.path} holds no run to resume: drop --resume to start one there")
+    ranks = ranks_for_gpus(options.num_gpus, options.tensor_parallel_size, options.device)
+    if ranks > 1:
+        # mergekit-evolve's --num-gpus on one machine: the same command, once per GPU, under
+        # torchrun (which stays the way to run on several machines). Checked first, so a
+        # bad config is one line here, not one per rank.
+        info(f"starting {ranks} ranks under torchrun, one per {'GPU' if options.tensor_parallel_size == 1 else 'engine'}")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        command = torchrun_command(ranks, sys.argv[1:])
+        os.execv(command[0], command)
     meta = {
         "config": yaml.safe_load(config_path.read_text()),
         "config_path": str(Path(config_path).resolve()),
@@ -215,6 +267,8 @@ def evolve(config_path: Path, options: EvolveOptions, console=None) -> dict | No
         "genome_shape": list(genome.shape),
         "versions": versions(),
         "command": sys.argv,
+        "hub_cache": str(options.hub_cache) if options.hub_cache is not None else None,
+        "allow_crimes": options.allow_crimes,
     }
     if rank == 0 and run.check(meta, RESUME_KEYS):
         info(f"resuming the run in {run.path}")
