@@ -54,6 +54,7 @@ class RunData:
     tasks: list[TaskSpec]
     best_config_text: Optional[str]
     history_lines_dropped: int = 0  # a cut last line (a run being written, or killed)
+    lines: list[dict] = field(default_factory=list)  # every history line, in the order written
 
     @property
     def scored(self) -> list[dict]:
@@ -130,7 +131,7 @@ def load_run(run_dir: str | Path) -> RunData:
         except (json.JSONDecodeError, UnicodeDecodeError):
             dropped = len(lines) - i
             break
-    records = latest_records(records)  # a re-scored candidate's last line has its held-out score
+    lines, records = records, latest_records(records)  # a re-scored candidate's last line has its held-out score
     best_text = run.best_file.read_text() if run.best_file.is_file() else None
     tasks = _task_specs(meta)
     if not tasks:  # an odd run.json: take the tasks the records name
@@ -138,7 +139,7 @@ def load_run(run_dir: str | Path) -> RunData:
             if record.get("results"):
                 tasks = [TaskSpec(t, next(iter(m), "acc,none")) for t, m in record["results"].items()]
                 break
-    return RunData(Path(run_dir), meta, records, tasks, best_text, dropped)
+    return RunData(Path(run_dir), meta, records, tasks, best_text, dropped, lines)
 
 
 # -- numbers ----------------------------------------------------------------------------------
@@ -196,27 +197,26 @@ def rates(data: RunData) -> dict[str, Optional[float]]:
 
 # -- plots ------------------------------------------------------------------------------------
 
-def budget_points(records: Sequence[dict]) -> tuple[list[dict], str]:
-    """Each held-out re-scored record with the search documents scored by the end of its
-    generation (the records' `items`; held-out scoring and CMA-ES's mean are measurement,
-    not search, and are not counted), and the x axis's unit. Records from before `items`
-    was kept count one evaluation each."""
-    counted = all("items" in r for r in records if not r.get("xfavorite") and r.get("score") is not None)
-    per_generation: dict[int, int] = {}
-    for r in records:
-        if not r.get("xfavorite"):
-            per_generation[r["generation"]] = per_generation.get(r["generation"], 0) + (
-                (r.get("items") or 0) if counted else 1)
+def budget_points(lines: Sequence[dict]) -> tuple[list[dict], str]:
+    """Each held-out score with the search documents scored when it was measured, and the x
+    axis's unit: the history's lines in the order written, each candidate's documents (its
+    `items`) as its latest line gives them. A score in full that a mode adds generations later
+    counts from then on; held-out scoring and CMA-ES's mean are measurement, not search, and are
+    not counted. Records from before `items` was kept count one evaluation each."""
+    counted = all("items" in r for r in lines if not r.get("xfavorite") and r.get("score") is not None)
+    cost: dict[tuple[int, int], int] = {}
     points = []
-    for r in records:
+    for r in lines:
+        key = (r["generation"], r["index"])
+        if not r.get("xfavorite"):
+            cost[key] = (r.get("items") or 0) if counted else 1
         if r.get("heldout_score") is not None:
-            spent = sum(v for g, v in per_generation.items() if g <= r["generation"])
-            points.append({**r, "spent": spent})
+            points.append({**r, "spent": sum(cost.values())})
     return points, ("documents scored" if counted else "evaluations")
 
 
 def plot_budget(data: RunData, path: Path) -> None:
-    points, unit = budget_points(data.records)
+    points, unit = budget_points(data.lines)
     fig = _figure(8, 4.5)
     ax = fig.subplots()
     x = [p["spent"] for p in points]
@@ -224,7 +224,7 @@ def plot_budget(data: RunData, path: Path) -> None:
                 fmt="o", color="tab:green", label="held-out score", zorder=3)
     ax.scatter(x, [p["score"] for p in points], marker="_", s=160, color="tab:blue",
                label="search score or estimate", zorder=2)
-    ax.set_xlabel(f"search {unit} by the end of the candidate's generation")
+    ax.set_xlabel(f"search {unit} when the held-out score was measured")
     ax.set_ylabel("score")
     ax.set_title(f"{data.path.name}: held-out score against search compute")
     ax.grid(alpha=0.3)
