@@ -371,3 +371,61 @@ def test_genome_module_does_not_import_the_config_schema():
     code = ("import sys, hotmerge.config.genome; "
             "sys.exit('hotmerge.config.evolve' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+# -- genes of mergekit's functional methods ------------------------------------
+# (method, base placement, extra genome keys, models used): nearswap's t is one gene per
+# (layer group, filter set); nuslerp's and multislerp's weight one per model as well.
+FUNCTIONAL_CASES = [
+    ("nearswap-g2-filters", "nearswap", "out", {"layer_granularity": 2, "filters": ["mlp"]}, 1),
+    ("nearswap-smooth-filters", "nearswap", "out", {"layer_granularity": 1, "smooth": True,
+                                                    "filters": ["self_attn"]}, 1),
+    ("nuslerp-base-g2", "nuslerp", "out", {"layer_granularity": 2}, 2),
+    ("nuslerp-no-base-filters", "nuslerp", None, {"filters": ["mlp"]}, 2),
+    ("multislerp-smooth", "multislerp", "out", {"layer_granularity": 2, "smooth": True}, 3),
+]
+
+
+@pytest.mark.parametrize("case", FUNCTIONAL_CASES, ids=[c[0] for c in FUNCTIONAL_CASES])
+def test_functional_genes_decode_as_mergekit_plans_them(family, case):
+    """Each gene lands where mergekit's planner reads it: shared genes as the merge's
+    parameters of every tensor of their layer group and filter set, per-model genes as
+    that model's; the recipe the engine applies holds the same values."""
+    _, method, base, extra, n = case
+    base_path, models = family
+    g = Genome(GenomeConfig.model_validate(genome_dict((base_path, models[:n]), method, base, extra)), NUM_LAYERS)
+    shared = method == "nearswap"
+    assert g.shape[1] == (1 if shared else n)
+    x = random_genotypes(g, n=1, seed=11)[0]
+    recipe = g.decode(x)
+    refs = [ModelReference.model_validate(p) for p in g.models]
+    tasks = planned_tensors(g.to_mergekit_config(x))
+    seen = set()
+    for name, task in tasks:
+        r = recipe.tensor(name)
+        assert r.params["active"].tolist() == [1.0] * n, name
+        for gene in g.param_names:
+            if shared:
+                value = task.parameters[gene]
+                assert r.params[gene].tolist() == [value] * n, (name, gene)
+                seen.add(value)
+            else:
+                for i, ref in enumerate(refs):
+                    assert task.input_parameters[ref][gene] == r.params[gene][i], (name, gene, i)
+    if shared:  # every gene reached some tensor (smooth: interpolated between them)
+        assert len(seen) >= g.size
+
+
+def test_shared_genes_start_at_the_registry_values(family):
+    base_path, models = family
+    g = Genome(GenomeConfig.model_validate(genome_dict((base_path, models[:1]), "nearswap", "out", {})),
+               NUM_LAYERS)
+    assert g.shape == (1, 1, 1, 1)
+    np.testing.assert_array_equal(g.x0(), [np.float32(1e-3)])
+
+
+@pytest.mark.parametrize("method", ["model_stock", "karcher", "passthrough"])
+def test_methods_with_nothing_to_search_are_refused_by_the_genome(family, method):
+    base_path, models = family
+    with pytest.raises(ValueError, match=f"{method} has no parameter for evolve to search"):
+        GenomeConfig.model_validate(genome_dict(family, method, "out", {}))

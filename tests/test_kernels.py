@@ -766,6 +766,26 @@ def test_functional_statistics_are_computed_once():
     assert torch.equal(_gather(flat, out), expected)
 
 
+def test_karcher_follows_sources_changed_in_place():
+    """karcher's iterations are cached with the statistics: sources written in place (then
+    flat.stats = None, as layout.FlatSources asks) give the new sources' merge, not the old."""
+    flat, _, _ = _layout(seed=44)
+    flat = F.FlatSources(flat.models, flat.segments)
+    F.apply(flat, F.build_table("karcher", flat, {}, normalize=False), torch.zeros(flat.total, dtype=torch.bfloat16))
+    g = torch.Generator().manual_seed(45)
+    flat.models.copy_(torch.randn(flat.models.shape, generator=g).bfloat16())
+    flat.stats = None
+    out = torch.zeros(flat.total, dtype=torch.bfloat16)
+    F.apply(flat, F.build_table("karcher", flat, {}, normalize=False), out)
+    expected = []
+    for s in flat.segments:
+        if s.numel:
+            rows = [flat.models[m, s.offset: s.offset + s.numel] for m in range(M)]
+            expected.append(R.merge_tensor("karcher", None, rows, {}, normalize=False))
+    assert torch.equal(torch.cat([out[s.offset: s.offset + s.numel] for s in flat.segments if s.numel]),
+                       torch.cat(expected))
+
+
 def test_functional_methods_refuse_the_wrong_number_of_inputs():
     flat, _, _ = _layout(seed=43)
     with pytest.raises(ValueError, match="nuslerp merges 2 models besides the base"):

@@ -35,9 +35,9 @@ from hotmerge.config.tokenizer import VOCAB_SOURCES, TokenizerSection, map_model
 from hotmerge.errors import ConfigError
 from hotmerge.models.folder import ModelInfo, warn_own_code
 from hotmerge.models.hub import normalize_reference, resolve_reference
-from hotmerge.kernels.methods import METHOD_NAMES, get_method
+from hotmerge.kernels.methods import METHOD_NAMES, METHODS, SUPPORTED_METHODS, get_method
 
-MERGE_METHODS = METHOD_NAMES
+MERGE_METHODS = SUPPORTED_METHODS
 # Every method of the task-arithmetic family works on deltas from a base model.
 BASE_METHODS = tuple(m for m in METHOD_NAMES if get_method(m).needs_base)
 
@@ -127,8 +127,14 @@ class GenomeConfig(BaseModel):
     @field_validator("merge_method")
     @classmethod
     def _merge_method(cls, value: str) -> str:
+        if value in METHODS:
+            METHODS[value].refuse_unless_supported()
         if value not in MERGE_METHODS:
             raise ValueError(f"'{value}' is not supported: use one of {', '.join(MERGE_METHODS)}")
+        if not METHODS[value].searchable:
+            raise ValueError(f"{value} has no parameter for evolve to search: score a mergekit merge "
+                             "config of it with hotmerge eval MERGE.yaml --tasks ..., write it with hotmerge "
+                             "export, or search a method with parameters")
         return value
 
     @field_validator("layer_granularity")

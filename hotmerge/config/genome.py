@@ -28,6 +28,13 @@ source (plan.py, config.py, parameter_resolver.py, merge_methods/*):
 - gamma (breadcrumbs, 0.01) and epsilon (della, 0.15) have defaults in mergekit
   0.1.5, so the emitted config leaves them out. DELLA raises unless
   epsilon < density < 1 - epsilon, so DELLA densities are clipped into that range.
+- Shared genes (nearswap's t, sce's select_topk, ramplus_tl's r and alpha: one value
+  per merge in mergekit, MethodSpec.gene_scope SHARED) have no place in mergekit-evolve's
+  genome. Here they take one gene per (layer group, filter set): the genotype is
+  (G, 1, S, P), a gene starts at its registry default (or its Param.x0), decodes as |x|,
+  and the emitted config writes it where mergekit reads a shared parameter: in each
+  slice's `parameters` (discrete groups) or the top-level `parameters` (smooth: a
+  gradient), with the filter conditionals as for per-model genes.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ import numpy as np
 
 from hotmerge.config.tokenizer import VOCAB_SOURCES, map_models
 from hotmerge.models.folder import layer_index
-from hotmerge.kernels.methods import METHODS
+from hotmerge.kernels.methods import METHODS, SHARED
 
 if TYPE_CHECKING:  # genome.py only reads the schema; evolve.py imports this module
     from hotmerge.config.evolve import GenomeConfig
@@ -155,11 +162,18 @@ class Recipe:
                 params[name] = _gradient(column, loc.t)
             else:
                 params[name] = column[loc.group].copy()
-        if METHODS[self.method].needs_base and self.base_index is not None:
+        spec = METHODS[self.method]
+        if spec.gene_scope == SHARED:
+            # one value per merge, carried as a per-model column (as merge configs carry it)
+            params = {name: np.full(m, float(v[0])) for name, v in params.items()}
+        if spec.takes_base and self.base_index is not None:
             active[self.base_index] = False
-            params["weight"][self.base_index] = 0.0
+            if "weight" in params:
+                params["weight"][self.base_index] = 0.0
         for name, v in self.fixed.items():
             params[name] = np.full(m, v, dtype=np.float64)
+        if spec.engine not in ("task", "combine"):
+            params["active"] = active.astype(np.float64)  # the functional methods' inputs
         return TensorRecipe(tensor_name, loc, params, active)
 
     def params(self, tensor_name: str) -> dict[str, np.ndarray]:
@@ -195,9 +209,12 @@ class Genome:
         self.filters = tuple(genome_def.filters or ())
         self.models = tuple(genome_def.models)
         self.base_model = genome_def.base_model
+        spec = METHODS[self.method]
+        # shared genes: one per (layer group, filter set), not one per model
+        self.shared = spec.searchable and spec.gene_scope == SHARED
         self.shape = (
             self.num_layers // k if k > 0 else 1,
-            len(self.models),
+            1 if self.shared else len(self.models),
             len(self.filters) + 1,
             len(self.param_names),
         )
@@ -224,6 +241,12 @@ class Genome:
             rng = np.random.default_rng(seed)
             return rng.random(self.size, dtype=np.float32).astype(np.float64)
         x = np.zeros(self.shape, dtype=np.float32)
+        if self.shared:
+            spec = METHODS[self.method]
+            for i, name in enumerate(self.param_names):
+                p = spec.gene_param(name)
+                x[..., i] = p.x0 if p.default is None else p.default
+            return x.reshape(-1).astype(np.float64)
         x[..., 0] = np.float32(1) / np.float32(self.shape[1])
         x[..., 1:] = 1
         return x.reshape(-1).astype(np.float64)
@@ -312,13 +335,20 @@ class Genome:
         out: dict = {"merge_method": self.method}
         if self.base_model is not None:
             out["base_model"] = ref(self.base_model)
+        values = {} if self.method == "slerp" else self.param_values(geno)
+        per_model = {} if self.shared else values
         if self.method == "slerp":
             out["slices"] = self._slerp_slices(geno, ref)
         elif self.definition.smooth:
-            out["models"] = self._smooth_models(self.param_values(geno), ref)
+            out["models"] = self._smooth_models(per_model, ref)
         else:
-            out["slices"] = self._discrete_slices(self.param_values(geno), ref)
+            out["slices"] = self._discrete_slices(per_model, ref)
+            if self.shared:
+                for g, sl in enumerate(out["slices"]):
+                    sl["parameters"] = {p: self._setting(v, 0, g) for p, v in values.items()}
         out["parameters"] = {"normalize": self.normalize, "int8_mask": True}
+        if self.shared and self.definition.smooth:
+            out["parameters"].update({p: self._setting(v, 0, None) for p, v in values.items()})
         out["dtype"] = "bfloat16"
         ts = self.definition.tokenizer_source
         if ts is not None:
@@ -358,10 +388,10 @@ class Genome:
         for g in range(self.shape[0]):
             sources = []
             for m, model in enumerate(self.models):
-                params = {p: self._setting(v, m, g) for p, v in values.items()}
-                sources.append(
-                    {"model": ref(model), "layer_range": self._layer_range(g), "parameters": params}
-                )
+                source = {"model": ref(model), "layer_range": self._layer_range(g)}
+                if values:
+                    source["parameters"] = {p: self._setting(v, m, g) for p, v in values.items()}
+                sources.append(source)
             if self._extra_base():
                 sources.append({"model": ref(self.base_model), "layer_range": self._layer_range(g)})
             slices.append({"sources": sources})
@@ -370,8 +400,10 @@ class Genome:
     def _smooth_models(self, values: dict[str, np.ndarray], ref) -> list[dict]:
         models = []
         for m, model in enumerate(self.models):
-            params = {p: self._setting(v, m, None) for p, v in values.items()}
-            models.append({"model": ref(model), "parameters": params})
+            entry = {"model": ref(model)}
+            if values:
+                entry["parameters"] = {p: self._setting(v, m, None) for p, v in values.items()}
+            models.append(entry)
         if self._extra_base():
             models.append({"model": ref(self.base_model)})
         return models

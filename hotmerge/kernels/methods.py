@@ -58,12 +58,15 @@ class Param:
     """One mergekit parameter: its name, default (REQUIRED: none) and scope.
 
     optional: the parameter may be left unset (mergekit's Optional[float] = None,
-    passthrough's scale); its default is then None without being required."""
+    passthrough's scale); its default is then None without being required.
+    x0: where evolve starts this gene when it has no default (mergekit-evolve's
+    weight: 1/M, set by the genome)."""
 
     name: str
     default: Optional[Value] = REQUIRED
     scope: str = SHARED
     optional: bool = False
+    x0: Optional[float] = None
 
     @property
     def required(self) -> bool:
@@ -152,6 +155,9 @@ class MethodSpec:
     def searchable(self) -> bool:
         """evolve has at least one gene to move."""
         return bool(self.genes)
+
+    def gene_param(self, name: str) -> Param:
+        return next(p for p in self.tensor_params + self.global_params if p.name == name)
 
     @property
     def gene_scope(self) -> str:
@@ -300,7 +306,9 @@ _ALL = (
          refusal="its importance threshold samples a million elements at random on tensors "
                  "larger than that, which hotmerge cannot reproduce: merge it with mergekit-yaml"),
     _own("nearswap", "NearSwap", "https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
-         shared=(Param("t"),), genes=("t",),
+         # t: a |delta| below which an element takes the fine-tune's value; evolve starts
+         # it at the scale of bf16 fine-tuning deltas
+         shared=(Param("t", x0=1e-3),), genes=("t",),
          contract=Contract(base=BASE_REQUIRED, min_inputs=2, max_inputs=2), engine="nearswap"),
     _own("ram", "Reinforced Agent Merging", "https://arxiv.org/abs/2601.13572",
          shared=(Param("epsilon", 1e-5),), contract=BASE_CONTRACT, engine=None,

@@ -229,15 +229,16 @@ def build_table(
     )
 
 
-def _karcher(flat: FlatSources, j: int, idx: np.ndarray, max_iter: int, tol: float) -> np.ndarray:
+def _karcher(flat: FlatSources, st, j: int, idx: np.ndarray, max_iter: int, tol: float) -> np.ndarray:
     """karcher's coefficients of segment j, from its iteration on the tensors
-    (reference.karcher_tensor_coefficients): once per layout and setting, never per apply."""
+    (reference.karcher_tensor_coefficients): once per setting, never per apply. Kept with
+    the statistics, so that sources changed in place (then flat.stats = None) recompute them."""
     key = ("karcher", j, tuple(int(i) for i in idx), max_iter, tol)
-    if key not in flat._launch:
+    if key not in st.extras:
         seg = flat.segments[j]
         rows = [flat.models[int(i), seg.offset: seg.offset + seg.numel] for i in idx]
-        flat._launch[key] = R.karcher_tensor_coefficients(rows, max_iter, tol)
-    return flat._launch[key]
+        st.extras[key] = R.karcher_tensor_coefficients(rows, max_iter, tol)
+    return st.extras[key]
 
 
 def _functional(spec: R.MethodSpec, flat: FlatSources, p: dict, rows: np.ndarray, st, coef: np.ndarray,
@@ -273,7 +274,7 @@ def _functional(spec: R.MethodSpec, flat: FlatSources, p: dict, rows: np.ndarray
         params = {name: values[name][j, idx] for name in per_model if name in values}
         params.update({name: values[name][j, idx[0]] for name in shared if name in values})
         if spec.name == "karcher":
-            ci = _karcher(flat, j, idx, int(params.get("max_iter", 10)), float(params.get("tol", 1e-5)))
+            ci = _karcher(flat, st, j, idx, int(params.get("max_iter", 10)), float(params.get("tol", 1e-5)))
         else:
             ci = R.stats_coefficients(spec.name, grams[j][np.ix_(idx, idx)], params, flat.dtype)
         (weight if with_base else coef)[j, idx] = ci

@@ -14,9 +14,11 @@ from hotmerge.config.evolve import ValidatedConfig
 from hotmerge.kernels.methods import get_method
 
 BYTES_PER_ELEMENT = 2  # bf16 everywhere
-# Per (model, tensor): at most a cumulative histogram over the 32768 |x| bit patterns
-# (int64), built at load for every method with a base (kernels/stats.py).
-HISTOGRAM_BYTES = 32768 * 8
+# Per (model, tensor): at most the 32768 |x| bit patterns that occur, each with its
+# cumulative count and L1 (int64, int64, float64), built at load whenever there is a
+# base (kernels/stats.py).
+HISTOGRAM_BYTES = 32768 * 3 * 8
+FLOAT64 = 8
 
 
 def default_popsize(genome_size: int) -> int:
@@ -55,17 +57,29 @@ def memory_plan(validated: ValidatedConfig, population_size: int | None = None,
     if genome_cfg.base_model is not None:
         rows.append(("base (resident)", model_bytes))
     rows.append((f"sources: {n_models} models (resident)", n_models * model_bytes))
-    method = get_method(genome_cfg.merge_method)
-    if method.needs_base:
-        # "cached": evolve keeps the statistics in <storage-path>/.stats-cache (kernels/stats_cache.py)
-        rows.append(("statistics: magnitude histograms (cached)", n_models * len(ref.tensors) * HISTOGRAM_BYTES))
-    if method.rank_code_bytes_per_parameter:
-        rows.append(("statistics: della rank codes (cached)",
-                     n_models * parameters * method.rank_code_bytes_per_parameter))
+    rows += statistics_rows(get_method(genome_cfg.merge_method), n_models, len(ref.tensors), parameters,
+                            with_base=genome_cfg.base_model is not None)
     genome = validated.genome()
     return MemoryPlan(rows=rows, device=device, device_total=device_total,
                       genome_shape=genome.shape, genome_size=genome.size,
                       population=population_size or default_popsize(genome.size))
+
+
+def statistics_rows(method, n_models: int, n_tensors: int, parameters: int, *, with_base: bool) -> list:
+    """(what, bytes) of the load-time statistics kernels/stats.py keeps for `method`
+    ("cached": evolve keeps them in <storage-path>/.stats-cache, kernels/stats_cache.py)."""
+    rows = []
+    if with_base:
+        rows.append(("statistics: magnitude histograms (cached)", n_models * n_tensors * HISTOGRAM_BYTES))
+    if method.needs_slerp_constants:
+        # per tensor: the norms, the dot products between sources and, with a base, between deltas
+        grams = 2 if with_base else 1
+        rows.append(("statistics: norms and dot products (cached)",
+                     n_tensors * (n_models + grams * n_models * n_models) * FLOAT64))
+    if method.rank_code_bytes_per_parameter:
+        rows.append(("statistics: della rank codes (cached)",
+                     n_models * parameters * method.rank_code_bytes_per_parameter))
+    return rows
 
 
 def local_device_memory(device: str | None = None) -> tuple[str, int | None]:
