@@ -138,36 +138,79 @@ def test_a_local_folder_with_a_revision_is_refused(hub_cache, tmp_path):
         load_config(config)
 
 
-@pytest.mark.slow
-def test_plan_evolve_eval_and_export_run_offline_on_names(hub_cache, tmp_path):
-    """The evolve run's best_config.yaml names the models as the config does; export and
-    eval read it back through the cache (here --hub-cache, mergekit-evolve's
-    STORAGE_PATH/transformers_cache) and export equals the run's final model."""
-    config = genome_config(tmp_path / "names.yaml")
-    run_dir = tmp_path / "run"
-    env_cache = ["--hub-cache", str(hub_cache.path)]
-    # HF_HUB_CACHE names an empty cache: the models come through --hub-cache alone
-    env = {**hub_cache.env(), "HF_HUB_CACHE": str(tmp_path / "empty")}
-    with ThreadPoolExecutor(2) as pool:
-        planned = pool.submit(run, hub_cache, "plan", str(config), *env_cache, env=env)
-        done = run(hub_cache, "evolve", str(config), "--storage-path", str(run_dir), "--max-fevals", "2",
-                   "--force-population-size", "2", "--quiet", *env_cache, env=env)
-    assert planned.result().returncode == 0, planned.result().stderr
-    assert "3 models" in planned.result().stdout
-    assert done.returncode == 0, done.stderr
+def documented_command(config: Path, run_dir: Path, tasks: Path, *extra: str) -> list[str]:
+    """mergekit-evolve's documented command line (docs/evolve.md: "--strategy pool --wandb
+    --wandb-project mergekit-evolve --wandb-entity arcee-ai --storage-path ... ./config.yml",
+    with its --in-memory, --task-search-path, --max-fevals and --save-final-model), the
+    program name changed. A population of 2 keeps it to one generation."""
+    return [*HOTMERGE, "evolve", "--strategy", "pool", "--in-memory", "--wandb", "--wandb-project", "mergekit-evolve",
+            "--wandb-entity", "arcee-ai", "--storage-path", str(run_dir), "--task-search-path", str(tasks),
+            "--max-fevals", "2", "--force-population-size", "2", "--save-final-model", *extra, str(config)]
+
+
+def pool_config(path: Path) -> Path:
+    """A published-style config: hub names, a revision, model+lora by names, and tasks
+    found through --task-search-path (the toy's large pool, a few items of each)."""
+    genome_config(path)
+    data = yaml.safe_load(path.read_text())
+    data["tasks"] = ["toy_pool_capital_mc_search", "toy_pool_color_mc_search", "toy_pool_sum_mc_search"]
+    data["limit"] = 8
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def run_documented(hub: HubCache, tmp_path: Path, *extra: str):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is None:
+        pytest.skip("wandb is not installed")
+    run_dir, wandb_dir = tmp_path / "run", tmp_path / "wandb"
+    wandb_dir.mkdir()
+    env = {**hub.env(), "WANDB_MODE": "offline", "WANDB_DIR": str(wandb_dir), "WANDB_SILENT": "true",
+           # Any network use would fail: nothing listens here.
+           "WANDB_BASE_URL": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
+           "HTTP_PROXY": "http://127.0.0.1:9"}
+    config = pool_config(tmp_path / "config.yml")
+    done = subprocess.run(documented_command(config, run_dir, hub.family.root / "pool_tasks", *extra),
+                          capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "note:" not in done.stdout + done.stderr  # every flag of the line takes effect as it is
+    assert list(wandb_dir.glob("wandb/offline-run-*")), "no offline W&B run"
     best = yaml.safe_load((run_dir / "best_config.yaml").read_text())
     named = {source["model"] for sl in best["slices"] for source in sl["sources"]}
     assert named == {"toyorg/expert_capital", "toyorg/expert_color@v1", "toyorg/base+toyorg/lora_sum",
                      "toyorg/base"}
     assert best["base_model"] == "toyorg/base"
+    assert (run_dir / "final_model" / "model.safetensors").is_file()
+    return run_dir
+
+
+@pytest.mark.slow
+def test_mergekit_evolves_documented_command_line_runs_on_hub_names(hub_cache, tmp_path):
+    """The documented command line, offline from the cache; then plan, export and eval of
+    the run's best_config.yaml (named as the config names the models) through --hub-cache,
+    mergekit-evolve's STORAGE_PATH/transformers_cache for instance: the export equals the
+    run's final model."""
+    run_dir = run_documented(hub_cache, tmp_path)
+    cache = ["--hub-cache", str(hub_cache.path)]
+    # HF_HUB_CACHE names an empty cache: the models come through --hub-cache alone
+    env = {**hub_cache.env(), "HF_HUB_CACHE": str(tmp_path / "empty")}
     out = tmp_path / "exported"
     with ThreadPoolExecutor(2) as pool:
-        exported = pool.submit(run, hub_cache, "export", str(run_dir / "best_config.yaml"), str(out), *env_cache,
+        planned = pool.submit(run, hub_cache, "plan", str(pool_config(tmp_path / "plan.yml")), *cache, env=env)
+        exported = pool.submit(run, hub_cache, "export", str(run_dir / "best_config.yaml"), str(out), *cache,
                                env=env)
         scored = pool.submit(run, hub_cache, "eval", str(run_dir / "best_config.yaml"), "--tasks", SEARCH_TASKS[0],
-                             "--output", str(tmp_path / "eval.json"), *env_cache, env=env)
-    assert exported.result().returncode == 0, exported.result().stderr
-    assert scored.result().returncode == 0, scored.result().stderr
+                             "--output", str(tmp_path / "eval.json"), *cache, env=env)
+    for done in (planned, exported, scored):
+        assert done.result().returncode == 0, done.result().stderr
+    assert "3 models" in planned.result().stdout
     assert json.loads((tmp_path / "eval.json").read_text())["results"][SEARCH_TASKS[0]]
     ours, final = load_file(out / "model.safetensors"), load_file(run_dir / "final_model" / "model.safetensors")
     assert ours.keys() == final.keys() and all((ours[k] == final[k]).all() for k in ours)
+
+
+@pytest.mark.slow
+def test_the_documented_command_line_with_vllm(hub_cache, tmp_path):
+    pytest.importorskip("vllm")
+    run_documented(hub_cache, tmp_path, "--vllm")
