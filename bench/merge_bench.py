@@ -106,42 +106,81 @@ def candidate_params(method: str, n_segments: int, n_models: int, rng: np.random
     return params
 
 
+def host_sources(flat, device: torch.device):
+    """The same sources in host memory (page-locked beside a GPU), streamed to `device`."""
+    from hotmerge.kernels import FlatSources
+
+    pin = device.type == "cuda"
+
+    def host(t):
+        t = t.cpu()
+        return t.pin_memory() if pin else t.clone()
+
+    return FlatSources(host(flat.models), flat.segments, None if flat.base is None else host(flat.base),
+                       flat.model_keys).stream_to(device)
+
+
 def run(preset: str, layers: int | None, n_models: int, dtype_name: str, methods: list[str],
-        device_name: str | None, repeats: int, embeddings: bool) -> dict:
+        device_name: str | None, repeats: int, embeddings: bool, sources: str = "device") -> dict:
+    """sources: device (resident beside the output), pinned (host memory, streamed), or both
+    side by side (each method's pinned time against its resident time in the same run)."""
     from hotmerge.kernels import apply, build_table
 
     device = torch.device(device_name or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
     shape = PRESETS[preset]
     n_layers = min(layers or shape.layers, shape.layers)
-    flat = synthetic_sources(tensor_shapes(shape, n_layers, embeddings), n_models, dtype, device)
+    build_on = device if sources != "pinned" else torch.device("cpu")
+    flat = synthetic_sources(tensor_shapes(shape, n_layers, embeddings), n_models, dtype, build_on)
+    host = host_sources(flat, device) if sources != "device" else None
+    resident = flat if sources != "pinned" else None
     total = flat.total
     elem = flat.models.element_size()
     out = torch.empty(total, dtype=dtype, device=device)
     timer = Timer(device)
 
-    # Copy bandwidth, measured on a buffer the size of the merged model.
-    src = flat.models[0]
+    # Copy bandwidth, measured on a buffer the size of the merged model; with host sources,
+    # also the host link (host buffer to device).
+    src = flat.models[0] if resident is not None else out.clone()
     copy_s = timer(lambda: out.copy_(src), repeats)
     copy_bw = 2 * total * elem / copy_s
+    link_bw = None
+    if host is not None:
+        link_s = timer(lambda: out.copy_(host.models[0], non_blocking=True), repeats)
+        link_bw = total * elem / link_s
 
     rng = np.random.default_rng(0)
     rows = []
     for method in methods:
         params = candidate_params(method, len(flat.segments), n_models, rng)
-        started = time.perf_counter()
-        build_table(method, flat, params, normalize=True)  # first build computes the statistics
-        stats_s = time.perf_counter() - started
-        started = time.perf_counter()
-        table = build_table(method, flat, params, normalize=True)
-        table_s = time.perf_counter() - started
-        apply_s = timer(lambda: apply(flat, table, out), repeats)
         reads = n_models + (1 if REGISTRY[method].needs_base else 0)
         moved = (reads + 1) * total * elem
-        floor_s = moved / copy_bw
-        rows.append({"method": method, "apply_s": apply_s, "table_s": table_s, "stats_once_s": stats_s,
-                     "bytes_moved": moved, "achieved_GBps": moved / apply_s / 1e9,
-                     "floor_s": floor_s, "ratio_to_floor": apply_s / floor_s})
+        row = {"method": method, "bytes_moved": moved}
+        if resident is not None:
+            started = time.perf_counter()
+            build_table(method, flat, params, normalize=True)  # first build computes the statistics
+            stats_s = time.perf_counter() - started
+            started = time.perf_counter()
+            table = build_table(method, flat, params, normalize=True)
+            table_s = time.perf_counter() - started
+            apply_s = timer(lambda: apply(flat, table, out), repeats)
+            floor_s = moved / copy_bw
+            row.update({"apply_s": apply_s, "table_s": table_s, "stats_once_s": stats_s,
+                        "achieved_GBps": moved / apply_s / 1e9,
+                        "floor_s": floor_s, "ratio_to_floor": apply_s / floor_s})
+        if host is not None:
+            started = time.perf_counter()
+            build_table(method, host, params, normalize=True)
+            row["pinned_stats_once_s"] = time.perf_counter() - started
+            table = build_table(method, host, params, normalize=True)
+            pinned_s = timer(lambda: apply(host, table, out), repeats)
+            streamed = reads * total * elem  # what crosses the host link
+            link_floor_s = streamed / link_bw
+            row.update({"pinned_apply_s": pinned_s, "link_bytes": streamed, "link_floor_s": link_floor_s,
+                        "pinned_to_link_floor": pinned_s / link_floor_s})
+            if resident is not None:
+                row["pinned_to_resident"] = pinned_s / row["apply_s"]
+        rows.append(row)
     if device.type == "cuda":
         name, kernel = torch.cuda.get_device_name(device), "triton"
     else:
@@ -151,8 +190,10 @@ def run(preset: str, layers: int | None, n_models: int, dtype_name: str, methods
         kernel = "native C kernel + torch" if cpu_native.available() else "torch"
     return {"preset": preset, "layers": n_layers, "embeddings": embeddings, "parameters": total,
             "models": n_models, "dtype": dtype_name, "device": name, "kernel": kernel,
-            "threads": torch.get_num_threads(),
-            "repeats": repeats, "copy_GBps": copy_bw / 1e9, "rows": rows}
+            "threads": torch.get_num_threads(), "sources": sources,
+            "chunk": host.streamed if host is not None else None,
+            "repeats": repeats, "copy_GBps": copy_bw / 1e9,
+            "link_GBps": None if link_bw is None else link_bw / 1e9, "rows": rows}
 
 
 def cpu_model() -> str:
@@ -166,6 +207,17 @@ def print_report(report: dict) -> None:
     print(f"{report['preset']} ({report['layers']} layers, {report['parameters'] / 1e6:.1f}M parameters), "
           f"{report['models']} models, {report['dtype']}, {report['device']}, {report.get('kernel')}; "
           f"copy bandwidth {report['copy_GBps']:.1f} GB/s")
+    if report.get("sources", "device") != "device":
+        print(f"sources in host memory, streamed in chunks of {report['chunk']} elements; host link "
+              f"{report['link_GBps']:.1f} GB/s")
+        print(f"{'method':18s} {'device ms':>10s} {'pinned ms':>10s} {'x device':>9s} {'link floor ms':>14s} "
+              f"{'x link floor':>13s}")
+        for r in report["rows"]:
+            dev = f"{1e3 * r['apply_s']:10.2f}" if "apply_s" in r else f"{'-':>10s}"
+            ratio = f"{r['pinned_to_resident']:9.2f}" if "pinned_to_resident" in r else f"{'-':>9s}"
+            print(f"{r['method']:18s} {dev} {1e3 * r['pinned_apply_s']:10.2f} {ratio} "
+                  f"{1e3 * r['link_floor_s']:14.2f} {r['pinned_to_link_floor']:13.2f}")
+        return
     print(f"{'method':18s} {'apply ms':>10s} {'GB moved':>9s} {'GB/s':>7s} {'floor ms':>9s} {'x floor':>8s} {'table ms':>9s}")
     for r in report["rows"]:
         print(f"{r['method']:18s} {1e3 * r['apply_s']:10.2f} {r['bytes_moved'] / 1e9:9.3f} "
@@ -184,6 +236,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--no-embeddings", action="store_true", help="Leave out embed_tokens and lm_head.")
     parser.add_argument("--out", default=None, help="JSON file (default bench/results/merge_<preset>.json).")
+    parser.add_argument("--sources", choices=["device", "pinned", "both"], default="device",
+                        help="Where the sources live: beside the output (device), in host memory streamed "
+                             "in chunks (pinned), or both timed side by side.")
     args = parser.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
@@ -192,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.models < 2:
         parser.error("--models must be at least 2 (slerp merges two)")
     report = run(args.preset, args.layers, args.models, args.dtype, methods, args.device,
-                 args.repeats, not args.no_embeddings)
+                 args.repeats, not args.no_embeddings, args.sources)
     print_report(report)
     out = Path(args.out or f"bench/results/merge_{args.preset}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@
   dispatch.py       apply: one candidate into the live weights, on the device's backend
   torch_backend.py  the chunked torch path (any device; the other backends match its bits)
   cpu_backend.py    the CPU fast path and the C kernel (cpu_native.py, cpu_merge.c)
+  streaming.py      sources in (pinned) host memory, streamed to the merge in chunks
   triton_merge.py   the Triton kernels (CUDA), imported lazily so that
                     `import hotmerge.kernels` never needs a GPU or sets up Triton
 """
@@ -41,7 +42,7 @@ def __getattr__(name: str):
     module = _EXPORTS.get(name)
     if module is None:
         if name in ("dispatch", "finite", "layout", "reference", "stats", "stats_cache", "table", "torch_backend",
-                    "cpu_backend", "cpu_native", "methods", "triton_merge"):
+                    "cpu_backend", "cpu_native", "methods", "streaming", "triton_merge"):
             return importlib.import_module(f"{__name__}.{name}")
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(f"{__name__}.{module}"), name)

@@ -56,7 +56,13 @@ def apply(
     parameters, or row-range views of fused ones), written in place.
     backend: "torch", "triton", or "auto" (Triton on CUDA, torch otherwise).
     Raises NonFiniteMergeError, leaving `out` untouched, if any value would be inf/NaN.
+    Sources held in host memory (flat.streamed) are streamed to out's device in chunks.
     """
+    if flat.streamed:
+        from . import streaming
+
+        streaming.apply(flat, table, out, backend=backend, block=block)
+        return
     _check_out(flat, out)
     if backend == "auto":
         backend = "triton" if flat.device.type == "cuda" else "torch"

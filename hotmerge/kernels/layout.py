@@ -100,6 +100,10 @@ class FlatSources:
         self._stats_unsaved = False
         self._stream_keys: dict = {}
         self._launch: dict = {}  # backend caches (block maps, device tables)
+        # Elements per chunk when the buffers live in host memory and each merge streams
+        # them to the output's device (streaming.py); None: resident beside the output.
+        self.streamed: Optional[int] = None
+        self.stream_device: Optional[torch.device] = None  # where statistics are computed then
 
     @classmethod
     def allocate(
@@ -113,8 +117,11 @@ class FlatSources:
         device="cpu",
         model_keys: Optional[Sequence[int]] = None,
         align: int = 16,
+        pin_memory: bool = False,
     ) -> "FlatSources":
         """A zeroed layout of one segment per tensor, to be filled with `write` in place.
+
+        pin_memory: page-locked host buffers (device "cpu"), for sources streamed to a GPU.
 
         Segment j is tensor j; its tensor_key is tensor_key_of(names[j]). Segment
         offsets and the total are padded to multiples of `align` elements (zeros),
@@ -126,8 +133,8 @@ class FlatSources:
             segments.append(Segment(offset=offset, numel=numel, tensor_key=tensor_key_of(name),
                                     row_len=R.default_row_len(shape), name=name))
             offset += -(-numel // align) * align
-        models = torch.zeros((n_models, offset), dtype=dtype, device=device)
-        base = torch.zeros(offset, dtype=dtype, device=device) if with_base else None
+        models = torch.zeros((n_models, offset), dtype=dtype, device=device, pin_memory=pin_memory)
+        base = torch.zeros(offset, dtype=dtype, device=device, pin_memory=pin_memory) if with_base else None
         return cls(models, segments, base, model_keys)
 
     def write(self, model: Optional[int], j: int, tensor: torch.Tensor) -> None:
@@ -162,6 +169,18 @@ class FlatSources:
             for j, t in enumerate(tensors):
                 flat.write(None if m == len(models) else m, j, t)
         return flat
+
+    def stream_to(self, device, chunk: Optional[int] = None) -> "FlatSources":
+        """Keep these host buffers where they are and stream them to `device` in chunks of
+        `chunk` elements for every merge (streaming.py); the load-time statistics are
+        computed on `device` too, chunk by chunk."""
+        from .streaming import default_chunk
+
+        if self.device.type != "cpu":
+            raise ValueError(f"streamed sources live in host memory, not on {self.device}")
+        self.streamed = int(chunk or default_chunk(device))
+        self.stream_device = torch.device(device)
+        return self
 
     @property
     def n_models(self) -> int:

@@ -123,6 +123,7 @@ def compute_stats(flat, *, della: bool = False, slerp: bool = False, chunk: int 
     """
     models, base = flat.models, flat.base
     S, M, dtype = len(flat.segments), flat.n_models, flat.dtype
+    work = flat.stream_device or models.device  # streamed sources: each chunk computed there
     st = SourceStats(max_source=np.zeros((S, M)))
     if slerp:
         st.norms = np.zeros((S, M))
@@ -137,18 +138,19 @@ def compute_stats(flat, *, della: bool = False, slerp: bool = False, chunk: int 
     if della:
         if base is None:
             raise ValueError("della rank codes need a base")
-        st.rank_codes = torch.zeros(models.shape, dtype=torch.uint8, device=models.device)
+        st.rank_codes = torch.zeros(models.shape, dtype=torch.uint8, device=models.device,
+                                     pin_memory=models.is_pinned())
 
     for j, seg in enumerate(flat.segments):
         counts = (
-            torch.zeros((M, R.KEY_MAX + 1), dtype=torch.int64, device=models.device)
+            torch.zeros((M, R.KEY_MAX + 1), dtype=torch.int64, device=work)
             if base is not None
             else None
         )
         for lo in range(0, seg.numel, chunk):
             hi = min(seg.numel, lo + chunk)
             a, b = seg.offset + lo, seg.offset + hi
-            xs = models[:, a:b]
+            xs = models[:, a:b].to(work)
             for m in range(M):
                 st.max_source[j, m] = max(st.max_source[j, m], _finite_max(xs[m]))
             if slerp:
@@ -156,8 +158,8 @@ def compute_stats(flat, *, della: bool = False, slerp: bool = False, chunk: int 
                 st.dots[j] += (x64 @ x64.T).cpu().numpy()
             if base is None:
                 continue
-            bb = base[a:b].float()
-            st.max_base[j] = max(st.max_base[j], _finite_max(base[a:b]))
+            bb = base[a:b].to(work).float()
+            st.max_base[j] = max(st.max_base[j], _finite_max(bb))
             deltas = []
             for m in range(M):
                 delta = (xs[m].float() - bb).to(dtype)
@@ -191,7 +193,8 @@ def _fill_rank_codes(flat, seg, codes: torch.Tensor, rows_per_chunk: Optional[in
     for r0 in range(0, n_rows, rows_per_chunk):
         r1 = min(n_rows, r0 + rows_per_chunk)
         a, b = seg.offset + r0 * row_len, seg.offset + r1 * row_len
-        bb = flat.base[a:b].float()
+        work = flat.stream_device or flat.models.device
+        bb = flat.base[a:b].to(work).float()
         for m in range(flat.n_models):
-            delta = (flat.models[m, a:b].float() - bb).to(flat.dtype)
-            codes[m, a:b] = R.della_rank_codes(R.magnitude_keys(delta), row_len)
+            delta = (flat.models[m, a:b].to(work).float() - bb).to(flat.dtype)
+            codes[m, a:b] = R.della_rank_codes(R.magnitude_keys(delta), row_len).to(codes.device)

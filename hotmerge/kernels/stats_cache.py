@@ -97,7 +97,7 @@ class StatsCache:
             [[s.name, s.offset, s.numel, s.row_len, s.elem_offset] for s in flat.segments]).encode())
         return {
             "format": STATS_FORMAT, "hotmerge": __version__, "code": _code_digest(), "torch": torch.__version__,
-            "device": _device(flat.device), "dtype": str(flat.dtype).removeprefix("torch."),
+            "device": _device(flat.stream_device or flat.device), "dtype": str(flat.dtype).removeprefix("torch."),
             "models": flat.n_models, "base": flat.base is not None, "total": flat.total,
             "segments": layout.hexdigest(), "della": bool(della), "slerp": bool(slerp),
             "sources": self.sources,

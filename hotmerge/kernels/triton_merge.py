@@ -302,8 +302,9 @@ def _dummy(flat):
     return flat._launch["dummy"]
 
 
-def l1_kept(flat, table, *, block: Optional[int] = None) -> np.ndarray:
-    """[S, M] float64 masked L1 norms (table.l1_kept with the NaNs measured)."""
+def l1_sums(flat, table, *, block: Optional[int] = None) -> torch.Tensor:
+    """[S, M] float64 masked L1 sums on flat's device (launched, not waited for): the pairs
+    whose table.l1_kept is NaN, 0 elsewhere."""
     block = block or BLOCK
     blk_seg, blk_start = _block_map(flat, block)
     off, numel, elem = _segment_arrays(flat)
@@ -319,6 +320,12 @@ def l1_kept(flat, table, *, block: Optional[int] = None) -> np.ndarray:
         )
     sums = torch.zeros((len(flat.segments), M), dtype=torch.float64, device=flat.device)
     sums.index_add_(0, blk_seg.long(), parts)
+    return sums
+
+
+def l1_kept(flat, table, *, block: Optional[int] = None) -> np.ndarray:
+    """[S, M] float64 masked L1 norms (table.l1_kept with the NaNs measured)."""
+    sums = l1_sums(flat, table, block=block)
     kept = table.l1_kept.copy()
     need = table.sparsified & np.isnan(kept)
     kept[need] = sums.cpu().numpy()[need]
