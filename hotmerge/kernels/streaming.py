@@ -122,22 +122,27 @@ def staging(flat: FlatSources, device) -> _Staging:
     return flat._launch[key]
 
 
-def _sub_stats(st: SourceStats, idx: List[int], codes: Optional[torch.Tensor]) -> SourceStats:
-    """The rows of segments idx (their whole-tensor statistics), rank codes of the chunk."""
-
-    def rows(a):
-        return None if a is None else a[idx]
-
-    return SourceStats(max_source=st.max_source[idx], max_base=rows(st.max_base), max_delta=rows(st.max_delta),
-                       l1=rows(st.l1), hist=None if st.hist is None else [st.hist[j] for j in idx],
-                       norms=rows(st.norms), dots=rows(st.dots), delta_dots=rows(st.delta_dots),
-                       rank_codes=codes)
+def _rows(value, idx: List[int], S: int):
+    """The rows idx of a per-segment statistic or table column ([S, ...] array or list)."""
+    if isinstance(value, np.ndarray) and value.ndim and value.shape[0] == S:
+        return value[idx]
+    if isinstance(value, list) and len(value) == S:
+        return [value[j] for j in idx]
+    return value
 
 
-def _sub_table(table: CoefficientTable, idx: List[int], codes: Optional[torch.Tensor],
+def _sub_stats(st: SourceStats, idx: List[int], S: int, codes: Optional[torch.Tensor]) -> SourceStats:
+    """The statistics of segments idx (their whole tensors'), the chunk's rank codes."""
+    rows = {f.name: _rows(getattr(st, f.name), idx, S) for f in dataclasses.fields(st)
+            if f.name not in ("rank_codes", "extras")}
+    return SourceStats(**rows, rank_codes=codes if st.rank_codes is not None else None)
+
+
+def _sub_table(table: CoefficientTable, idx: List[int], S: int, codes: Optional[torch.Tensor],
                l1_kept: Optional[np.ndarray] = None) -> CoefficientTable:
-    fields = ("coef", "weight", "div", "lo", "hi", "p0", "p1", "keys", "sparsified", "l1")
-    rows = {f: getattr(table, f)[idx] for f in fields}
+    """The table rows of segments idx; per-element inputs ([M, total]) of the chunk."""
+    rows = {f.name: _rows(getattr(table, f.name), idx, S) for f in dataclasses.fields(table)
+            if f.name not in ("rank_codes", "l1_kept")}
     kept = table.l1_kept if l1_kept is None else l1_kept
     return dataclasses.replace(table, **rows, l1_kept=kept[idx],
                                rank_codes=codes if table.rank_codes is not None else None)
@@ -184,7 +189,7 @@ def _copy(flat: FlatSources, table: CoefficientTable, c: _Chunk, codes) -> None:
 
 
 def _view(c: _Chunk, st_all: SourceStats, codes) -> FlatSources:
-    c.view.stats = _sub_stats(st_all, c.segments, codes)
+    c.view.stats = _sub_stats(st_all, c.segments, len(st_all.max_source), codes)
     return c.view
 
 
@@ -194,6 +199,7 @@ def _measured_l1(flat: FlatSources, st: _Staging, table: CoefficientTable, backe
     from . import cpu_backend as cpu
     from .torch_backend import l1_kept_reference
 
+    S = len(flat.segments)
     kept = table.l1_kept.copy()
     need = table.sparsified & np.isnan(kept) & (table.weight != 0)
     exact = np.zeros_like(need)
@@ -207,7 +213,7 @@ def _measured_l1(flat: FlatSources, st: _Staging, table: CoefficientTable, backe
 
         def work(c, codes):
             view = _view(c, flat.stats, codes)
-            sub = _sub_table(table, c.segments, codes, partial)
+            sub = _sub_table(table, c.segments, S, codes, partial)
             if backend == "triton" or (backend == "auto" and view.device.type == "cuda"):
                 from . import triton_merge as T
 
@@ -232,6 +238,7 @@ def apply(flat: FlatSources, table: CoefficientTable, out, *, backend: str = "au
     device = out.device if isinstance(out, torch.Tensor) else (out[0].device if len(out) else flat.device)
     _check_out(flat, out, device)
     st = staging(flat, device)
+    S = len(flat.segments)
     if table.needs_l1_pass:
         table = dataclasses.replace(table, l1_kept=_measured_l1(flat, st, table, backend, block))
     suspects = set(unproven_segments(flat, table, table.scales()))
@@ -241,7 +248,7 @@ def apply(flat: FlatSources, table: CoefficientTable, out, *, backend: str = "au
 
         def check(c, codes):
             try:
-                apply_resident(_view(c, flat.stats, codes), _sub_table(table, c.segments, codes),
+                apply_resident(_view(c, flat.stats, codes), _sub_table(table, c.segments, S, codes),
                                scratch[: c.hi - c.lo], backend=backend, block=block)
             except NonFiniteMergeError as error:
                 bad.update(c.segments[i] for i in error.segments)
@@ -252,8 +259,8 @@ def apply(flat: FlatSources, table: CoefficientTable, out, *, backend: str = "au
             raise NonFiniteMergeError(bad_list, [flat.segments[j].name for j in bad_list])
 
     def write(c, codes):
-        apply_resident(_view(c, flat.stats, codes), _sub_table(table, c.segments, codes), _out_parts(flat, c, out),
-                       backend=backend, block=block)
+        apply_resident(_view(c, flat.stats, codes), _sub_table(table, c.segments, S, codes),
+                       _out_parts(flat, c, out), backend=backend, block=block)
 
     _walk(flat, st, table, st.chunks, write)
 
