@@ -35,17 +35,17 @@ import numpy as np
 MODES = ("full", "racing", "subsets", "irt")
 
 
-def fitness_for(mode: str, cfg, seed: int):
+def fitness_for(mode: str, cfg, seed: int, options: dict):
     from hotmerge.config.evolve import IrtConfig, RacingConfig, SubsetsConfig
     from hotmerge.search.coordinator import Fitness
 
     specs = tuple((t.name, t.metric, t.weight) for t in cfg.tasks)
-    return Fitness(racing=RacingConfig() if mode == "racing" else None,
-                   subsets=SubsetsConfig() if mode == "subsets" else None,
-                   irt=IrtConfig() if mode == "irt" else None, specs=specs, seed=seed)
+    return Fitness(racing=RacingConfig(**options.get("racing", {})) if mode == "racing" else None,
+                   subsets=SubsetsConfig(**options.get("subsets", {})) if mode == "subsets" else None,
+                   irt=IrtConfig(**options.get("irt", {})) if mode == "irt" else None, specs=specs, seed=seed)
 
 
-def search(worker, cfg, mode: str, *, seed: int, fevals: int, popsize: int, run_dir: Path) -> dict:
+def search(worker, cfg, mode: str, *, seed: int, fevals: int, popsize: int, run_dir: Path, options: dict) -> dict:
     """One search; per generation: documents so far, the chosen genotype and CMA-ES's mean."""
     from hotmerge.run.evolve import resume_search
     from hotmerge.run.storage import RunDir, best_record
@@ -56,7 +56,7 @@ def search(worker, cfg, mode: str, *, seed: int, fevals: int, popsize: int, run_
     run = RunDir(run_dir)
     run.path.mkdir(parents=True)
     strategy = resume_search(run, lambda: Search(genome.x0(), 1 / 6, seed, fevals, popsize), fevals)
-    fitness = fitness_for(mode, cfg, seed)
+    fitness = fitness_for(mode, cfg, seed, options)
     generations = []
     tell = strategy.tell
 
@@ -196,6 +196,8 @@ def main() -> None:
     parser.add_argument("--racing-factor", type=float, default=1.0,
                         help="racing's evaluations, × --fevals (it saves under 2× documents per generation)")
     parser.add_argument("--popsize", type=int, default=16)
+    parser.add_argument("--options", type=json.loads, default={},
+                        help='the modes\' settings other than the defaults, as JSON: {"subsets": {"maximum": 0.1}}')
     parser.add_argument("--backend", default="hf", choices=["hf", "vllm"])
     parser.add_argument("--limit", default=None, help="items per search task: a number, or 'all'")
     parser.add_argument("--out", default="bench/results/budget_toy.json")
@@ -218,12 +220,12 @@ def main() -> None:
     pool = worker.race_plan.total
     results = {"config": args.config, "seeds": args.seeds, "fevals": args.fevals, "factor": args.factor,
                "racing_factor": args.racing_factor,
-               "popsize": args.popsize, "pool_documents": pool, "backend": args.backend,
+               "popsize": args.popsize, "options": args.options, "pool_documents": pool, "backend": args.backend,
                "machine": platform.processor() or platform.machine(), "runs": []}
     if args.append and Path(args.out).is_file():
         earlier = json.loads(Path(args.out).read_text())
-        settings = ("config", "fevals", "factor", "racing_factor", "popsize", "pool_documents", "backend")
-        if any(earlier.get(k) != results[k] for k in settings):
+        settings = ("config", "fevals", "factor", "racing_factor", "popsize", "options", "pool_documents", "backend")
+        if any(earlier.get(k, {} if k == "options" else None) != results[k] for k in settings):
             parser.error(f"{args.out} was measured with other settings: compare {settings}")
         results["runs"] = earlier["runs"]
         results["seeds"] = sorted({*earlier["seeds"], *args.seeds})
@@ -237,7 +239,7 @@ def main() -> None:
                 factor = {"full": 1.0, "racing": args.racing_factor}.get(mode, args.factor)
                 fevals = int(args.fevals * factor)
                 out = search(worker, cfg, mode, seed=seed, fevals=fevals, popsize=args.popsize,
-                             run_dir=Path(scratch) / f"{mode}-{seed}")
+                             run_dir=Path(scratch) / f"{mode}-{seed}", options=args.options)
                 curve = heldout_curve(worker, out["generations"], cache)
                 row = {"seed": seed, "mode": mode, "wall_s": out["wall_s"], "evaluations": out["evaluations"],
                        "curve": curve}
