@@ -28,6 +28,8 @@ def ambiguous_elements(method: str, params: dict, base: torch.Tensor, sources: l
     spec = METHODS[method]
     pick = (lambda t: t) if at is None else (lambda t: t[at])
     shape = sources[0].shape if at is None else (int(at.sum()),)
+    if method == "sce":
+        return _sce_ambiguous(params, base, sources, dtype, pick)
     magnitude_cut = spec.sparsification in (Sparsification.magnitude, Sparsification.magnitude_outliers)
     if base is None or not (spec.consensus or magnitude_cut):
         return torch.zeros(shape, dtype=torch.bool)
@@ -69,6 +71,23 @@ def ambiguous_elements(method: str, params: dict, base: torch.Tensor, sources: l
         undecided = torch.stack(cut_terms).sum(0) if cut_terms else torch.zeros(shape)
         ambiguous |= kept.sum(0).abs() <= undecided + 2.0 ** -6 * kept.abs().sum(0)
     return ambiguous
+
+def _sce_ambiguous(params: dict, base, sources: list, dtype, pick) -> torch.Tensor:
+    """sce: elements whose variance equals the cut value (mergekit's topk picks among them by
+    position, hotmerge at random), and selected deltas that nearly cancel (the sign may flip)."""
+    from hotmerge.kernels import reference as R
+
+    active = [s for s, a in zip(sources, params.get("active", [1] * len(sources))) if a]
+    b = base.to(dtype).float()
+    deltas = [(s.to(dtype).float() - b).to(dtype) for s in active]
+    keys = R.sce_var_keys(deltas)
+    cut = R.sce_cut(R.SceHistogram.from_deltas(keys, deltas), float(params["select_topk"][0]))
+    keys = pick(keys.reshape(base.shape))
+    at_cut = ((keys == cut.lo) & (0 < cut.q_lo < R.U24)) | ((keys == cut.hi) & (0 < cut.q_hi < R.U24))
+    selected = (keys >= cut.lo) & (keys <= cut.hi)
+    kept = torch.stack([torch.where(selected, pick(d.float()), 0.0) for d in deltas])
+    return at_cut | (selected & (kept.sum(0).abs() <= 2.0 ** -6 * kept.abs().sum(0)))
+
 
 ULPS = 4  # mergekit rounds to bf16 after every step, hotmerge once (see test_parity.py)
 

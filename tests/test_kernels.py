@@ -704,6 +704,12 @@ FUNCTIONAL_CASES = [
     ("karcher", {"max_iter": 3, "tol": 1e-3}, False),
     ("passthrough", {"scale": [[0.0, 0.7, 0.0], [1.0, 0.0, 0.0]], "active": [[0, 1, 0], [1, 0, 0]]}, False),
     ("nearswap", {"t": [[0.0, 0.03, 0.0], [0.0, 0.0, 0.2]], "active": [[0, 1, 0], [0, 0, 1]]}, True),
+    ("sce", {"select_topk": [[0.5] * 3, [1.0] * 3]}, True),
+    ("sce", {"select_topk": [[0.3] * 3, [0.0] * 3], "active": [[1, 1, 0], [1, 1, 1]]}, True),
+    ("ram", {"epsilon": 0.03}, True),
+    ("ramplus_tl", {"r": [[0.5] * 3, [0.1] * 3], "alpha": 2.0, "epsilon": 0.03, "active": [[0, 1, 1], [1, 1, 1]]},
+     True),
+    ("arcee_fusion", {"active": [[0, 1, 0], [0, 0, 1]]}, True),
 ]
 
 
@@ -715,14 +721,14 @@ def _functional_expected(flat, base, models, method, params, with_base):
         p = {k: (np.asarray(v, dtype=np.float64) if np.ndim(v) == 0 else
                  np.broadcast_to(np.asarray(v, dtype=np.float64), (2, M))[row]) for k, v in params.items()}
         idx = np.flatnonzero(p.pop("active", np.ones(M)))
-        p = {k: (v[idx] if v.ndim else float(v)) for k, v in p.items()}
-        if method == "nearswap":
-            p["t"] = float(p["t"][0])
+        shared = {q.name for q in METHODS[method].global_params}
+        p = {k: (float(v[idx[0]]) if k in shared else v[idx]) if v.ndim else float(v) for k, v in p.items()}
         if s.numel == 0:
             parts.append(base[j].reshape(-1))
             continue
         out = R.merge_tensor(method, base[j] if with_base else None, [models[i][j] for i in idx], p,
-                             normalize=False)
+                             normalize=False, tensor_key=s.tensor_key, model_keys=flat.model_keys,
+                             row_len=s.row_len)
         parts.append(out.reshape(-1))
     return torch.cat(parts)
 
@@ -792,8 +798,8 @@ def test_functional_methods_refuse_the_wrong_number_of_inputs():
         F.build_table("nuslerp", flat, {"weight": [0.3, 0.3, 0.4]}, normalize=False)
     with pytest.raises(ValueError, match="nearswap merges 1 models"):
         F.build_table("nearswap", flat, {"t": 0.1}, normalize=False)
-    with pytest.raises(ValueError, match="merge method sce is not supported"):
-        F.build_table("sce", flat, {}, normalize=False)
+    with pytest.raises(ValueError, match="arcee_fusion merges 1 models besides the base"):
+        F.build_table("arcee_fusion", flat, {}, normalize=False)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -1035,11 +1041,14 @@ def test_triton_kernels_compile_for_cuda():
     aligned_args = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 14)}
     for consts in (
         dict(M=3, COMBINE=True, SPARSE=0, CONSENSUS=False, NORMALIZE=True, NEARSWAP=False, IS_BF16=True,
-             OUT_MODE=0, ALIGN=T.VEC, BLOCK=1024),
+             OUT_MODE=0, ALIGN=T.VEC, BLOCK=1024, OWN=0),
         dict(M=3, COMBINE=False, SPARSE=3, CONSENSUS=True, NORMALIZE=True, NEARSWAP=False, IS_BF16=True,
-             OUT_MODE=1, ALIGN=T.VEC, BLOCK=1024),
+             OUT_MODE=1, ALIGN=T.VEC, BLOCK=1024, OWN=0),
         dict(M=3, COMBINE=False, SPARSE=0, CONSENSUS=False, NORMALIZE=False, NEARSWAP=True, IS_BF16=True,
-             OUT_MODE=1, ALIGN=T.VEC, BLOCK=1024),
+             OUT_MODE=1, ALIGN=T.VEC, BLOCK=1024, OWN=0),
+        # sce's branch (its float64 variance)
+        dict(M=3, COMBINE=False, SPARSE=0, CONSENSUS=False, NORMALIZE=False, NEARSWAP=False, IS_BF16=True,
+             OUT_MODE=1, ALIGN=T.VEC, BLOCK=1024, OWN=1),
     ):
         s = dict(sig, **{k: "constexpr" for k in consts})
         src = ASTSource(fn=T._merge_kernel, signature=s, constexprs=consts, attrs=aligned_args)

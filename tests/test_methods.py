@@ -86,9 +86,10 @@ def test_what_evolve_searches_for_the_functional_methods(name, genes, scope):
 
 
 def test_resident_statistics_follow_the_sparsification():
-    for spec in METHODS.values():
+    for name, spec in METHODS.items():
         assert spec.needs_rank_codes == (spec.sparsification is Sparsification.della_magprune)
-        assert spec.rank_code_bytes_per_parameter == (1 if spec.needs_rank_codes else 0)
+        # della's rank codes, arcee_fusion's keep bits: one byte per parameter and model
+        assert spec.rank_code_bytes_per_parameter == (1 if spec.needs_rank_codes or name == "arcee_fusion" else 0)
         assert spec.needs_histograms == (spec.sparsification in (Sparsification.magnitude,
                                                                   Sparsification.magnitude_outliers))
 

@@ -126,12 +126,12 @@ class GenomeConfig(BaseModel):
 
     @field_validator("merge_method")
     @classmethod
-    def _merge_method(cls, value: str) -> str:
+    def _merge_method(cls, value: str, info: ValidationInfo) -> str:
         if value in METHODS:
             METHODS[value].refuse_unless_supported()
         if value not in MERGE_METHODS:
             raise ValueError(f"'{value}' is not supported: use one of {', '.join(MERGE_METHODS)}")
-        if not METHODS[value].searchable:
+        if not METHODS[value].searchable and (info.context or {}).get("search", True):
             raise ValueError(f"{value} has no parameter for evolve to search: score a mergekit merge "
                              "config of it with hotmerge eval MERGE.yaml --tasks ..., write it with hotmerge "
                              "export, or search a method with parameters")
@@ -479,11 +479,13 @@ def load_config(path) -> EvolveConfig:
     return parse_config(data, base_dir=path.resolve().parent, source=str(path))
 
 
-def parse_config(data: dict, base_dir=None, source: str = "config") -> EvolveConfig:
-    """Validate a config dict; relative paths resolve against base_dir when they exist there."""
+def parse_config(data: dict, base_dir=None, source: str = "config", search: bool = True) -> EvolveConfig:
+    """Validate a config dict; relative paths resolve against base_dir when they exist there.
+    search: the genome is searched (False: it describes a merge config's models, and a method
+    with nothing to search is fine)."""
     try:
         return EvolveConfig.model_validate(
-            data, context={"base_dir": str(base_dir) if base_dir is not None else None}
+            data, context={"base_dir": str(base_dir) if base_dir is not None else None, "search": search}
         )
     except ValidationError as e:
         raise ConfigError(f"{source}: {format_validation_error(e)}") from None

@@ -172,7 +172,7 @@ class Recipe:
                 params["weight"][self.base_index] = 0.0
         for name, v in self.fixed.items():
             params[name] = np.full(m, v, dtype=np.float64)
-        if spec.engine not in ("task", "combine"):
+        if spec.functional:
             params["active"] = active.astype(np.float64)  # the functional methods' inputs
         return TensorRecipe(tensor_name, loc, params, active)
 

@@ -131,7 +131,7 @@ class _Reader:
         for key in ("tokenizer_source", "tokenizer"):
             if data.get(key) is not None:
                 genome[key] = data[key]
-        cfg = parse_config({"genome": genome, "tasks": ["unused"]}, base_dir=base_dir, source=source)
+        cfg = parse_config({"genome": genome, "tasks": ["unused"]}, base_dir=base_dir, source=source, search=False)
         self.validated = validate_config(cfg, inputs_of=self._vocabulary_inputs, tokenizer_base=self.base_model,
                                          allow_crimes=allow_crimes)
         self.dtype = self._merge_dtype(data.get("dtype"))
@@ -270,7 +270,7 @@ class _Reader:
                 if base not in names:
                     self.fail(f"slice {i} does not list base_model {base} among its sources, which mergekit "
                               "requires: add it to the slice's sources")
-            if self.spec.engine in ("stats", "nearswap"):
+            if self.spec.functional:
                 self._check_contract(i, [m for m in names if not (self.spec.takes_base and m == base)])
             for m in names:
                 if m not in seen and (not self.spec.takes_base or m != self.base_model):
@@ -393,7 +393,7 @@ class _Reader:
             for p in spec.tensor_params:
                 value = self._resolve(p, name, t, sl, model)
                 params[p.name][i] = 1.0 if value is None else value
-        if spec.engine in ("stats", "nearswap"):
+        if spec.functional:
             self._refuse_unexact(shared, name)
             # shared values travel as per-model columns; active: this tensor's inputs
             params.update({key: np.full(m, float(value)) for key, value in shared.items()})

@@ -25,7 +25,8 @@ from . import reference as R
 from .layout import FlatSources, Segment
 from .table import CoefficientTable
 from .finite import unproven_segments
-from .torch_backend import chunks, l1_kept_reference, merge_chunk_torch, nearswap_chunk, out_slice, scalar_f32
+from .torch_backend import (chunks, elementwise_chunk, l1_kept_reference, merge_chunk_torch, nearswap_chunk,
+                            out_slice, scalar_f32)
 
 
 def l1_kept(flat: FlatSources, table: CoefficientTable, *, skip_unused: bool = False) -> np.ndarray:
@@ -286,6 +287,7 @@ class _MaskPlan:
 
     def __init__(self, flat, table, j, rows):
         self.mode = table.spec.sparse_mode
+        self.codes = table.rank_codes  # della's rank codes, arcee_fusion's keep bits
         self.rows = rows
         dev = flat.device
         seg = flat.segments[j]
@@ -420,7 +422,7 @@ class _MaskPlan:
         if self.ranked:
             k = len(self.rows)
             T = scr.get("thr32", torch.int32, P, k, h)
-            _load_rows(T, flat.stats.rank_codes, self.rows, a, b)
+            _load_rows(T, self.codes, self.rows, a, b)
             T.mul_(self.p1)
             T.add_(self.p0)
             X.sub_(T)
@@ -465,6 +467,27 @@ def _nearswap_segment(flat: FlatSources, table: CoefficientTable, scale: np.ndar
 
 
 
+def _elementwise_segment(flat: FlatSources, table: CoefficientTable, j: int, out) -> None:
+    """sce, ram, ramplus_tl of segment j: the C kernel on bf16, else the torch chunks (the same bits)."""
+    seg = flat.segments[j]
+    rows = [int(m) for m in np.flatnonzero(table.coef[j])]
+    a, b = seg.offset, seg.offset + seg.numel
+    if _native_ok(flat) and len(rows) <= native.MAX_ROWS:
+        sources = [flat.models[m, a:b] for m in rows]
+        target = out_slice(out, flat, j, 0, seg.numel)
+        weights = [float(table.weight[j, m]) for m in rows]
+        if table.kind == "sce":
+            k1, mult = (int(x) for x in table.keys[j, 0])
+            cut = [int(table.lo[j, 0]), int(table.hi[j, 0]), int(table.p0[j, 0]), int(table.p1[j, 0])]
+            native.sce(sources, flat.base[a:b], weights, cut, R._i32(k1), R._i32(mult), seg.elem_offset, target)
+        else:
+            native.ram(sources, flat.base[a:b], weights, int(table.lo[j, 0]), table.kind == "ramplus", target)
+        return
+    for lo, hi in chunks(seg.numel):
+        out_slice(out, flat, j, lo, hi).copy_(elementwise_chunk(flat, table, j, lo, hi))
+
+
+
 def merge_segment_fast(flat: FlatSources, table: CoefficientTable, scale: np.ndarray, j: int,
                         out, scr: _Scratch, plan: Optional["_MaskPlan"] = None,
                         cache: Optional[torch.Tensor] = None) -> None:
@@ -476,6 +499,9 @@ def merge_segment_fast(flat: FlatSources, table: CoefficientTable, scale: np.nda
     threads = torch.get_num_threads()
     if table.kind == "nearswap":
         _nearswap_segment(flat, table, scale, j, out)
+        return
+    if table.kind in ("sce", "ram", "ramplus"):
+        _elementwise_segment(flat, table, j, out)
         return
     if table.combine:
         rows = [m for m in range(flat.n_models) if table.coef[j, m] != 0]

@@ -264,3 +264,77 @@ void hm_l1_bf16(const hm_plan *p, const uint16_t *const *rows, const uint16_t *b
         }
     }
 }
+
+/* The magnitude key of the bf16 value of f (f rounded to bf16 first). */
+static inline int32_t bf16_key(float f) {
+    return (int32_t)(round_to_bf16_bits(f) >> 16) & KEY_MAX;
+}
+
+/* SCE (reference.sce_var_keys and sce_combine): per element, the variance of the k deltas
+ * in float64 (mean, then squared deviations, model after model) rounded to float32 and to
+ * bf16 decides the selection (variance keys in (lo, hi), and == lo (hi) iff u24 < q_lo
+ * (q_hi)); the selected deltas elect a sign from their sum, and the agreeing ones are
+ * averaged with the weights w, the divisor at least 1e-6. cut = {lo, hi, q_lo, q_hi}. */
+void hm_sce_bf16(const uint16_t *const *rows, int k, const uint16_t *base, const float *w,
+                 const int32_t *cut, uint32_t k1, uint32_t mult, int64_t elem, uint16_t *out,
+                 int64_t n) {
+    float d[MAX_ROWS];
+    for (int64_t e = 0; e < n; e++) {
+        float b = bf16_to_f32(base[e]);
+        double total = 0.0, dev = 0.0;
+        for (int m = 0; m < k; m++) {
+            d[m] = bits_to_f32(round_to_bf16_bits(bf16_to_f32(rows[m][e]) - b));
+            total = total + (double)d[m];
+        }
+        double mean = total / k;
+        for (int m = 0; m < k; m++) {
+            double c = (double)d[m] - mean;
+            dev = dev + c * c;
+        }
+        int32_t key = bf16_key((float)(dev / k));
+        int32_t u = u24((uint32_t)(elem + e) * mult + k1);
+        int keep = (key > cut[0] && key < cut[1]) || (key == cut[0] && u < cut[2]) ||
+                   (key == cut[1] && u < cut[3]);
+        float sum = 0.0f, mixed = 0.0f, divisor = 0.0f;
+        for (int m = 0; m < k; m++) {
+            if (!keep) d[m] = 0.0f;
+            sum = sum + d[m];
+        }
+        int positive = sum >= 0.0f;
+        for (int m = 0; m < k; m++) {
+            int agree = positive ? d[m] > 0.0f : d[m] < 0.0f;
+            mixed = mixed + (agree ? d[m] * w[m] : 0.0f);
+            divisor = divisor + (agree ? w[m] : 0.0f);
+        }
+        out[e] = f32_to_bf16(b + mixed / (divisor < 1e-6f ? 1e-6f : divisor));
+    }
+}
+
+/* RAM and RAM+ (reference.ram_combine): per element, the count c of deltas whose key is
+ * above `threshold`; one such delta enters times its lambda, several as bf16(d / c) each;
+ * RAM (plus 0) rounds the sum to bf16 before adding the base. */
+void hm_ram_bf16(const uint16_t *const *rows, int k, const uint16_t *base, const float *lambda,
+                 int32_t threshold, int plus, uint16_t *out, int64_t n) {
+    float d[MAX_ROWS];
+    int nz[MAX_ROWS];
+    for (int64_t e = 0; e < n; e++) {
+        float b = bf16_to_f32(base[e]);
+        int count = 0;
+        for (int m = 0; m < k; m++) {
+            uint32_t bits = round_to_bf16_bits(bf16_to_f32(rows[m][e]) - b);
+            d[m] = bits_to_f32(bits);
+            nz[m] = (int32_t)(bits >> 16 & KEY_MAX) > threshold;
+            count += nz[m];
+        }
+        float c = count > 1 ? (float)count : 1.0f;
+        float total = 0.0f;
+        for (int m = 0; m < k; m++) {
+            float t = 0.0f;
+            if (nz[m] && count == 1) t = d[m] * lambda[m];
+            else if (nz[m] && count > 1) t = bits_to_f32(round_to_bf16_bits(d[m] / c));
+            total = total + t;
+        }
+        if (!plus) total = bits_to_f32(round_to_bf16_bits(total));
+        out[e] = f32_to_bf16(b + total);
+    }
+}

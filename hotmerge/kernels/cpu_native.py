@@ -6,7 +6,8 @@ the C kernel does the same float32 operations per element in one pass, so result
 are bit-identical while the time approaches the memory-copy floor. It covers bf16
 sources for linear and slerp (`combine`) and for sums of deltas (`merge`): plain
 (task_arithmetic), with TIES' sign consensus, magnitude-range masks (ties,
-breadcrumbs) and DARE's random masks, up to MAX_ROWS models. cpu_backend.py uses it when
+breadcrumbs) and DARE's random masks, up to MAX_ROWS models; nearswap, sce, ram and
+ramplus_tl in branches of their own. cpu_backend.py uses it when
 `available()` and falls back to its torch path otherwise (DELLA's ranked masks, fp16).
 
 HOTMERGE_NATIVE=0 turns it off. The shared library is cached under
@@ -92,8 +93,13 @@ def _build() -> ctypes.CDLL:
                                ctypes.POINTER(ctypes.c_double)]
     lib.hm_nearswap_bf16.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p,
                                      ctypes.c_int64]
+    i32p = ctypes.POINTER(ctypes.c_int32)
+    lib.hm_sce_bf16.argtypes = [u16pp, ctypes.c_int, ctypes.c_void_p, f32p, i32p, ctypes.c_uint32, ctypes.c_uint32,
+                                ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
+    lib.hm_ram_bf16.argtypes = [u16pp, ctypes.c_int, ctypes.c_void_p, f32p, ctypes.c_int32, ctypes.c_int,
+                                ctypes.c_void_p, ctypes.c_int64]
     lib.hm_combine_bf16.restype = lib.hm_merge_bf16.restype = lib.hm_l1_bf16.restype = None
-    lib.hm_nearswap_bf16.restype = None
+    lib.hm_nearswap_bf16.restype = lib.hm_sce_bf16.restype = lib.hm_ram_bf16.restype = None
     return lib
 
 
@@ -171,6 +177,33 @@ def nearswap(x: torch.Tensor, base: torch.Tensor, t: float, out: torch.Tensor) -
 
     def call(lo, hi):
         lib.hm_nearswap_bf16(x.data_ptr() + 2 * lo, base.data_ptr() + 2 * lo, t, out.data_ptr() + 2 * lo, hi - lo)
+
+    _parallel(out.numel(), call)
+
+
+def sce(rows: Sequence[torch.Tensor], base: torch.Tensor, weights: Sequence[float], cut: Sequence[int],
+        k1: int, mult: int, elem0: int, out: torch.Tensor) -> None:
+    """out <- sce of the rows (cpu_merge.c hm_sce_bf16); cut: (lo, hi, q_lo, q_hi) of the variance
+    keys; (k1, mult): the tie rule's random stream, elem0 the hash index of out[0]."""
+    lib = library()
+    w, c = _floats(weights), (ctypes.c_int32 * 4)(*cut)
+
+    def call(lo, hi):
+        lib.hm_sce_bf16(_pointers(rows, lo), len(rows), base.data_ptr() + 2 * lo, w, c, k1 & 0xFFFFFFFF,
+                        mult & 0xFFFFFFFF, elem0 + lo, out.data_ptr() + 2 * lo, hi - lo)
+
+    _parallel(out.numel(), call)
+
+
+def ram(rows: Sequence[torch.Tensor], base: torch.Tensor, lambdas: Sequence[float], threshold: int, plus: bool,
+        out: torch.Tensor) -> None:
+    """out <- RAM (plus: RAM+) of the rows (cpu_merge.c hm_ram_bf16); a delta counts where its key > threshold."""
+    lib = library()
+    lam = _floats(lambdas)
+
+    def call(lo, hi):
+        lib.hm_ram_bf16(_pointers(rows, lo), len(rows), base.data_ptr() + 2 * lo, lam, threshold, int(plus),
+                        out.data_ptr() + 2 * lo, hi - lo)
 
     _parallel(out.numel(), call)
 

@@ -43,8 +43,10 @@ def unproven_segments(flat: FlatSources, table: CoefficientTable, scale: np.ndar
             bound = inner / np.abs(table.div.astype(np.float64))
         else:
             a = np.abs(scale.astype(np.float64)) * st.max_delta
-            if table.kind == "nearswap":
-                a = st.max_delta.copy()  # its per-element weight lies in [0, 1]
+            if table.kind in ("nearswap", "sce"):
+                # nearswap's per-element weight lies in [0, 1]; sce averages the agreeing deltas
+                # of the models with a weight
+                a = st.max_delta.copy()
             a = np.where(scale == 0, 0.0, a)  # skipped models contribute nothing
             inner = a.sum(1)
             if not table.normalize:

@@ -98,6 +98,12 @@ BASE_CONTRACT = Contract(base=BASE_REQUIRED)
 #              each tensor (norms and dot products): the table turns them into combine or
 #              task coefficients, so the fused kernels need no branch of their own
 #   "nearswap" an elementwise branch of its own
+#   "sce"      SCE's branch: a cut of the variance across the deltas, TIES' sign election
+#              and per-model weights from the selected deltas
+#   "ram"      RAM and RAM+'s branch: each element counts the models whose delta exceeds
+#              epsilon (ramplus_tl's per-model lambda from counts taken at load)
+#   "fusion"   arcee_fusion: a keep code per element, computed at load (nothing in it
+#              depends on a candidate), applied by the task kernels' ranked-mask branch
 #   None       registered (mergekit has it) but not applied by hotmerge: `refusal` says why
 
 
@@ -176,7 +182,15 @@ class MethodSpec:
 
     @property
     def sparse_mode(self) -> int:
+        if self.engine == "fusion":
+            return SPARSE_RANKED  # its keep codes ride the ranked mask: keep iff u24 < 2^24 * code
         return _SPARSE_MODE[self.sparsification]
+
+    @property
+    def functional(self) -> bool:
+        """One of mergekit's functional methods (not linear, slerp or the task-arithmetic family):
+        shared parameters travel as per-model columns, `active` marks each tensor's inputs."""
+        return self.engine not in ("task", "combine", None)
 
     @property
     def params(self) -> tuple:
@@ -196,7 +210,7 @@ class MethodSpec:
     @property
     def needs_rank_codes(self) -> bool:
         """Per-element 8-bit row ranks of |delta| (della)."""
-        return self.sparse_mode == SPARSE_RANKED
+        return self.sparsification is Sparsification.della_magprune
 
     @property
     def needs_slerp_constants(self) -> bool:
@@ -205,8 +219,9 @@ class MethodSpec:
 
     @property
     def rank_code_bytes_per_parameter(self) -> int:
-        """Resident bytes per parameter per source model beyond the sources themselves."""
-        return 1 if self.needs_rank_codes else 0
+        """Resident bytes per parameter per source model beyond the sources themselves
+        (della's rank codes, arcee_fusion's keep codes)."""
+        return 1 if self.needs_rank_codes or self.engine == "fusion" else 0
 
     @property
     def tensor_parallel_exact(self) -> bool:
@@ -297,28 +312,21 @@ _ALL = (
          contract=Contract(), engine="stats", combine=True),
     _own("sce", "SCE", "https://arxiv.org/abs/2408.07990",
          shared=(Param("int8_mask", False), Param("select_topk", 1.0)),
-         genes=("select_topk",), contract=BASE_CONTRACT, engine=None,
-         refusal="its top-k of the variance across models, the sign election and the per-model "
-                 "weights from the selected deltas are not in the fused kernels yet: use ties or "
-                 "della, or merge it with mergekit-yaml"),
+         genes=("select_topk",), contract=BASE_CONTRACT, engine="sce",
+         candidate_statistics="none per element: the per-model weights come from a load-time "
+                              "histogram of the variance keys (a lookup per tensor)"),
     _own("arcee_fusion", "Arcee Fusion", "https://arcee.ai",
-         contract=Contract(base=BASE_REQUIRED, min_inputs=2, max_inputs=2), engine=None,
-         refusal="its importance threshold samples a million elements at random on tensors "
-                 "larger than that, which hotmerge cannot reproduce: merge it with mergekit-yaml"),
+         contract=Contract(base=BASE_REQUIRED, min_inputs=2, max_inputs=2), engine="fusion"),
     _own("nearswap", "NearSwap", "https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
          # t: a |delta| below which an element takes the fine-tune's value; evolve starts
          # it at the scale of bf16 fine-tuning deltas
          shared=(Param("t", x0=1e-3),), genes=("t",),
          contract=Contract(base=BASE_REQUIRED, min_inputs=2, max_inputs=2), engine="nearswap"),
     _own("ram", "Reinforced Agent Merging", "https://arxiv.org/abs/2601.13572",
-         shared=(Param("epsilon", 1e-5),), contract=BASE_CONTRACT, engine=None,
-         refusal="its per-element count of contributing models is not in the fused kernels yet: "
-                 "merge it with mergekit-yaml"),
+         shared=(Param("epsilon", 1e-5),), contract=BASE_CONTRACT, engine="ram"),
     _own("ramplus_tl", "Reinforced Agent Merging Plus (Tensor-Local)", "https://arxiv.org/abs/2601.13572",
          shared=(Param("r", 0.1), Param("alpha", 0.2), Param("epsilon", 1e-5)),
-         genes=("r", "alpha"), contract=BASE_CONTRACT, engine=None,
-         refusal="its per-element count of contributing models is not in the fused kernels yet: "
-                 "merge it with mergekit-yaml"),
+         genes=("r", "alpha"), contract=BASE_CONTRACT, engine="ram"),
     _own("passthrough", "Passthrough", "",
          tensor=(Param("scale", scope=INPUT, optional=True),),
          contract=Contract(max_inputs=1), engine="stats", combine=True),

@@ -436,6 +436,21 @@ def merge_tensor(
         return stats_merge_tensor(method, base if spec.takes_base else None, sources, params)
     if spec.engine == "nearswap":
         return nearswap_tensor(float(params["t"]), base, sources[0])
+    if spec.engine == "sce":
+        return sce_tensor(base, sources, float(params.get("select_topk", 1.0)), seed=seed, tensor_key=tensor_key,
+                          model_key=0 if model_keys is None else model_keys[0])
+    if spec.engine == "ram":
+        epsilon = float(params.get("epsilon", 1e-5))
+        lambdas = None
+        if method == "ramplus_tl":
+            b = base.float()
+            deltas = [(x.float() - b).to(base.dtype) for x in sources]
+            shared, unique = ram_counts(deltas, ram_threshold(epsilon, base.dtype))
+            lambdas = ramplus_lambdas(shared, unique, float(params.get("r", 0.1)), float(params.get("alpha", 0.2)),
+                                      epsilon)
+        return ram_tensor(base, sources, epsilon=epsilon, lambdas=lambdas)
+    if spec.engine == "fusion":
+        return fusion_tensor(base, sources[0], row_len=row_len, seed=seed, tensor_key=tensor_key)
     if method == "slerp":
         if len(sources) != 1:
             raise ValueError("slerp takes the base and exactly one other source")
@@ -749,3 +764,246 @@ def nearswap_tensor(t: float, base: torch.Tensor, x: torch.Tensor) -> torch.Tens
     d = (x.float() - b).to(x.dtype).float()
     w = torch.clamp(_f32(t) / torch.clamp(d.abs(), min=1e-6), 0.0, 1.0)
     return (b + d * w).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------
+# Methods with a per-element rule of their own: sce, ram, ramplus_tl (own kernel
+# branches) and arcee_fusion (a keep code per element, computed at load).
+
+
+def _round_f32(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float32 values rounded to `dtype` (to nearest even), kept as float32."""
+    return x.to(dtype).float()
+
+
+def sce_var_keys(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Magnitude key of mergekit's torch.var(task_vectors, dim=0, unbiased=False) per element.
+
+    torch computes the variance of 16-bit tensors in float64 and rounds it to the tensor's
+    dtype (through float32); this takes the mean and the squared deviations in float64,
+    model after model, and rounds the same way, so the fused kernels compute the very same
+    keys (a float64 result that differs from torch's in its last bits rounds alike but for
+    a chance of about 2^-40 per element)."""
+    dtype = deltas[0].dtype
+    total = torch.zeros(deltas[0].shape, dtype=torch.float64)
+    for d in deltas:
+        total = total + d.double()
+    mean = total / len(deltas)
+    dev = torch.zeros_like(total)
+    for d in deltas:
+        dev = dev + (d.double() - mean) * (d.double() - mean)
+    var = (dev / len(deltas)).float().to(dtype)
+    return magnitude_keys(var.reshape(-1))
+
+
+@dataclass
+class SceHistogram:
+    """One tensor's variance keys (ascending, distinct) with their element counts and, per
+    model, the sum of mergekit's squared deltas (rounded to the working dtype) over them."""
+
+    keys: np.ndarray  # int64 [K]
+    cum: np.ndarray  # int64 [K] cumulative counts
+    sq: np.ndarray  # float64 [M, K] sum of d^2 per key (not cumulative)
+
+    @classmethod
+    def from_deltas(cls, keys: torch.Tensor, deltas: Sequence[torch.Tensor]) -> "SceHistogram":
+        counts, sq = sce_bins(keys, deltas)
+        return cls.from_bins(counts, sq)
+
+    @classmethod
+    def from_bins(cls, counts: torch.Tensor, sq: torch.Tensor) -> "SceHistogram":
+        present = torch.nonzero(counts).reshape(-1)
+        return cls(keys=present.cpu().numpy(), cum=torch.cumsum(counts[present], 0).cpu().numpy(),
+                   sq=sq[:, present].cpu().numpy())
+
+    @property
+    def n(self) -> int:
+        return int(self.cum[-1]) if len(self.cum) else 0
+
+    def key_at(self, rank: int) -> int:
+        return int(self.keys[int(np.searchsorted(self.cum, rank, side="right"))])
+
+    def bin_span(self, key: int) -> tuple:
+        i = int(np.searchsorted(self.keys, key))
+        return (int(self.cum[i - 1]) if i > 0 else 0), int(self.cum[i]) - 1
+
+    def nonzero(self) -> int:
+        return self.n - (int(self.cum[0]) if len(self.keys) and self.keys[0] == 0 else 0)
+
+
+def sce_bins(keys: torch.Tensor, deltas: Sequence[torch.Tensor]) -> tuple:
+    """(counts [KEY_MAX+1] int64, sq [M, KEY_MAX+1] float64) of one chunk of a tensor."""
+    counts = torch.bincount(keys, minlength=KEY_MAX + 1)
+    sq = torch.stack([torch.bincount(keys, weights=(d.reshape(-1) * d.reshape(-1)).double(), minlength=KEY_MAX + 1)
+                      for d in deltas])
+    return counts, sq
+
+
+def sce_cut(hist: SceHistogram, select_topk: float) -> RangeCut:
+    """mergekit's sce_mask as a RangeCut of the variance keys: the top
+    k = int(count_nonzero(var) * select_topk) variances (all for select_topk >= 1, none for
+    <= 0). Elements whose variance equals the cut value are kept at random in the share
+    that keeps exactly mergekit's expected count (the tie rule of the magnitude cuts)."""
+    if select_topk >= 1:
+        return KEEP_ALL
+    k = int(hist.nonzero() * select_topk) if select_topk > 0 else 0
+    if k <= 0:
+        return KEEP_NONE
+    return range_cut(hist.n - k, hist.n - 1, hist.key_at, hist.bin_span)
+
+
+def sce_weights(hist: SceHistogram, cut: RangeCut, numel: int, dtype: torch.dtype) -> np.ndarray:
+    """mergekit's sce_weight of the selected deltas: mean of the squared deltas per model
+    over the whole tensor, normalised by their sum, each step rounded to the working dtype.
+    The cut bins count by their kept share (n_lo, n_hi of the bin's elements)."""
+    m = hist.sq.shape[0]
+    if cut is KEEP_NONE or numel == 0:
+        sums = np.zeros(m)
+    elif cut is KEEP_ALL:
+        sums = hist.sq.sum(1)
+    else:
+        sums = hist.sq[:, (hist.keys > cut.lo) & (hist.keys < cut.hi)].sum(1)
+        for key, kept in ((cut.lo, cut.n_lo), (cut.hi, cut.n_hi)):
+            if kept:
+                first, last = hist.bin_span(key)
+                sums = sums + hist.sq[:, int(np.searchsorted(hist.keys, key))] * (kept / (last - first + 1))
+    weights = torch.tensor(sums / max(numel, 1), dtype=torch.float64).float().to(dtype)
+    total = float(weights.sum())
+    if abs(total) < 1e-6:
+        return (torch.ones(m, dtype=dtype) / m).double().numpy()
+    return (weights / total).double().numpy()
+
+
+def sce_tensor(base: torch.Tensor, sources: Sequence[torch.Tensor], select_topk: float, *, seed: int = 0,
+               tensor_key: int = 0, model_key: int = 0) -> torch.Tensor:
+    """SCE (mergekit's sce_merge): select the elements of highest variance across the
+    models' deltas (select_topk), elect a sign per element from the sum of the selected
+    deltas, and average the agreeing deltas weighted by each model's mean squared selected
+    delta; the divisor is at least 1e-6. float32, rounded once; the random bits of the
+    cut's tie rule are model_key's stream."""
+    dtype, n = base.dtype, base.numel()
+    b = base.float()
+    deltas = [(x.float() - b).to(dtype) for x in sources]
+    keys = sce_var_keys(deltas)
+    hist = SceHistogram.from_deltas(keys, deltas)
+    cut = sce_cut(hist, select_topk)
+    w = sce_weights(hist, cut, n, dtype)
+    k1, mult = stream_keys(seed, model_key, tensor_key)
+    keep = range_keep(keys, random_u24(element_indices(0, n), k1, mult), cut).reshape(base.shape)
+    return sce_combine(b, deltas, keep, w).to(dtype)
+
+
+def sce_combine(b: torch.Tensor, deltas: Sequence[torch.Tensor], keep: torch.Tensor, weights) -> torch.Tensor:
+    """sce's merge of the selected deltas (float32, before the final rounding): the sign of
+    their sum elects (ties count as +), the agreeing ones are averaged with the weights."""
+    kept = [torch.where(keep, d.float(), 0.0) for d in deltas]
+    total = torch.zeros_like(b)
+    for d in kept:
+        total = total + d
+    positive = total >= 0
+    mixed, divisor = torch.zeros_like(b), torch.zeros_like(b)
+    for d, wm in zip(kept, weights):
+        agree = torch.where(positive, d > 0, d < 0)
+        mixed = mixed + torch.where(agree, d * _f32(wm), 0.0)
+        divisor = divisor + torch.where(agree, _f32(wm), 0.0)
+    return b + mixed / torch.clamp(divisor, min=1e-6)
+
+
+def ram_threshold(epsilon: float, dtype: torch.dtype) -> int:
+    """mergekit's |delta| > epsilon compares in the working dtype: delta's key > this
+    (-1: every delta counts, for a negative epsilon)."""
+    e = round_param(epsilon, dtype)
+    return -1 if e < 0 else int(magnitude_keys(torch.tensor([e], dtype=dtype))[0])
+
+
+def ram_counts(deltas: Sequence[torch.Tensor], threshold: int) -> tuple:
+    """(shared, unique) per model: its deltas above the threshold where another model's is
+    too, and where no other model's is (ramplus_tl's rho, counted once at load)."""
+    nz = torch.stack([magnitude_keys(d.reshape(-1)) > threshold for d in deltas])
+    c = nz.sum(0)
+    return (nz & (c > 1)).sum(1).tolist(), (nz & (c == 1)).sum(1).tolist()
+
+
+def ramplus_lambdas(shared: Sequence[int], unique: Sequence[int], r: float, alpha: float,
+                    epsilon: float) -> np.ndarray:
+    """mergekit's lambda_ = 1 + r * clamp(shared / clamp(unique, min=epsilon), 0, alpha),
+    with its own torch operations (float32)."""
+    s, u = torch.tensor(list(shared), dtype=torch.int64), torch.tensor(list(unique), dtype=torch.int64)
+    rho = s / u.clamp(min=epsilon)
+    return (1 + r * rho.clamp(min=0, max=alpha)).double().numpy()
+
+
+def ram_tensor(base: torch.Tensor, sources: Sequence[torch.Tensor], *, epsilon: float = 1e-5,
+               lambdas: Optional[Sequence[float]] = None) -> torch.Tensor:
+    """RAM (lambdas None) and RAM+ tensor-local (lambdas from ramplus_lambdas), as mergekit:
+    where exactly one model's delta exceeds epsilon, that delta (times its lambda); where
+    several do, the sum of each rounded delta / count. RAM rounds the sum to the working
+    dtype before adding the base (its sum is in that dtype); RAM+ adds in float32. Then
+    rounded once."""
+    dtype = base.dtype
+    b = base.float()
+    deltas = [(x.float() - b).to(dtype) for x in sources]
+    plus = lambdas is not None
+    return ram_combine(b, deltas, ram_threshold(epsilon, dtype), lambdas if plus else [1.0] * len(deltas),
+                       plus=plus).to(dtype)
+
+
+def ram_combine(b: torch.Tensor, deltas: Sequence[torch.Tensor], threshold: int, lambdas, *,
+                plus: bool) -> torch.Tensor:
+    """RAM's merge of the deltas (float32, before the final rounding)."""
+    dtype = deltas[0].dtype
+    nz = [magnitude_keys(d.reshape(-1)).reshape(d.shape) > threshold for d in deltas]
+    count = torch.zeros(b.shape, dtype=torch.int32, device=b.device)
+    for z in nz:
+        count = count + z.to(torch.int32)
+    c = torch.clamp(count.float(), min=1.0)
+    total = torch.zeros_like(b)
+    for d, z, lam in zip(deltas, nz, lambdas):
+        unique = d.float() * _f32(lam)
+        shared = _round_f32(d.float() / c, dtype)
+        total = total + torch.where(z & (count == 1), unique, torch.where(z & (count > 1), shared, 0.0))
+    if not plus:
+        total = _round_f32(total, dtype)  # RAM sums in the working dtype
+    return b + total
+
+
+FUSION_SAMPLE = 1_000_000  # mergekit's _QUANTILE_SAMPLE_SIZE
+
+
+def fusion_generator(seed: int, tensor_key: int) -> torch.Generator:
+    """The generator of arcee_fusion's sample for one tensor: keyed by (seed, tensor)."""
+    return torch.Generator().manual_seed(stream_keys(seed, -1, tensor_key)[0])
+
+
+def fusion_keep(base: torch.Tensor, x: torch.Tensor, row_len: int, generator: torch.Generator) -> torch.Tensor:
+    """arcee_fusion's keep mask (flat bool) with mergekit's own operations: importance
+    |X - B| times the KL divergence of softmax(X) from softmax(B) along each row of
+    row_len elements (mergekit: the last dimension), kept where it reaches
+    median + 1.5 (q3 - q1). On more than FUSION_SAMPLE elements mergekit takes those
+    quantiles from a random sample drawn with replacement from its global RNG: here the
+    same draw comes from `generator` (fusion_generator), so the threshold has mergekit's
+    distribution (and equals it for the same random state) and is reproducible."""
+    import torch.nn.functional as fn
+
+    rows = max(1, x.numel() // max(row_len, 1))
+    params, b = x.reshape(rows, -1), base.reshape(rows, -1)
+    diff = (params - b).abs()
+    p = fn.softmax(params, dim=-1) + 1e-8
+    q = fn.softmax(b, dim=-1) + 1e-8
+    importance = diff * torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+    flat = importance.reshape(-1)
+    if flat.numel() > FUSION_SAMPLE:
+        flat = flat[torch.randint(flat.numel(), (FUSION_SAMPLE,), generator=generator).to(flat.device)]
+    ordered = torch.sort(flat).values
+    q1, median, q3 = ordered[(torch.tensor([0.25, 0.5, 0.75]) * (ordered.numel() - 1)).long().to(flat.device)]
+    threshold = median + 1.5 * (q3 - q1)
+    return (importance >= threshold).reshape(-1)
+
+
+def fusion_tensor(base: torch.Tensor, x: torch.Tensor, *, row_len: Optional[int] = None, seed: int = 0,
+                  tensor_key: int = 0) -> torch.Tensor:
+    """arcee_fusion: B + (X - B) where fusion_keep, B elsewhere."""
+    keep = fusion_keep(base, x, row_len or (x.shape[-1] if x.dim() else 1), fusion_generator(seed, tensor_key))
+    b = base.float()
+    d = (x.float() - b).to(x.dtype).float()
+    return (b + torch.where(keep.reshape(x.shape), d, 0.0)).to(x.dtype)

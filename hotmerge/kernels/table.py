@@ -39,9 +39,13 @@ class CoefficientTable:
     sparsified: np.ndarray  # [S, M] bool: a mask applies (rescale may apply)
     l1: np.ndarray  # [S, M] f64 ||delta||_1
     l1_kept: np.ndarray  # [S, M] f64 ||masked||_1; NaN: measured by apply (random masks)
-    rank_codes: Optional[torch.Tensor] = None
+    rank_codes: Optional[torch.Tensor] = None  # [M, total] uint8: della's rank codes, arcee_fusion's keep bits
     # how the kernels apply it: "combine" (sum of coef * X), "task" (B + merged deltas),
-    # "nearswap" (B + clamp(t / |delta|, 0, 1) * delta, t in `weight`)
+    # "nearswap" (B + clamp(t / |delta|, 0, 1) * delta, t in `weight`), "sce" (coef: 1 for
+    # each tensor's inputs; weight: sce's per-model weights; the variance keys kept in
+    # (lo, hi) and those == lo (hi) iff u24 < p0 (p1), the stream of keys[:, 0]), "ram" and
+    # "ramplus" (coef: the inputs; weight: lambda per model; a delta counts where its key
+    # > lo)
     kind: str = "task"
 
     @property
@@ -156,7 +160,12 @@ def build_table(
     keys = np.zeros((S, M, 2), dtype=np.uint32)
 
     kind = "combine" if spec.combine else "task"
-    if spec.engine in ("stats", "nearswap"):
+    codes = st.rank_codes if spec.sparse_mode == R.SPARSE_RANKED else None
+    if spec.engine in ("sce", "ram", "fusion"):
+        kind, codes = _elementwise(spec, flat, p, rows, st, seed=seed, coef=coef, weight=weight,
+                                   cut=(lo, hi, p0, p1), keys=keys)
+        normalize, rescale, lambda_ = False, False, 1.0
+    elif spec.functional:
         kind = _functional(spec, flat, p, rows, st, coef, weight)
         normalize, rescale, lambda_ = False, False, 1.0
     elif method == "slerp":
@@ -225,7 +234,7 @@ def build_table(
         method=method, spec=spec, normalize=bool(normalize), rescale=bool(rescale),
         lambda_=float(lambda_), seed=int(seed), coef=coef, weight=weight, div=div,
         lo=lo, hi=hi, p0=p0, p1=p1, keys=keys, sparsified=sparsified, l1=l1, l1_kept=l1_kept,
-        rank_codes=st.rank_codes if spec.sparse_mode == R.SPARSE_RANKED else None, kind=kind,
+        rank_codes=codes, kind=kind,
     )
 
 
@@ -281,3 +290,117 @@ def _functional(spec: R.MethodSpec, flat: FlatSources, p: dict, rows: np.ndarray
     if spec.engine == "nearswap":
         return "nearswap"
     return "task" if with_base else "combine"
+
+
+def _inputs(spec: R.MethodSpec, flat: FlatSources, p: dict, rows: np.ndarray) -> list:
+    """Per segment, the indices of its input models (p["active"], default all), checked
+    against the method's input contract (a base is required by every caller)."""
+    S, M = len(flat.segments), flat.n_models
+    if flat.base is None:
+        raise ValueError(f"{spec.name} needs a base model")
+    active = _expand(p.get("active", 1.0), rows, S, M, "active") != 0
+    c = spec.contract
+    lo = max(1, c.min_non_base or c.min_inputs - 1)
+    hi = c.max_non_base if c.max_non_base is not None else (None if c.max_inputs is None else c.max_inputs - 1)
+    out = []
+    for j in range(S):
+        idx = np.flatnonzero(active[j])
+        if len(idx) < lo or (hi is not None and len(idx) > hi):
+            want = f"{lo}" if hi == lo else f"{lo} to {hi}" if hi is not None else f"at least {lo}"
+            raise ValueError(f"{spec.name} merges {want} models besides the base per tensor, "
+                             f"{flat.segments[j].name or j} has {len(idx)}")
+        out.append(idx)
+    return out
+
+
+def _chunked_deltas(flat: FlatSources, j: int, idx: np.ndarray, chunk: int = 1 << 22):
+    """mergekit's deltas bf16(X - B) of segment j's inputs, chunk by chunk."""
+    seg = flat.segments[j]
+    for lo in range(0, seg.numel, chunk):
+        a, b = seg.offset + lo, seg.offset + min(seg.numel, lo + chunk)
+        base = flat.base[a:b].float()
+        yield [(flat.models[int(m), a:b].float() - base).to(flat.dtype) for m in idx]
+
+
+def _sce_histogram(flat: FlatSources, st, j: int, idx: np.ndarray) -> R.SceHistogram:
+    """sce's variance-key histogram of segment j over its inputs: once, at the first table."""
+    key = ("sce", j, tuple(int(i) for i in idx))
+    if key not in st.extras:
+        counts = torch.zeros(R.KEY_MAX + 1, dtype=torch.int64, device=flat.device)
+        sq = torch.zeros((len(idx), R.KEY_MAX + 1), dtype=torch.float64, device=flat.device)
+        for deltas in _chunked_deltas(flat, j, idx):
+            c, q = R.sce_bins(R.sce_var_keys(deltas), deltas)
+            counts += c
+            sq += q
+        st.extras[key] = R.SceHistogram.from_bins(counts, sq)
+    return st.extras[key]
+
+
+def _ram_counts(flat: FlatSources, st, j: int, idx: np.ndarray, threshold: int) -> tuple:
+    """ramplus_tl's (shared, unique) counts of segment j: once per epsilon, at the first table."""
+    key = ("ram", j, tuple(int(i) for i in idx), threshold)
+    if key not in st.extras:
+        shared, unique = np.zeros(len(idx), dtype=np.int64), np.zeros(len(idx), dtype=np.int64)
+        for deltas in _chunked_deltas(flat, j, idx):
+            s, u = R.ram_counts(deltas, threshold)
+            shared += s
+            unique += u
+        st.extras[key] = (shared.tolist(), unique.tolist())
+    return st.extras[key]
+
+
+def _fusion_codes(flat: FlatSources, st, inputs: list, seed: int) -> torch.Tensor:
+    """arcee_fusion's keep bits [M, total] (uint8, flat's device), mergekit's own importance
+    and threshold per segment: once per seed (it draws the sample of tensors over a million
+    elements), at the first table."""
+    key = ("fusion", seed, tuple(tuple(int(i) for i in idx) for idx in inputs))
+    if key not in st.extras:
+        codes = torch.zeros(flat.models.shape, dtype=torch.uint8, device=flat.device)
+        for j, (seg, idx) in enumerate(zip(flat.segments, inputs)):
+            if seg.numel == 0:
+                continue
+            a, b = seg.offset, seg.offset + seg.numel
+            m = int(idx[0])
+            keep = R.fusion_keep(flat.base[a:b], flat.models[m, a:b], seg.row_len or seg.numel,
+                                 R.fusion_generator(seed, seg.tensor_key))
+            codes[m, a:b] = keep.to(torch.uint8)
+        st.extras[key] = codes
+    return st.extras[key]
+
+
+def _elementwise(spec: R.MethodSpec, flat: FlatSources, p: dict, rows: np.ndarray, st, *, seed: int,
+                 coef: np.ndarray, weight: np.ndarray, cut: tuple, keys: np.ndarray) -> tuple:
+    """Fill the table of sce, ram / ramplus_tl or arcee_fusion from the load-time statistics;
+    returns (kind, rank codes or None)."""
+    lo, hi, p0, p1 = cut
+    S, M = coef.shape
+    inputs = _inputs(spec, flat, p, rows)
+    shared = {q.name: _expand(p[q.name], rows, S, M, q.name) if q.name in p else np.full((S, M), float(q.default))
+              for q in spec.global_params}
+    if spec.engine == "fusion":
+        for j, idx in enumerate(inputs):
+            weight[j, idx[0]] = 1.0
+            p0[j, idx[0]], p1[j, idx[0]] = 0, R.U24  # keep iff u24 < 2^24 * code
+        keys[:] = flat.stream_keys(seed)
+        return "task", _fusion_codes(flat, st, inputs, seed)
+    for j, idx in enumerate(inputs):
+        coef[j, idx] = 1.0
+        first = int(idx[0])
+        if spec.engine == "sce":
+            hist = _sce_histogram(flat, st, j, idx)
+            c = R.sce_cut(hist, float(shared["select_topk"][j, first]))
+            weight[j, idx] = R.sce_weights(hist, c, flat.segments[j].numel, flat.dtype)
+            lo[j], hi[j], p0[j], p1[j] = c.lo, c.hi, c.q_lo, c.q_hi
+            continue
+        epsilon = float(shared["epsilon"][j, first])
+        threshold = R.ram_threshold(epsilon, flat.dtype)
+        lo[j] = threshold
+        weight[j, idx] = 1.0
+        if spec.name == "ramplus_tl":
+            counts = _ram_counts(flat, st, j, idx, threshold)
+            weight[j, idx] = R.ramplus_lambdas(*counts, float(shared["r"][j, first]), float(shared["alpha"][j, first]),
+                                               epsilon)
+    if spec.engine == "sce":
+        keys[:] = flat.stream_keys(seed)
+        return "sce", None
+    return ("ramplus" if spec.name == "ramplus_tl" else "ram"), None

@@ -85,6 +85,8 @@ def merge_chunk_torch(flat, table, scale, j, lo, hi) -> torch.Tensor:
     base = flat.base[a:b].float()
     if table.kind == "nearswap":
         return nearswap_chunk(flat, table, scale, j, a, b, base)
+    if table.kind in ("sce", "ram", "ramplus"):
+        return elementwise_chunk(flat, table, j, lo, hi)
     elem = None
     if table.spec.sparse_mode != R.SPARSE_NONE:
         elem = R.element_indices(seg.elem_offset + lo, seg.elem_offset + hi, flat.device)
@@ -123,6 +125,25 @@ def nearswap_chunk(flat, table, scale, j, a, b, base) -> torch.Tensor:
     d = (flat.models[m, a:b].float() - base).to(flat.dtype).float()
     w = torch.clamp(scalar_f32(scale[j, m]) / torch.clamp(d.abs(), min=1e-6), 0.0, 1.0)
     return (base + d * w).to(flat.dtype)
+
+
+
+def elementwise_chunk(flat, table, j, lo, hi) -> torch.Tensor:
+    """reference.sce_combine / ram_combine on segment j, elements [lo, hi) (source dtype)."""
+    seg = flat.segments[j]
+    a, b = seg.offset + lo, seg.offset + hi
+    base = flat.base[a:b].float()
+    idx = np.flatnonzero(table.coef[j])
+    deltas = [(flat.models[m, a:b].float() - base).to(flat.dtype) for m in idx]
+    weights = [float(table.weight[j, m]) for m in idx]
+    if table.kind == "sce":
+        keys = R.sce_var_keys(deltas)
+        k1, mult = (int(x) for x in table.keys[j, 0])
+        elem = R.element_indices(seg.elem_offset + lo, seg.elem_offset + hi, flat.device)
+        cut = R.RangeCut(int(table.lo[j, 0]), int(table.hi[j, 0]), int(table.p0[j, 0]), int(table.p1[j, 0]))
+        keep = R.range_keep(keys, R.random_u24(elem, k1, mult), cut)
+        return R.sce_combine(base, deltas, keep, weights).to(flat.dtype)
+    return R.ram_combine(base, deltas, int(table.lo[j, 0]), weights, plus=table.kind == "ramplus").to(flat.dtype)
 
 
 

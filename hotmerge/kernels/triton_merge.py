@@ -5,7 +5,8 @@ a block map built once per layout tells each program its segment and start. The
 program reads base + M sources, recomputes mergekit's delta (X - B rounded to the
 source dtype), applies the method's per-element logic (|delta| key range with a
 random share of the cut bins, counter-based random keep, TIES sign consensus,
-normalize divisor, or the linear/slerp weighted sum) and writes the result either
+normalize divisor, or the linear/slerp weighted sum; sce, ram and ramplus_tl in branches
+of their own) and writes the result either
 into a flat buffer or, through a per-segment table of element offsets (each live
 tensor's address relative to the first one's), straight into separate live tensors.
 When every segment offset and size is a multiple of 8 elements (from_tensors pads
@@ -104,6 +105,77 @@ def _delta_keep(src_ptr, code_ptr, row, pos, inb, b, elem, ibase,
 
 
 @triton.jit
+def _sce_value(src_ptr, fbase, ibase, pos, inb, b, elem, total64,
+               M: tl.constexpr, IS_BF16: tl.constexpr, BLOCK: tl.constexpr):
+    """SCE on this block (cpu_merge.c hm_sce_bf16): the float64 variance of the inputs'
+    deltas picks the selected elements, whose sign election and weighted mean follow."""
+    dsum = tl.zeros([BLOCK], dtype=tl.float64)
+    n = tl.zeros([], dtype=tl.float64)
+    for m in tl.static_range(M):
+        if tl.load(fbase + 2 * m) != 0.0:
+            x = tl.load(src_ptr + m * total64 + pos, mask=inb, other=0.0).to(tl.float32)
+            dsum = dsum + _round_src(x - b, IS_BF16).to(tl.float64)
+            n = n + 1.0
+    mean = dsum / n
+    dev = tl.zeros([BLOCK], dtype=tl.float64)
+    for m in tl.static_range(M):
+        if tl.load(fbase + 2 * m) != 0.0:
+            x = tl.load(src_ptr + m * total64 + pos, mask=inb, other=0.0).to(tl.float32)
+            c = _round_src(x - b, IS_BF16).to(tl.float64) - mean
+            dev = dev + c * c
+    k = _key(_round_src((dev / n).to(tl.float32), IS_BF16), IS_BF16)
+    k1 = tl.load(ibase + 4).to(tl.uint32, bitcast=True)
+    mult = tl.load(ibase + 5).to(tl.uint32, bitcast=True)
+    u = (_mix32(elem * mult + k1) >> 8).to(tl.int32)
+    lo = tl.load(ibase + 0)
+    hi = tl.load(ibase + 1)
+    keep = ((k > lo) & (k < hi)) | ((k == lo) & (u < tl.load(ibase + 2))) | ((k == hi) & (u < tl.load(ibase + 3)))
+    tot = tl.zeros([BLOCK], dtype=tl.float32)
+    for m in tl.static_range(M):
+        if tl.load(fbase + 2 * m) != 0.0:
+            x = tl.load(src_ptr + m * total64 + pos, mask=inb, other=0.0).to(tl.float32)
+            tot = tot + tl.where(keep, _round_src(x - b, IS_BF16), 0.0)
+    positive = tot >= 0
+    mixed = tl.zeros([BLOCK], dtype=tl.float32)
+    divisor = tl.zeros([BLOCK], dtype=tl.float32)
+    for m in tl.static_range(M):
+        if tl.load(fbase + 2 * m) != 0.0:
+            w = tl.load(fbase + 2 * m + 1)
+            x = tl.load(src_ptr + m * total64 + pos, mask=inb, other=0.0).to(tl.float32)
+            d = tl.where(keep, _round_src(x - b, IS_BF16), 0.0)
+            agree = tl.where(positive, d > 0, d < 0)
+            mixed = mixed + tl.where(agree, d * w, 0.0)
+            divisor = divisor + tl.where(agree, w, 0.0)
+    return b + tl.math.div_rn(mixed, tl.maximum(divisor, 1e-6))
+
+
+@triton.jit
+def _ram_value(src_ptr, fbase, ibase, pos, inb, b, total64,
+               M: tl.constexpr, PLUS: tl.constexpr, IS_BF16: tl.constexpr, BLOCK: tl.constexpr):
+    """RAM / RAM+ on this block (cpu_merge.c hm_ram_bf16): each element counts the deltas
+    whose key exceeds the threshold; one enters times its lambda, several as d / count each."""
+    thr = tl.load(ibase + 0)
+    count = tl.zeros([BLOCK], dtype=tl.int32)
+    for m in tl.static_range(M):
+        if tl.load(fbase + 2 * m) != 0.0:
+            x = tl.load(src_ptr + m * total64 + pos, mask=inb, other=0.0).to(tl.float32)
+            count = count + (_key(_round_src(x - b, IS_BF16), IS_BF16) > thr).to(tl.int32)
+    c = tl.where(count > 1, count.to(tl.float32), 1.0)
+    tot = tl.zeros([BLOCK], dtype=tl.float32)
+    for m in tl.static_range(M):
+        if tl.load(fbase + 2 * m) != 0.0:
+            lam = tl.load(fbase + 2 * m + 1)
+            x = tl.load(src_ptr + m * total64 + pos, mask=inb, other=0.0).to(tl.float32)
+            d = _round_src(x - b, IS_BF16)
+            nz = _key(d, IS_BF16) > thr
+            shared = _round_src(tl.math.div_rn(d, c), IS_BF16)
+            tot = tot + tl.where(nz & (count == 1), d * lam, tl.where(nz & (count > 1), shared, 0.0))
+    if not PLUS:
+        tot = _round_src(tot, IS_BF16)
+    return b + tot
+
+
+@triton.jit
 def _block_coords(blk_seg_ptr, blk_start_ptr, seg_off_ptr, seg_numel_ptr, total,
                   ALIGN: tl.constexpr, BLOCK: tl.constexpr):
     """(segment, index within segment, in-bounds mask, flat position, row stride)."""
@@ -131,8 +203,10 @@ def _merge_kernel(
     ftab_ptr, itab_ptr, div_ptr, total, lam,
     M: tl.constexpr, COMBINE: tl.constexpr, SPARSE: tl.constexpr,
     CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr, NEARSWAP: tl.constexpr, IS_BF16: tl.constexpr,
-    OUT_MODE: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr,
+    OUT_MODE: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr, OWN: tl.constexpr,
 ):
+    # OWN: a method's own branch (OWN_KINDS); the per-model float entries are then
+    # (1 for each input, weight or lambda)
     pid = tl.program_id(0)
     seg, local, inb, pos, total64 = _block_coords(
         blk_seg_ptr, blk_start_ptr, seg_off_ptr, seg_numel_ptr, total, ALIGN, BLOCK)
@@ -148,6 +222,13 @@ def _merge_kernel(
                 x = tl.load(src_ptr + m * total64 + pos, mask=inb, other=0.0).to(tl.float32)
                 acc = acc + x * c
         val = tl.math.div_rn(acc, tl.zeros([BLOCK], dtype=tl.float32) + div)
+    elif OWN == 1:
+        b = tl.load(base_ptr + pos, mask=inb, other=0.0).to(tl.float32)
+        elem = (tl.load(seg_elem_ptr + seg) + local).to(tl.uint32)
+        val = _sce_value(src_ptr, fbase, ibase, pos, inb, b, elem, total64, M, IS_BF16, BLOCK)
+    elif OWN >= 2:
+        b = tl.load(base_ptr + pos, mask=inb, other=0.0).to(tl.float32)
+        val = _ram_value(src_ptr, fbase, ibase, pos, inb, b, total64, M, OWN == 3, IS_BF16, BLOCK)
     else:
         b = tl.load(base_ptr + pos, mask=inb, other=0.0).to(tl.float32)
         elem = (tl.load(seg_elem_ptr + seg) + local).to(tl.uint32)
@@ -268,11 +349,14 @@ def _int_table(flat, table) -> torch.Tensor:
 def _float_table(flat, table, scale) -> tuple:
     S, M = table.coef.shape
     ft = np.zeros((S, M, 2), dtype=np.float32)
-    ft[..., 0] = table.coef if table.combine else scale
+    ft[..., 0] = table.coef if table.combine or table.kind in OWN_KINDS else scale
     ft[..., 1] = table.weight
     return (torch.from_numpy(ft).to(flat.device),
             torch.from_numpy(table.div.astype(np.float32)).to(flat.device))
 
+
+# the table kinds with a branch of their own in _merge_kernel (its OWN)
+OWN_KINDS = {"sce": 1, "ram": 2, "ramplus": 3}
 
 VEC = 8  # elements per 16-byte vector of a 16-bit dtype
 
@@ -349,10 +433,10 @@ def _launch_merge(flat, table, scale, blk, out_mode, out=None, addr=None, flags=
         flags if flags is not None else off,
         blk_seg, blk_start, off, numel, elem,
         ftab, _int_table(flat, table), div, flat.total, float(table.lambda_),
-        M=flat.n_models, COMBINE=combine, SPARSE=0 if combine else table.spec.sparse_mode,
+        M=flat.n_models, COMBINE=combine, SPARSE=0 if combine or table.kind in OWN_KINDS else table.spec.sparse_mode,
         CONSENSUS=table.spec.consensus, NORMALIZE=table.normalize, NEARSWAP=table.kind == "nearswap",
         IS_BF16=flat.dtype == torch.bfloat16, OUT_MODE=out_mode, ALIGN=align, BLOCK=block,
-        num_warps=NUM_WARPS, **_launch_opts(),
+        OWN=OWN_KINDS.get(table.kind, 0), num_warps=NUM_WARPS, **_launch_opts(),
     )
 
 
