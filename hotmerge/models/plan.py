@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 from hotmerge.config.evolve import ValidatedConfig
+from hotmerge.errors import ConfigError
 from hotmerge.kernels.methods import get_method
 
 BYTES_PER_ELEMENT = 2  # bf16 everywhere
@@ -19,6 +20,47 @@ BYTES_PER_ELEMENT = 2  # bf16 everywhere
 # base (kernels/stats.py).
 HISTOGRAM_BYTES = 32768 * 3 * 8
 FLOAT64 = 8
+
+
+# Where the sources (and the base) live: beside the live model on its device, or in
+# page-locked host memory, streamed to the device in chunks for every merge
+# (kernels/streaming.py: the same bits). auto: device where they fit, else pinned.
+SOURCES = ("device", "pinned", "auto")
+DEVICE_MARGIN = 2 << 30  # activations, allocator slack and staging kept free beside the sources
+
+
+@dataclass(frozen=True)
+class SourcesChoice:
+    placement: str  # "device" or "pinned"
+    reason: str
+
+    def __str__(self) -> str:
+        return f"sources {self.placement}: {self.reason}"
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def choose_sources(requested: str, *, resident_bytes: int, free_bytes: int | None, device: str) -> SourcesChoice:
+    """The placement of resident_bytes of sources (and base) beside a live model on `device`
+    with free_bytes free after it (None: unknown, as on the CPU). A placement asked for that
+    cannot fit is refused in one line naming the one that does."""
+    if requested not in SOURCES:
+        raise ConfigError(f"--sources {requested}: use one of {', '.join(SOURCES)}")
+    fits = free_bytes is None or resident_bytes + DEVICE_MARGIN <= free_bytes
+    room = "" if free_bytes is None else f" ({_gib(free_bytes)} free on {device}, {_gib(DEVICE_MARGIN)} kept back)"
+    if requested == "device":
+        if not fits:
+            raise ConfigError(f"--sources device: the sources need {_gib(resident_bytes)} on {device} but do not "
+                              f"fit{room}: use --sources pinned (host memory, streamed) or --sources auto")
+        return SourcesChoice("device", f"asked for; {_gib(resident_bytes)} beside the live model{room}")
+    if requested == "pinned":
+        return SourcesChoice("pinned", f"asked for; {_gib(resident_bytes)} in host memory, streamed to {device}")
+    if fits:
+        return SourcesChoice("device", f"{_gib(resident_bytes)} fit beside the live model{room}")
+    return SourcesChoice("pinned", f"{_gib(resident_bytes)} do not fit beside the live model{room}: "
+                                   f"in host memory, streamed to {device}")
 
 
 def default_popsize(genome_size: int) -> int:

@@ -22,6 +22,7 @@ from hotmerge.errors import ConfigError
 class Runtime(Protocol):
     lm: object
     forward_batch: int  # documents scored in one forward batch (1: the engine batches by itself)
+    sources: object  # models.plan.SourcesChoice: where the sources live, and why
 
     def apply(self, recipe) -> None: ...
 
@@ -48,8 +49,13 @@ def check_runtime_options(backend: str, device: str | None, tensor_parallel_size
 
 
 def start_runtime(validated, *, backend: str, device: str | None = None, batch_size: int | None = None,
-                  seed: int = 0, tensor_parallel_size: int = 1) -> Runtime:
-    """The runtime the backend names, started (model loaded, sources resident)."""
+                  seed: int = 0, tensor_parallel_size: int = 1, sources: str = "auto") -> Runtime:
+    """The runtime the backend names, started (model loaded, sources resident).
+    sources: device, pinned or auto (models/plan.py choose_sources)."""
+    from hotmerge.models.plan import SOURCES
+
+    if sources not in SOURCES:
+        raise ConfigError(f"--sources {sources}: use one of {', '.join(SOURCES)}")
     check_runtime_options(backend, device, tensor_parallel_size)
     if backend == "vllm":
         if validated.config.compute_dtype != "bfloat16":
@@ -57,9 +63,10 @@ def start_runtime(validated, *, backend: str, device: str | None = None, batch_s
                               "the vLLM engine computes in bfloat16; remove compute_dtype or drop --vllm")
         from hotmerge.runtimes.vllm import VLLMRuntime
 
-        return VLLMRuntime(validated, seed=seed, batch_size=batch_size, tensor_parallel_size=tensor_parallel_size)
+        return VLLMRuntime(validated, seed=seed, batch_size=batch_size, tensor_parallel_size=tensor_parallel_size,
+                           sources=sources)
     if backend == "hf":
         from hotmerge.runtimes.hf import HFRuntime
 
-        return HFRuntime(validated, device=device, batch_size=batch_size, seed=seed)
+        return HFRuntime(validated, device=device, batch_size=batch_size, seed=seed, sources=sources)
     raise ValueError(f"unknown backend {backend!r}: use hf or vllm")

@@ -40,7 +40,7 @@ class HFRuntime:
     """load once; apply(recipe) writes the candidate into the live weights; `lm` scores."""
 
     def __init__(self, validated: ValidatedConfig, *, device: str | None = None,
-                 batch_size: int | None = None, seed: int = 0):
+                 batch_size: int | None = None, seed: int = 0, sources: str = "auto"):
         from lm_eval.models.huggingface import HFLM
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -67,7 +67,8 @@ class HFRuntime:
         # Merges are written in bf16; a float32 model gets a copy of those same values.
         self.merged = self.live if dtype == torch.bfloat16 else {
             name: torch.empty_like(p, dtype=torch.bfloat16) for name, p in self.live.items()}
-        self.merger = Merger(validated, self.merged, seed=seed, stats_cache=stats_cache.folder())
+        self.merger = Merger(validated, self.merged, seed=seed, stats_cache=stats_cache.folder(), sources=sources)
+        self.sources = self.merger.sources
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
         self.forward_batch = batch_size or 64  # documents per forward batch (racing rounds align to it)
         self.lm = HFLM(pretrained=self.model, tokenizer=self.tokenizer,

@@ -8,12 +8,15 @@ non-finite values raises before anything is written.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from hotmerge.config.evolve import ValidatedConfig
 from hotmerge.runtimes.encoding import RecipeRows
 from hotmerge.errors import ConfigError, SetupError
 from hotmerge.models.folder import is_derived_buffer, iter_tensors, sources_identity
+from hotmerge.models.plan import choose_sources
 from hotmerge.models.vocab import alignment_spec
 from hotmerge.kernels import FlatSources, apply, build_table
 from hotmerge.kernels.stats_cache import StatsCache
@@ -21,8 +24,10 @@ from hotmerge.kernels.stats_cache import StatsCache
 
 class Merger:
     def __init__(self, validated: ValidatedConfig, live: dict[str, torch.Tensor], seed: int = 0,
-                 dtype: torch.dtype = torch.bfloat16, stats_cache=None):
-        """stats_cache: a folder that keeps the load-time statistics between runs (None: none)."""
+                 dtype: torch.dtype = torch.bfloat16, stats_cache=None, sources: str = "auto"):
+        """stats_cache: a folder that keeps the load-time statistics between runs (None: none).
+        sources: device, pinned or auto (models/plan.py choose_sources); self.sources says
+        which was chosen and why."""
         source_names = validated.reference.tensors
         unknown = [n for n in live if n not in source_names]
         if unknown:
@@ -43,9 +48,18 @@ class Merger:
         self.names = list(live)
         # Sources are read one tensor at a time straight into the flat layout, so the
         # load's peak is what stays resident plus one tensor.
+        shapes = [source_names[name].shape for name in self.names]
+        device = self.live[0].device
+        n_buffers = len(validated.models) + (validated.base is not None)
+        resident = n_buffers * dtype.itemsize * sum(math.prod(shape) for shape in shapes)
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+        self.sources = choose_sources(sources, resident_bytes=resident, free_bytes=free, device=str(device))
+        pinned = self.sources.placement == "pinned"
         self.flat = FlatSources.allocate(
-            [source_names[name].shape for name in self.names], self.names, len(validated.models),
-            with_base=validated.base is not None, dtype=dtype, device=self.live[0].device)
+            shapes, self.names, len(validated.models), with_base=validated.base is not None, dtype=dtype,
+            device="cpu" if pinned else device, pin_memory=pinned and device.type == "cuda")
+        if pinned:
+            self.flat.stream_to(device)
         index = {name: j for j, name in enumerate(self.names)}
         for m, info in [*enumerate(validated.models), (None, validated.base)]:
             if info is None:

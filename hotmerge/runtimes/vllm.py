@@ -47,6 +47,10 @@ loader ignores (it would stay unmerged in every candidate), a layout the worker
 cannot map and a failed proof all stop start-up with a SetupError (one line, naming
 --no-vllm, the transformers runtime).
 
+Sources: beside the live weights on the device, or (`sources="pinned"`, or "auto" where
+they do not fit) in page-locked host memory, streamed to the device in chunks for every
+candidate (kernels/streaming.py, the same bits); `self.sources` says which and why.
+
 Memory: the KV cache is sized explicitly (`kv_cache_bytes_for`: max_num_seqs full
 sequences, at least two, capped at 1 GiB on CPU / 8 GiB on GPU; or kv_cache_bytes=),
 so nothing depends on vLLM's memory-fraction default. On CPU no memory fraction is
@@ -82,6 +86,7 @@ import numpy as np
 from hotmerge.config.evolve import ValidatedConfig
 from hotmerge.runtimes.encoding import RecipeRows
 from hotmerge.models.folder import is_derived_buffer
+from hotmerge.models.plan import SourcesChoice, choose_sources
 from hotmerge.models.vocab import alignment_spec
 from hotmerge.errors import ConfigError, SetupError
 from hotmerge.runtimes import vllm_compat
@@ -119,26 +124,31 @@ def kv_cache_bytes_for(config: dict, max_model_len: int, max_num_seqs: int, gpu:
 ACTIVATION_MARGIN = 2 << 30  # GPU: activations, CUDA graphs, allocator slack
 
 
-def gpu_memory_plan(weight_bytes: int, n_resident: int, kv_bytes: int, tp: int) -> Optional[float]:
-    """gpu_memory_utilization for vLLM, from a plan of what each GPU must hold.
+def gpu_memory_plan(weight_bytes: int, n_resident: int, kv_bytes: int, tp: int,
+                    sources: str = "auto") -> tuple[Optional[float], SourcesChoice]:
+    """(gpu_memory_utilization for vLLM, where the sources live), from a plan of what each
+    GPU must hold.
 
     With an explicit KV size vLLM allocates only weights + KV + activations; the
     fraction is its start-up guard (free memory >= fraction * total), so it is set to
     that need, which leaves the rest for hotmerge's resident sources (n_resident more
-    copies of the weights). None when the device's total memory cannot be read."""
+    copies of the weights' shard) when they fit there (models/plan.py choose_sources);
+    else, or when asked, they live in pinned host memory. The utilization is None when
+    the device's total memory cannot be read."""
+    resident = n_resident * weight_bytes // tp
     try:
         total = vllm_compat.device_total_memory()
     except Exception:
-        return None
+        return None, choose_sources(sources, resident_bytes=resident, free_bytes=None, device="cuda")
     engine = weight_bytes / tp * 1.1 + kv_bytes + ACTIVATION_MARGIN
-    resident = n_resident * weight_bytes / tp
-    if engine + resident > 0.95 * total:
+    if engine > 0.95 * total:
         raise ConfigError(
-            f"the live model ({weight_bytes / tp / 2**30:.1f} GiB per GPU), {n_resident} resident "
-            f"source copies ({resident / 2**30:.1f} GiB) and the KV cache ({kv_bytes / 2**30:.1f} GiB) "
-            f"do not fit in {total / 2**30:.1f} GiB: use more tensor-parallel GPUs, fewer models, "
-            "or a smaller kv_cache_bytes")
-    return min(0.95, math.ceil(100 * engine / total) / 100)
+            f"the live model ({weight_bytes / tp / 2**30:.1f} GiB per GPU) and the KV cache "
+            f"({kv_bytes / 2**30:.1f} GiB) do not fit in {total / 2**30:.1f} GiB: use more tensor-parallel "
+            "GPUs or a smaller kv_cache_bytes")
+    choice = choose_sources(sources, resident_bytes=resident, free_bytes=int(0.95 * total - engine),
+                            device="each GPU")
+    return min(0.95, math.ceil(100 * engine / total) / 100), choice
 
 
 class VLLMRuntime:
@@ -147,7 +157,7 @@ class VLLMRuntime:
     def __init__(self, validated: ValidatedConfig, *, seed: int = 0, batch_size: Optional[int] = None,
                  tensor_parallel_size: int = 1, max_model_len: Optional[int] = None,
                  kv_cache_bytes: Optional[int] = None, enforce_eager: Optional[bool] = None,
-                 prove_writes: bool = True):
+                 prove_writes: bool = True, sources: str = "auto"):
         # vLLM and lm-eval inside their supported ranges, with every internal hotmerge reaches.
         self.versions = (vllm_compat.check(), lm_eval_compat.check())
         from vllm import LLM
@@ -182,10 +192,14 @@ class VLLMRuntime:
             # placeholder weights, and the worker loads the reference's aligned weights.
             engine_kwargs.update(hf_overrides={"vocab_size": reference_info.vocabulary.vocabulary.size},
                                  load_format="dummy")
-        if not on_cpu:
-            weight_bytes = 2 * sum(t.numel for t in reference_info.tensors.values())
-            n_resident = len(self.models) + (self.base_model is not None)
-            utilization = gpu_memory_plan(weight_bytes, n_resident, self.kv_cache_bytes, self.tp)
+        weight_bytes = 2 * sum(t.numel for t in reference_info.tensors.values())
+        n_resident = len(self.models) + (self.base_model is not None)
+        if on_cpu:
+            self.sources = choose_sources(sources, resident_bytes=n_resident * weight_bytes // self.tp,
+                                          free_bytes=None, device="cpu")
+        else:
+            utilization, self.sources = gpu_memory_plan(weight_bytes, n_resident, self.kv_cache_bytes, self.tp,
+                                                        sources)
             if utilization is not None:
                 engine_kwargs["gpu_memory_utilization"] = utilization
         started = time.perf_counter()
@@ -232,6 +246,7 @@ class VLLMRuntime:
             "seed": self.seed,
             "method": self.method,
             "tp": self.tp,
+            "sources": self.sources.placement,
             "stats_cache": str(stats_cache.folder()) if stats_cache.folder() is not None else None,
         }
         layouts = self.llm.collective_rpc("hotmerge_setup", args=(spec,))

@@ -329,15 +329,19 @@ class HotmergeWorkerExtension:
             base = spec.get("base")
             n_buffers = len(models) + (1 if base is not None else 0)
             need = n_buffers * total * torch.finfo(dtype).bits // 8
-            if device.type == "cuda":
+            pinned = spec.get("sources", "device") == "pinned"
+            if device.type == "cuda" and not pinned:
                 free, _ = torch.cuda.mem_get_info(device)
                 if need > free:
                     raise MappingError(
                         f"the resident sources need {need / 2**30:.2f} GiB on {device} but "
-                        f"{free / 2**30:.2f} GiB are free: lower the KV cache "
+                        f"{free / 2**30:.2f} GiB are free: use --sources pinned, lower the KV cache "
                         "(kv_cache_bytes), merge fewer models, or raise --tensor-parallel-size")
-            flat_models = torch.empty((len(models), total), dtype=dtype, device=device)
-            flat_base = torch.empty(total, dtype=dtype, device=device) if base is not None else None
+            # pinned: page-locked host buffers, streamed to the device for every candidate
+            home = "cpu" if pinned else device
+            pin = pinned and device.type == "cuda"
+            flat_models = torch.empty((len(models), total), dtype=dtype, device=home, pin_memory=pin)
+            flat_base = torch.empty(total, dtype=dtype, device=home, pin_memory=pin) if base is not None else None
             loaded: dict = {}
             for path in ([base] if base is not None else []) + models:
                 if path in loaded:
@@ -402,6 +406,8 @@ class HotmergeWorkerExtension:
                 row_len=R.default_row_len(shapes[pl.name]), elem_offset=elem_offset,
                 name=pl.name))
         state.flat = kernels.FlatSources(flat_models, segments, flat_base)
+        if pinned:
+            state.flat.stream_to(device)
         if base is not None and spec["reference"] == base:
             state.reference_row = None
         else:
@@ -501,7 +507,8 @@ class HotmergeWorkerExtension:
             "packed_modules": len(state.packed_modules),
             "repack": state.repack,
             "patches": list(vllm_compat.APPLIED),
-            "device": str(flat.device),
+            "device": str(flat.stream_device or flat.device),
+            "sources": "pinned" if flat.streamed else "device",
             "timings": dict(state.timings),
         }
 

@@ -21,14 +21,14 @@ MAX_TRACEBACK_CHARS = 32_000
 class CandidateWorker:
     def __init__(self, validated: ValidatedConfig, *, backend: str = "hf", device: str | None = None,
                  batch_size: int | None = None, seed: int = 0, task_paths: list[str] = (),
-                 tensor_parallel_size: int = 1):
+                 tensor_parallel_size: int = 1, sources: str = "auto"):
         cfg = validated.config
         self.runtime_config = validated
         self.genome = validated.genome()
         self.candidate_errors = candidate_error_types()
         started = time.perf_counter()
         self.runtime = start_runtime(validated, backend=backend, device=device, batch_size=batch_size,
-                                     seed=seed, tensor_parallel_size=tensor_parallel_size)
+                                     seed=seed, tensor_parallel_size=tensor_parallel_size, sources=sources)
         try:
             def suite(tasks, **only_search):
                 return TaskSuite(tasks, include_paths=[*cfg.task_paths, *task_paths], num_fewshot=cfg.num_fewshot,
