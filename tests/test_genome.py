@@ -383,6 +383,8 @@ FUNCTIONAL_CASES = [
     ("nuslerp-base-g2", "nuslerp", "out", {"layer_granularity": 2}, 2),
     ("nuslerp-no-base-filters", "nuslerp", None, {"filters": ["mlp"]}, 2),
     ("multislerp-smooth", "multislerp", "out", {"layer_granularity": 2, "smooth": True}, 3),
+    ("sce-g2-filters", "sce", "out", {"layer_granularity": 2, "filters": ["mlp"]}, 3),
+    ("ramplus_tl-smooth", "ramplus_tl", "out", {"layer_granularity": 1, "smooth": True}, 2),
 ]
 
 
@@ -394,7 +396,7 @@ def test_functional_genes_decode_as_mergekit_plans_them(family, case):
     _, method, base, extra, n = case
     base_path, models = family
     g = Genome(GenomeConfig.model_validate(genome_dict((base_path, models[:n]), method, base, extra)), NUM_LAYERS)
-    shared = method == "nearswap"
+    shared = method in ("nearswap", "sce", "ramplus_tl")
     assert g.shape[1] == (1 if shared else n)
     x = random_genotypes(g, n=1, seed=11)[0]
     recipe = g.decode(x)
@@ -422,9 +424,13 @@ def test_shared_genes_start_at_the_registry_values(family):
                NUM_LAYERS)
     assert g.shape == (1, 1, 1, 1)
     np.testing.assert_array_equal(g.x0(), [np.float32(1e-3)])
+    g = Genome(GenomeConfig.model_validate(genome_dict(family, "ramplus_tl", "out", {"layer_granularity": 2})),
+               NUM_LAYERS)
+    assert g.shape == (2, 1, 1, 2)  # r and alpha from mergekit's defaults
+    np.testing.assert_array_equal(g.x0().reshape(g.shape)[0, 0, 0], [np.float32(0.1), np.float32(0.2)])
 
 
-@pytest.mark.parametrize("method", ["model_stock", "karcher", "passthrough"])
+@pytest.mark.parametrize("method", ["model_stock", "karcher", "passthrough", "ram", "arcee_fusion"])
 def test_methods_with_nothing_to_search_are_refused_by_the_genome(family, method):
     base_path, models = family
     with pytest.raises(ValueError, match=f"{method} has no parameter for evolve to search"):
