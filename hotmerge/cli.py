@@ -140,7 +140,8 @@ def toy_compare(
     if not run.exists():
         raise ConfigError(f"{run_dir} holds no run: pass the --storage-path of a `hotmerge evolve` run")
     meta = run.read_meta()
-    config = validate_config(load_config(meta["config_path"]))
+    _use_hub_cache(Path(meta["hub_cache"]) if meta.get("hub_cache") else None)  # where the run found its models
+    config = validate_config(load_config(meta["config_path"]), allow_crimes=bool(meta.get("allow_crimes")))
     # The recipe the run chose for best_config.yaml (a raced estimate never is).
     best = best_record(run.records(), config.config.select_by)
     if best is None:

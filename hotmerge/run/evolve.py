@@ -283,102 +283,107 @@ def evolve(config_path: Path, options: EvolveOptions, console=None) -> dict | No
         task_paths=list(options.task_search_path),
         tensor_parallel_size=options.tensor_parallel_size,
     )
-    if rank == 0:
-        run.start(meta, RESUME_KEYS)
-    if rank != 0:
-        worker_loop(worker, genome.size)
-        return None
-
-    def fresh_search():
-        from hotmerge.search.strategy import Search
-
-        # random_init: mergekit-evolve starts from uniform [0, 1) genes instead of its x0.
-        return Search(genome.x0(random=cfg.random_init, seed=options.random_seed), options.sigma0,
-                      options.random_seed, options.max_fevals,
-                      population_for(genome.size, world, options.population_size), options.timeout)
-
-    search = resume_search(run, fresh_search, options.max_fevals, options.timeout)
-    best = {}
-
-    def is_better(record: dict) -> bool:
-        return best_record([best, record] if best else [record], cfg.select_by) is record
-
-    view = ProgressView(console, quiet=options.quiet)
-    from hotmerge.run.sinks import open_sinks
-
-    sinks = open_sinks(run, options, log=log)
-
-    busy: dict[int, float] = {}  # seconds each rank spent on candidates in this process
-
-    def on_result(record: dict) -> None:
-        rank_of = int(record.get("rank", 0))
-        busy[rank_of] = busy.get(rank_of, 0.0) + float((record.get("seconds") or {}).get("total", 0.0))
-        view.update(coordinator.progress, record)
-        if not record.get("xfavorite"):  # the sinks chart generations; the mean is not one
-            sinks.log(record, coordinator.progress)
-        if is_better(record):
-            best.clear()
-            best.update(record)
-            run.save_best(genome.to_mergekit_config(record["genotype"], names))
-
-    def on_heldout(record: dict) -> None:
-        view.heldout(record)
-        if not record.get("xfavorite"):
-            sinks.log_heldout(record)
-        if is_better(record):
-            best.clear()
-            best.update(record)
-            run.save_best(genome.to_mergekit_config(record["genotype"], names))
-
-    fitness = Fitness(racing=cfg.racing, subsets=cfg.subsets, irt=cfg.irt, seed=options.random_seed,
-                      heldout=bool(cfg.heldout_tasks),
-                      heldout_top_k=cfg.heldout_top_k,
-                      specs=tuple((t.name, t.metric, t.weight) for t in cfg.tasks))
-    coordinator = Coordinator(run, search, worker, options.max_fevals, on_result,
-                              world_size=world, genotype_size=genome.size, log=log, fitness=fitness,
-                              on_heldout=on_heldout)
-    for record in coordinator.history.values():
-        if is_better(record):
-            best.clear()
-            best.update(record)
-    previous = signal.getsignal(signal.SIGTERM)
-    if world == 1:
-        # Alone, SIGTERM stops after the candidate in flight. Under torchrun the agent
-        # sends SIGTERM to restart the group after a rank died: exit at once then.
-        signal.signal(signal.SIGTERM, lambda *_: setattr(coordinator, "stop_requested", True))
-    started = time.perf_counter()
+    # The engine is closed on every way out: a vLLM engine left to interpreter exit
+    # can keep the process waiting on its engine core.
     try:
-        with view:
-            coordinator.run_loop()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        sinks.close()
-    wall = time.perf_counter() - started
-    if busy and wall > 0:
-        info("busy share of the search's wall time: " + ", ".join(
-            f"rank {r} {100 * busy.get(r, 0.0) / wall:.0f}%" for r in range(world)))
-    if coordinator.bug_stop is not None:
-        stop = coordinator.bug_stop
-        where = stop.traceback_file or run.history_file
-        message = (f"stopped after {stop.count} bugs in a row on rank {stop.rank} ({stop.error}); traceback in "
-                   f"{where}; the state is saved: fix the bug and run the same command to resume")
-        run.save_stop(message)
-        raise BugsInARow(message, traceback_file=stop.traceback_file)
-    if not best:
-        what = "every candidate failed" if cfg.select_by == "search" else "no candidate has a held-out score"
-        raise RunFailed(f"{what}: see the errors in {run.history_file}")
-    if best.get("heldout_score") is not None:
-        gap = best["score"] - best["heldout_score"]
-        log(f"chosen recipe (by {cfg.select_by} score): search {_pm(best['score'], best.get('stderr'))}, "
-            f"held-out {_pm(best['heldout_score'], best.get('heldout_stderr'))}, gap {gap:+.4f}")
-    run.save_best(genome.to_mergekit_config(best["genotype"], names))
-    if coordinator.stop_requested:
-        log(f"stopped; state saved in {run.path}: run the same command to resume")
-        return best
-    if options.save_final_model:
-        from hotmerge.run.export import export_merge
+        if rank == 0:
+            run.start(meta, RESUME_KEYS)
+        if rank != 0:
+            worker_loop(worker, genome.size)
+            return None
 
-        export_merge(validated, np.asarray(best["genotype"]), run.path / "final_model",
-                     seed=options.random_seed)
-        log(f"final model written to {run.path / 'final_model'}")
-    return best
+        def fresh_search():
+            from hotmerge.search.strategy import Search
+
+            # random_init: mergekit-evolve starts from uniform [0, 1) genes instead of its x0.
+            return Search(genome.x0(random=cfg.random_init, seed=options.random_seed), options.sigma0,
+                          options.random_seed, options.max_fevals,
+                          population_for(genome.size, world, options.population_size), options.timeout)
+
+        search = resume_search(run, fresh_search, options.max_fevals, options.timeout)
+        best = {}
+
+        def is_better(record: dict) -> bool:
+            return best_record([best, record] if best else [record], cfg.select_by) is record
+
+        view = ProgressView(console, quiet=options.quiet)
+        from hotmerge.run.sinks import open_sinks
+
+        sinks = open_sinks(run, options, log=log)
+
+        busy: dict[int, float] = {}  # seconds each rank spent on candidates in this process
+
+        def on_result(record: dict) -> None:
+            rank_of = int(record.get("rank", 0))
+            busy[rank_of] = busy.get(rank_of, 0.0) + float((record.get("seconds") or {}).get("total", 0.0))
+            view.update(coordinator.progress, record)
+            if not record.get("xfavorite"):  # the sinks chart generations; the mean is not one
+                sinks.log(record, coordinator.progress)
+            if is_better(record):
+                best.clear()
+                best.update(record)
+                run.save_best(genome.to_mergekit_config(record["genotype"], names))
+
+        def on_heldout(record: dict) -> None:
+            view.heldout(record)
+            if not record.get("xfavorite"):
+                sinks.log_heldout(record)
+            if is_better(record):
+                best.clear()
+                best.update(record)
+                run.save_best(genome.to_mergekit_config(record["genotype"], names))
+
+        fitness = Fitness(racing=cfg.racing, subsets=cfg.subsets, irt=cfg.irt, seed=options.random_seed,
+                          heldout=bool(cfg.heldout_tasks),
+                          heldout_top_k=cfg.heldout_top_k,
+                          specs=tuple((t.name, t.metric, t.weight) for t in cfg.tasks))
+        coordinator = Coordinator(run, search, worker, options.max_fevals, on_result,
+                                  world_size=world, genotype_size=genome.size, log=log, fitness=fitness,
+                                  on_heldout=on_heldout)
+        for record in coordinator.history.values():
+            if is_better(record):
+                best.clear()
+                best.update(record)
+        previous = signal.getsignal(signal.SIGTERM)
+        if world == 1:
+            # Alone, SIGTERM stops after the candidate in flight. Under torchrun the agent
+            # sends SIGTERM to restart the group after a rank died: exit at once then.
+            signal.signal(signal.SIGTERM, lambda *_: setattr(coordinator, "stop_requested", True))
+        started = time.perf_counter()
+        try:
+            with view:
+                coordinator.run_loop()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            sinks.close()
+        wall = time.perf_counter() - started
+        if busy and wall > 0:
+            info("busy share of the search's wall time: " + ", ".join(
+                f"rank {r} {100 * busy.get(r, 0.0) / wall:.0f}%" for r in range(world)))
+        if coordinator.bug_stop is not None:
+            stop = coordinator.bug_stop
+            where = stop.traceback_file or run.history_file
+            message = (f"stopped after {stop.count} bugs in a row on rank {stop.rank} ({stop.error}); traceback in "
+                       f"{where}; the state is saved: fix the bug and run the same command to resume")
+            run.save_stop(message)
+            raise BugsInARow(message, traceback_file=stop.traceback_file)
+        if not best:
+            what = "every candidate failed" if cfg.select_by == "search" else "no candidate has a held-out score"
+            raise RunFailed(f"{what}: see the errors in {run.history_file}")
+        if best.get("heldout_score") is not None:
+            gap = best["score"] - best["heldout_score"]
+            log(f"chosen recipe (by {cfg.select_by} score): search {_pm(best['score'], best.get('stderr'))}, "
+                f"held-out {_pm(best['heldout_score'], best.get('heldout_stderr'))}, gap {gap:+.4f}")
+        run.save_best(genome.to_mergekit_config(best["genotype"], names))
+        if coordinator.stop_requested:
+            log(f"stopped; state saved in {run.path}: run the same command to resume")
+            return best
+        if options.save_final_model:
+            from hotmerge.run.export import export_merge
+
+            export_merge(validated, np.asarray(best["genotype"]), run.path / "final_model",
+                         seed=options.random_seed)
+            log(f"final model written to {run.path / 'final_model'}")
+        return best
+    finally:
+        worker.close()

@@ -426,7 +426,11 @@ def evaluate_heldout(data: RunData, tasks: str, *, task_paths: Sequence[str] = (
     config_path = Path(str(data.meta.get("config_path", "config.yaml")))
     cfg = parse_config(data.meta["config"], base_dir=config_path.resolve().parent,
                        source=f"{data.path / 'run.json'} config")
-    validated = validate_config(cfg).with_tasks(specs)
+    if data.meta.get("hub_cache"):
+        from hotmerge.models import hub
+
+        hub.use_cache(data.meta["hub_cache"])  # hub names resolve where the run found them
+    validated = validate_config(cfg, allow_crimes=bool(data.meta.get("allow_crimes"))).with_tasks(specs)
     log(f"scoring the best recipe on {', '.join(names)} ...")
     worker = CandidateWorker(validated, backend=backend or data.meta.get("backend", "hf"), device=device,
                              batch_size=batch_size, seed=int(data.meta.get("seed", 0)),
