@@ -315,3 +315,39 @@ def test_sharded_sources_merge_as_single_files(toy_family, tmp_path):
         outs.append(load_file(str(export_merge(validated, recipe, tmp_path / f"out{len(outs)}") / "model.safetensors")))
     assert outs[0].keys() == outs[1].keys()
     assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+
+
+def _llava_folder(path, seed: int):
+    """A Llava-style vision-language model folder: a LlavaConfig with its language model's
+    layer count under text_config, and vision tower, projector and language model weights."""
+    import json
+
+    from safetensors.torch import save_file
+
+    path.mkdir()
+    config = {"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
+              "text_config": {"model_type": "llama", "num_hidden_layers": 1, "hidden_size": 8},
+              "vision_config": {"model_type": "clip_vision_model", "num_hidden_layers": 1, "hidden_size": 8}}
+    (path / "config.json").write_text(json.dumps(config))
+    g = torch.Generator().manual_seed(seed)
+    names = ["model.vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight",
+             "model.multi_modal_projector.linear_1.weight", "model.language_model.layers.0.mlp.up_proj.weight",
+             "model.language_model.embed_tokens.weight", "lm_head.weight"]
+    save_file({n: torch.randn(8, 8, generator=g).bfloat16() for n in names}, str(path / "model.safetensors"))
+    return str(path)
+
+
+def test_a_vision_language_merge_is_refused_in_one_line_before_loading(tmp_path):
+    """mergekit merges Llava models; hotmerge builds every merged model with AutoModelForCausalLM,
+    so it refuses them by name (exit 2, one line), not with transformers' traceback."""
+    models = [_llava_folder(tmp_path / f"llava{i}", i) for i in range(3)]
+    config = tmp_path / "merge.yaml"
+    config.write_text(yaml.safe_dump({"merge_method": "linear", "dtype": "bfloat16",
+                                      "models": _models(models, [{"weight": 1.0}] * 3)}))
+    out = tmp_path / "merged"
+    done = subprocess.run([sys.executable, "-m", "hotmerge", "export", str(config), str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "llava" in lines[0] and "AutoModelForCausalLM" in lines[0], lines
+    assert not out.exists()

@@ -105,6 +105,7 @@ class ModelInfo:
         tensors = _read_tensor_index(folder)
         _check_floating(folder, tensors)
         own_code = _own_code(folder, config)
+        _check_causal_lm(folder, config)
         num_layers = _num_layers(config)
         if num_layers is None:
             raise ConfigError(
@@ -191,6 +192,25 @@ def _own_code(folder: Path, config: dict) -> tuple[str, ...]:
             "transformers does not know, and hotmerge never runs code from a model folder: merge models of an "
             "architecture transformers supports")
     return tuple(found)
+
+
+def _check_causal_lm(folder: Path, config: dict) -> None:
+    """Refuse, before any weight is read, a model that transformers' AutoModelForCausalLM
+    cannot build (vision-language models such as Llava, encoders, unknown types): every
+    runtime and the export build the merged model with it."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = config.get("model_type")
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return
+    archs = ", ".join(config.get("architectures") or []) or "no architectures listed"
+    if model_type in CONFIG_MAPPING_NAMES:
+        raise ConfigError(f"{folder} is a {model_type} model ({archs}), which transformers' AutoModelForCausalLM "
+                          "does not build: hotmerge merges and scores causal language models only; merge this one "
+                          "with mergekit-yaml")
+    raise ConfigError(f"{folder} has model_type {model_type!r} ({archs}), which this transformers does not know: "
+                      "merge models of an architecture transformers supports")
 
 
 _WARNED_OWN_CODE: set[str] = set()
