@@ -164,7 +164,9 @@ def plot(results: dict, path: Path) -> None:
     for mode, row in results["summary"]["modes"].items():
         if row["mean_curve"]:
             x, y = zip(*row["mean_curve"])
-            ax.step(x, y, where="post", color=colours[mode], label=f"{mode}: chosen recipe")
+            # full on top and wider: IRT's calibration generations are full evaluation's own
+            ax.step(x, y, where="post", color=colours[mode], label=f"{mode}: chosen recipe",
+                    lw=3 if mode == "full" else 1.5, zorder=3 if mode == "full" else 2, alpha=0.6 if mode == "full" else 1)
         means = [r for r in results["runs"] if r["mode"] == mode]
         points = [(p["documents"], p["mean"]) for r in means for p in r["curve"] if p["mean"] is not None]
         if points:
@@ -203,7 +205,11 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/budget_toy.json")
     parser.add_argument("--append", action="store_true",
                         help="keep the runs already in --out (same settings) and run only the missing ones")
+    parser.add_argument("--replot", action="store_true", help="only recompute --out's summary and plot")
     args = parser.parse_args()
+    if args.replot:
+        save(json.loads(Path(args.out).read_text()), Path(args.out))
+        return
 
     from hotmerge.config.evolve import RacingConfig, TaskConfig, load_config, validate_config
     from hotmerge.search.worker import CandidateWorker
