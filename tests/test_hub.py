@@ -113,7 +113,7 @@ def test_names_revisions_and_lora_names_resolve_to_cached_snapshots(hub_cache, t
                        "toyorg/absent --include '*.safetensors' --include '*.json'"]),
     ("toyorg/expert_color@v2", ["toyorg/expert_color@v2", "hf download toyorg/expert_color --revision v2"]),
     ("toyorg/base+toyorg/absent_lora", ["adapter folder", "toyorg/absent_lora", "hf download toyorg/absent_lora"]),
-    ("toyorg/pickled", ["toyorg/pickled", "pickle", "pytorch_model.bin", "never loads"]),
+    ("toyorg/pickled", ["toyorg/pickled", "only pickle checkpoints (pytorch_model.bin)", "safetensors only"]),
 ])
 def test_an_unusable_name_is_one_line_naming_it_and_the_fix(hub_cache, tmp_path, reference, words):
     config = genome_config(tmp_path / "c.yaml", models=["toyorg/expert_capital", reference])
@@ -128,6 +128,19 @@ def test_an_unusable_name_is_one_line_naming_it_and_the_fix(hub_cache, tmp_path,
         for word in words:
             assert word in lines[0], lines[0]
     assert not run_dir.exists()
+
+
+@pytest.mark.slow  # huggingface_hub retries an unreachable hub with backoff, half a minute
+def test_a_name_neither_cached_nor_reachable_is_one_line(hub_cache, tmp_path):
+    """Online (HF_HUB_OFFLINE=0) with no hub to reach and the name not cached: one line that
+    says so and names the download command, not a connection traceback."""
+    dead = "http://127.0.0.1:9"  # nothing listens here
+    env = {**hub_cache.env(), "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": dead, "HTTPS_PROXY": dead, "HTTP_PROXY": dead}
+    refused = run(hub_cache, "plan", str(genome_config(tmp_path / "absent.yaml", models=["toyorg/absent"])), env=env)
+    assert refused.returncode == 2
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: genome.models[0]: toyorg/absent"), lines
+    assert "the hub cannot be reached" in lines[0] and "`hf download toyorg/absent --include" in lines[0]
 
 
 def test_a_local_folder_with_a_revision_is_refused(hub_cache, tmp_path):

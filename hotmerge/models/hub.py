@@ -164,26 +164,22 @@ def download_command(part: Part) -> str:
 
 
 def _from_hub(part: Part, kind: str) -> str:
-    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
     what = "model folder" if kind == "model" else "adapter folder"
     get = f"download it with `{download_command(part)}`"
     try:
-        if not offline():
-            # Refuse a repository of pickled weights before anything is downloaded.
-            files = HfApi().list_repo_files(part.name, revision=part.revision)
-            _check_files(part, kind, files, where="on the hub")
-            LOG.warning("note: fetching %s from the Hugging Face hub into %s", part, cache_dir())
+        # Online, the hub's files for the revision; unreachable or offline, the cached snapshot.
         folder = snapshot_download(part.name, revision=part.revision, cache_dir=cache_dir(),
                                    allow_patterns=list(ALLOW_PATTERNS))
-    except LocalEntryNotFoundError:  # offline (or the hub unreachable), and not in the cache
+    except LocalEntryNotFoundError:  # not in the cache, and nothing could be downloaded
+        why = " (HF_HUB_OFFLINE=1: nothing is downloaded)" if offline() else " and the hub cannot be reached"
         raise ConfigError(
             f"{part} is no local {what} (relative paths are looked up beside the config file, then in the "
-            f"current directory) and does not exist in the Hugging Face cache {cache_dir()}"
-            + (" (HF_HUB_OFFLINE=1: nothing is downloaded)" if offline() else "")
-            + f": fix the path, or {get}") from None
+            f"current directory) and does not exist in the Hugging Face cache {cache_dir()}{why}: fix the path, "
+            f"or {get}") from None
     except RevisionNotFoundError:
         raise ConfigError(f"{part}: the hub repository {part.name} has no revision {part.revision}: "
                           "give a branch, tag or commit it has") from None
@@ -197,25 +193,30 @@ def _from_hub(part: Part, kind: str) -> str:
         raise ConfigError(f"cannot fetch {part} from the Hugging Face hub ({type(e).__name__}: "
                           f"{' '.join(str(e).split())[:160]}): check the connection, or {get}") from None
     files = [str(p.relative_to(folder)) for p in Path(folder).rglob("*") if p.is_file()]
-    _check_files(part, kind, files, where=f"in the Hugging Face cache ({folder})")
+    _check_snapshot(part, kind, folder, files)
+    if not offline():
+        LOG.warning("note: %s is %s (from the Hugging Face hub, or its cache where the hub is unreachable)",
+                    part, folder)
     return os.path.normpath(folder)
 
 
-def _check_files(part: Part, kind: str, files: list[str], where: str) -> None:
-    """A repository (listed on the hub, or its cached snapshot) must hold safetensors weights."""
+def _check_snapshot(part: Part, kind: str, folder: str, files: list[str]) -> None:
+    """A resolved snapshot must hold a config and safetensors weights (pickles are never
+    fetched, so a repository of pickle weights alone arrives without weights)."""
     def has(pattern):
         return any(fnmatch.fnmatch(f, pattern) for f in files)
 
     config, weights = REQUIRED[kind]
     if not has(weights):
         pickles = sorted(f for f in files if any(fnmatch.fnmatch(f, p) for p in PICKLE_PATTERNS))
-        if pickles:
+        held = f"only pickle checkpoints ({', '.join(pickles[:3])})" if pickles else "no safetensors weights"
+        if pickles or not offline():
             raise ConfigError(
-                f"{part} holds only pickle checkpoints {where} ({', '.join(pickles[:3])}), which hotmerge never "
-                "loads (unpickling can run code): use a repository or revision with safetensors weights, or "
-                "convert it (load it where you trust it and save_pretrained(..., safe_serialization=True))")
+                f"{part} holds {held} in {folder}; hotmerge fetches and loads safetensors only (unpickling can "
+                "run code): use a repository or revision with safetensors weights, or convert it (load it where "
+                "you trust it and save_pretrained(..., safe_serialization=True))")
     missing = [p for p in (config, weights) if not has(p)]
     if missing:
-        fix = (f"download it with `{download_command(part)}`" if where.startswith("in the")
+        fix = (f"download it with `{download_command(part)}`" if offline()
                else f"give a {'PEFT adapter' if kind == 'adapter' else 'model'} repository")
-        raise ConfigError(f"{part} has no {' and no '.join(missing)} {where}: {fix}")
+        raise ConfigError(f"{part} has no {' and no '.join(missing)} in {folder}: {fix}")
