@@ -18,8 +18,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # build on two threads ran five times slower than with passive waiting, test_scoring.py and
 # test_parity.py a fifth slower. Passive waiting, and at most two threads (torch reads
 # OMP_NUM_THREADS as it loads). torchrun ranks run one thread each
-# (tests/test_evolve.py), as torchrun's own default; the toy build runs on one.
-TEST_THREADS = min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+# (tests/test_evolve.py), as torchrun's own default; the toy build runs on one. Under
+# pytest-xdist (`make test` runs a worker per core), the workers share the cores.
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+TEST_THREADS = max(1, min(2, _CORES // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_name, str(TEST_THREADS))
