@@ -192,7 +192,7 @@ def _native_plan(table: CoefficientTable, plan: "_MaskPlan", scale: np.ndarray, 
 
 
 def fast_segment_ok(seg: Segment) -> bool:
-    return seg.elem_offset + seg.numel <= 1 << 31  # int32 element indices
+    return seg.last_element() < 1 << 31  # int32 element indices
 
 
 
@@ -360,11 +360,15 @@ class _MaskPlan:
             self.k1 = _cols([R._i32(int(table.keys[j, m, 0])) for m in self.rows], torch.int32, dev)
             self.mult = _cols(mu, torch.int32, dev)
             self.elem0 = seg.elem_offset
+            self.seg = seg
 
     def u24(self, scr, lo, P, h) -> torch.Tensor:
         k = len(self.rows)
         E = scr.get("elem", torch.int32, P, 1, h)
-        torch.add(scr.arange(P * h).view(P, 1, h), self.elem0 + lo, out=E)
+        if self.seg.elem_cols:  # a column shard: rows of elem_cols, elem_stride apart
+            E.copy_(self.seg.elements(lo, lo + P * h).view(P, 1, h))
+        else:
+            torch.add(scr.arange(P * h).view(P, 1, h), self.elem0 + lo, out=E)
         X = scr.get("hash", torch.int32, P, k, h)
         Y = scr.get("hash_tmp", torch.int32, P, k, h)
         torch.mul(E, self.mult, out=X)
@@ -472,7 +476,7 @@ def _elementwise_segment(flat: FlatSources, table: CoefficientTable, j: int, out
     seg = flat.segments[j]
     rows = [int(m) for m in np.flatnonzero(table.coef[j])]
     a, b = seg.offset, seg.offset + seg.numel
-    if _native_ok(flat) and len(rows) <= native.MAX_ROWS:
+    if _native_ok(flat) and len(rows) <= native.MAX_ROWS and not seg.elem_cols:
         sources = [flat.models[m, a:b] for m in rows]
         target = out_slice(out, flat, j, 0, seg.numel)
         weights = [float(table.weight[j, m]) for m in rows]
@@ -539,7 +543,7 @@ def merge_segment_fast(flat: FlatSources, table: CoefficientTable, scale: np.nda
     else:
         div = float(table.div[j]) if table.normalize else 1.0
         fix = _sum_fix_needed([float(scale[j, m]) for m in rows])
-    if k and cache is None and _native_ok(flat):
+    if k and cache is None and _native_ok(flat) and not (seg.elem_cols and plan.need_hash):
         native_plan = _native_plan(table, plan, scale, j, div, fix)
         if native_plan is not None:
             span = slice(seg.offset, seg.offset + seg.numel)
@@ -635,7 +639,8 @@ def _l1_kept_fast(flat: FlatSources, table: CoefficientTable, j: int, ms: List[i
                   scr: _Scratch) -> List[float]:
     """Masked L1 of models ms (random / ranked masks) in segment j, summed exactly."""
     plan = _MaskPlan(flat, table, j, ms)
-    masks = _native_masks(plan) if _native_ok(flat) and plan.rows else None
+    strided = flat.segments[j].elem_cols and plan.need_hash  # the C kernel indexes contiguously
+    masks = _native_masks(plan) if _native_ok(flat) and plan.rows and not strided else None
     if masks is not None:
         seg = flat.segments[j]
         span = slice(seg.offset, seg.offset + seg.numel)

@@ -58,6 +58,10 @@ def apply(
     Raises NonFiniteMergeError, leaving `out` untouched, if any value would be inf/NaN.
     Sources held in host memory (flat.streamed) are streamed to out's device in chunks.
     """
+    if flat.shards is not None and table.needs_l1_pass:
+        from .sharded import with_masked_l1  # a tensor-parallel shard: norms of the whole tensors
+
+        table = with_masked_l1(flat, table, backend=backend, block=block)
     if flat.streamed:
         from . import streaming
 

@@ -49,8 +49,27 @@ class Segment:
     tensor_key: int = 0  # random-stream key (tensor_key_of(name) by default in from_tensors)
     row_len: int = 0  # della ranks within rows of this length (2-D: columns); 0: whole segment
     elem_offset: int = 0  # index of the first element within its tensor's random stream
+    # A block of rows of elem_cols elements each, elem_stride apart in its tensor (a column
+    # shard under tensor parallelism): element i has index
+    # elem_offset + (i // elem_cols) * elem_stride + i % elem_cols. 0: contiguous.
+    elem_cols: int = 0
+    elem_stride: int = 0
     param_row: int = -1  # row of the parameter arrays this segment uses; -1: its own index
     name: str = ""
+
+    def last_element(self) -> int:
+        """Index of its last element in its tensor's random stream (elem_offset - 1 if empty)."""
+        if not self.elem_cols or not self.numel:
+            return self.elem_offset + self.numel - 1
+        return self.elem_offset + (self.numel // self.elem_cols - 1) * self.elem_stride + self.elem_cols - 1
+
+    def elements(self, lo: int, hi: int, device=None) -> torch.Tensor:
+        """Random-stream indices of its elements [lo, hi) (int32 bits where they fit)."""
+        if not self.elem_cols:
+            return R.element_indices(self.elem_offset + lo, self.elem_offset + hi, device)
+        i = torch.arange(lo, hi, dtype=torch.int64, device=device)
+        e = self.elem_offset + (i // self.elem_cols) * self.elem_stride + i % self.elem_cols
+        return e.to(torch.int32) if self.last_element() < 1 << 31 else e
 
 
 
@@ -84,8 +103,10 @@ class FlatSources:
         for s in segments:
             if s.offset < 0 or s.numel < 0 or s.offset + s.numel > total:
                 raise ValueError(f"segment {s.name!r} lies outside the flat buffers")
-            if s.elem_offset + s.numel > 1 << 32:
+            if s.last_element() >= 1 << 32:
                 raise ValueError(f"segment {s.name!r}: random streams index < 2^32 elements")
+            if s.elem_cols and s.numel % s.elem_cols:
+                raise ValueError(f"segment {s.name!r}: {s.numel} elements are not rows of {s.elem_cols}")
         self.models = models
         self.base = base
         self.segments = list(segments)
@@ -104,6 +125,10 @@ class FlatSources:
         # them to the output's device (streaming.py); None: resident beside the output.
         self.streamed: Optional[int] = None
         self.stream_device: Optional[torch.device] = None  # where statistics are computed then
+        # Tensor-parallel shards: segment j holds shards[j] of its tensor, and the load-time
+        # statistics are those of the whole tensors, computed across `group` (sharded.py).
+        self.shards: Optional[list] = None
+        self.group = None
 
     @classmethod
     def allocate(
@@ -203,10 +228,17 @@ class FlatSources:
                         dtype=np.int64)
 
     def compute_stats(self, *, della: bool = False, slerp: bool = False) -> SourceStats:
-        """Load-time statistics (see stats.py), taken from the stats cache when one is
-        attached and holds them; kept in self.stats."""
+        """Load-time statistics (see stats.py; of the whole tensors for shards, sharded.py),
+        taken from the stats cache when one is attached and holds them; kept in self.stats."""
         cached = self.stats_cache.load(self, della, slerp) if self.stats_cache is not None else None
-        self.stats = cached if cached is not None else compute_stats(self, della=della, slerp=slerp)
+        if cached is not None:
+            self.stats = cached
+        elif self.shards is not None:
+            from .sharded import shard_stats
+
+            self.stats = shard_stats(self, self.shards, self.group, della=della, slerp=slerp)
+        else:
+            self.stats = compute_stats(self, della=della, slerp=slerp)
         self._stats_flags = (della, slerp)
         self._stats_unsaved = cached is None and self.stats_cache is not None
         return self.stats

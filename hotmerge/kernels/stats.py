@@ -49,6 +49,17 @@ class MagnitudeHistogram:
     def n(self) -> int:
         return int(self.cum[-1]) if len(self.cum) else 0
 
+    @property
+    def l1(self) -> float:
+        """sum of |delta| (bin by bin in ascending order, float64)."""
+        return float(self.cum_l1[-1]) if len(self.cum_l1) else 0.0
+
+    def counts(self) -> torch.Tensor:
+        """The [32768] int64 bin counts this histogram was made from."""
+        c = torch.zeros(R.KEY_MAX + 1, dtype=torch.int64)
+        c[torch.from_numpy(self.keys)] = torch.from_numpy(np.diff(self.cum, prepend=0))
+        return c
+
     @classmethod
     def from_counts(cls, counts: torch.Tensor, dtype: torch.dtype) -> "MagnitudeHistogram":
         counts = counts.cpu().to(torch.int64)
@@ -168,7 +179,6 @@ def compute_stats(flat, *, della: bool = False, slerp: bool = False, chunk: int 
                 keys = R.magnitude_keys(delta)
                 counts[m] += torch.bincount(keys, minlength=R.KEY_MAX + 1)
                 st.max_delta[j, m] = max(st.max_delta[j, m], _finite_max(delta))
-                st.l1[j, m] += float(delta.double().abs().sum())
             if slerp:
                 d64 = torch.stack(deltas)
                 st.delta_dots[j] += (d64 @ d64.T).cpu().numpy()
@@ -176,6 +186,8 @@ def compute_stats(flat, *, della: bool = False, slerp: bool = False, chunk: int 
             st.norms[j] = np.sqrt(np.maximum(np.diag(st.dots[j]), 0.0))
         if base is not None:
             st.hist.append([MagnitudeHistogram.from_counts(counts[m], dtype) for m in range(M)])
+            # from the histogram: the same float64 sum however the tensor is chunked or sharded
+            st.l1[j] = [h.l1 for h in st.hist[j]]
         if della:
             _fill_rank_codes(flat, seg, st.rank_codes)
     return st

@@ -12,7 +12,7 @@ The key is everything the statistics depend on:
     file of each model folder by size, mtime_ns and inode, the vocabulary alignment;
     the vLLM runtime adds vLLM's version and the tensor-parallel rank and size),
   * the layout: dtype, number of models, whether there is a base, every segment
-    (name, offset, numel, row_len, elem_offset),
+    (name, offset, numel, row_len, elem_offset, elem_cols, elem_stride),
   * what is computed: della's rank codes, slerp's constants (no other method
     parameter enters the statistics: densities and weights are applied per candidate),
   * the code: STATS_FORMAT, the hotmerge version and a digest of the code that computes
@@ -94,7 +94,8 @@ class StatsCache:
         from hotmerge import __version__
 
         layout = hashlib.sha256(json.dumps(
-            [[s.name, s.offset, s.numel, s.row_len, s.elem_offset] for s in flat.segments]).encode())
+            [[s.name, s.offset, s.numel, s.row_len, s.elem_offset, s.elem_cols, s.elem_stride]
+             for s in flat.segments]).encode())
         return {
             "format": STATS_FORMAT, "hotmerge": __version__, "code": _code_digest(), "torch": torch.__version__,
             "device": _device(flat.stream_device or flat.device), "dtype": str(flat.dtype).removeprefix("torch."),

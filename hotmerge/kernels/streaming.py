@@ -85,9 +85,10 @@ class _Staging:
     def _chunks(self, flat: FlatSources, n_buffers: int) -> List[_Chunk]:
         chunks = []
         M = flat.n_models
-        for k, lo in enumerate(range(0, flat.total, self.chunk)):
-            hi = min(flat.total, lo + self.chunk)
-            n, b = hi - lo, k % n_buffers
+        lo = 0
+        while lo < flat.total:
+            hi = _chunk_end(flat, lo, self.chunk)
+            n, b = hi - lo, len(chunks) % n_buffers
             parts, starts, segments = [], [], []
             for j, s in enumerate(flat.segments):
                 a, e = max(lo, s.offset), min(hi, s.offset + s.numel)
@@ -95,20 +96,41 @@ class _Staging:
                     continue
                 segments.append(j)
                 starts.append(a - s.offset)
+                if s.elem_cols:  # whole rows of a column shard (_chunk_end)
+                    elem = s.elem_offset + (a - s.offset) // s.elem_cols * s.elem_stride
+                else:
+                    elem = s.elem_offset + a - s.offset
                 parts.append(Segment(offset=a - lo, numel=e - a, tensor_key=s.tensor_key, row_len=s.row_len,
-                                     elem_offset=s.elem_offset + a - s.offset, name=s.name))
+                                     elem_offset=elem, elem_cols=s.elem_cols, elem_stride=s.elem_stride,
+                                     name=s.name))
             if not parts:
+                lo = hi
                 continue
             models = self.models[b][: M * n].view(M, n)
             base = self.base[b][:n] if self.base[b] is not None else None
             view = FlatSources(models, parts, base, flat.model_keys)
             chunks.append(_Chunk(lo, hi, segments, starts, b, view))
+            lo = hi
         return chunks
 
     def codes_buffer(self, b: int, M: int) -> torch.Tensor:
         if self.codes[b] is None:
             self.codes[b] = torch.empty(M * self.chunk, dtype=torch.uint8, device=self.device)
         return self.codes[b]
+
+
+def _chunk_end(flat: FlatSources, lo: int, chunk: int) -> int:
+    """End of the chunk that starts at lo: lo + chunk, or earlier so that a column shard
+    (a segment of rows elem_stride apart in its tensor) is cut between rows."""
+    hi = min(flat.total, lo + chunk)
+    for s in flat.segments:
+        if s.elem_cols and s.offset < hi < s.offset + s.numel:
+            cut = s.offset + (hi - s.offset) // s.elem_cols * s.elem_cols
+            if cut <= lo:
+                raise ValueError(f"segment {s.name!r}: a row of {s.elem_cols} elements is longer than "
+                                 f"a chunk of {chunk}")
+            return cut
+    return hi
 
 
 def staging(flat: FlatSources, device) -> _Staging:

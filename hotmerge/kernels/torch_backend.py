@@ -63,7 +63,7 @@ def l1_kept_reference(flat: FlatSources, table: CoefficientTable, j: int, m: int
     for lo, hi in chunks(seg.numel):
         a, b = seg.offset + lo, seg.offset + hi
         delta = (flat.models[m, a:b].float() - flat.base[a:b].float()).to(flat.dtype)
-        elem = R.element_indices(seg.elem_offset + lo, seg.elem_offset + hi, flat.device)
+        elem = seg.elements(lo, hi, flat.device)
         keep = _keep_torch(flat, table, j, m, delta, a, b, elem)
         total += float(torch.where(keep, delta.double().abs(), 0.0).sum())
     return total
@@ -89,7 +89,7 @@ def merge_chunk_torch(flat, table, scale, j, lo, hi) -> torch.Tensor:
         return elementwise_chunk(flat, table, j, lo, hi)
     elem = None
     if table.spec.sparse_mode != R.SPARSE_NONE:
-        elem = R.element_indices(seg.elem_offset + lo, seg.elem_offset + hi, flat.device)
+        elem = seg.elements(lo, hi, flat.device)
     terms = []
     for m in range(flat.n_models):
         if scale[j, m] == 0:
@@ -139,7 +139,7 @@ def elementwise_chunk(flat, table, j, lo, hi) -> torch.Tensor:
     if table.kind == "sce":
         keys = R.sce_var_keys(deltas)
         k1, mult = (int(x) for x in table.keys[j, 0])
-        elem = R.element_indices(seg.elem_offset + lo, seg.elem_offset + hi, flat.device)
+        elem = seg.elements(lo, hi, flat.device)
         cut = R.RangeCut(int(table.lo[j, 0]), int(table.hi[j, 0]), int(table.p0[j, 0]), int(table.p1[j, 0]))
         keep = R.range_keep(keys, R.random_u24(elem, k1, mult), cut)
         return R.sce_combine(base, deltas, keep, weights).to(flat.dtype)

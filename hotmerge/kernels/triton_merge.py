@@ -176,6 +176,20 @@ def _ram_value(src_ptr, fbase, ibase, pos, inb, b, total64,
 
 
 @triton.jit
+def _element_index(seg_elem_ptr, seg, local):
+    """Random-stream index (uint32) of elements `local` of segment seg: seg_elem holds
+    (offset, cols, stride) per segment; cols > 0: rows of cols elements, stride apart."""
+    e0 = tl.load(seg_elem_ptr + 3 * seg)
+    cols = tl.load(seg_elem_ptr + 3 * seg + 1)
+    if cols > 0:
+        stride = tl.load(seg_elem_ptr + 3 * seg + 2)
+        elem = e0 + (local // cols) * stride + local % cols
+    else:
+        elem = e0 + local
+    return elem.to(tl.uint32)
+
+
+@triton.jit
 def _block_coords(blk_seg_ptr, blk_start_ptr, seg_off_ptr, seg_numel_ptr, total,
                   ALIGN: tl.constexpr, BLOCK: tl.constexpr):
     """(segment, index within segment, in-bounds mask, flat position, row stride)."""
@@ -224,14 +238,14 @@ def _merge_kernel(
         val = tl.math.div_rn(acc, tl.zeros([BLOCK], dtype=tl.float32) + div)
     elif OWN == 1:
         b = tl.load(base_ptr + pos, mask=inb, other=0.0).to(tl.float32)
-        elem = (tl.load(seg_elem_ptr + seg) + local).to(tl.uint32)
+        elem = _element_index(seg_elem_ptr, seg, local)
         val = _sce_value(src_ptr, fbase, ibase, pos, inb, b, elem, total64, M, IS_BF16, BLOCK)
     elif OWN >= 2:
         b = tl.load(base_ptr + pos, mask=inb, other=0.0).to(tl.float32)
         val = _ram_value(src_ptr, fbase, ibase, pos, inb, b, total64, M, OWN == 3, IS_BF16, BLOCK)
     else:
         b = tl.load(base_ptr + pos, mask=inb, other=0.0).to(tl.float32)
-        elem = (tl.load(seg_elem_ptr + seg) + local).to(tl.uint32)
+        elem = _element_index(seg_elem_ptr, seg, local)
         tot = tl.zeros([BLOCK], dtype=tl.float32)
         for m in tl.static_range(M):
             s = tl.load(fbase + 2 * m)
@@ -294,7 +308,7 @@ def _l1_kernel(
         blk_seg_ptr, blk_start_ptr, seg_off_ptr, seg_numel_ptr, total, ALIGN, BLOCK)
     ibase = itab_ptr + seg * (8 * M)
     b = tl.load(base_ptr + pos, mask=inb, other=0.0).to(tl.float32)
-    elem = (tl.load(seg_elem_ptr + seg) + local).to(tl.uint32)
+    elem = _element_index(seg_elem_ptr, seg, local)
     for m in tl.static_range(M):
         part = tl.zeros([BLOCK], dtype=tl.float64)
         if tl.load(ibase + 8 * m + 6) != 0:
@@ -328,11 +342,12 @@ def _block_map(flat, block: int, segments: Optional[Sequence[int]] = None):
 
 
 def _segment_arrays(flat):
-    """Per-segment offset / numel / element offset (int64) on device; cached."""
+    """Per-segment offset and numel, and (element offset, cols, stride) (int64) on device; cached."""
     if "segs" not in flat._launch:
-        a = np.array([[s.offset, s.numel, s.elem_offset] for s in flat.segments], dtype=np.int64)
-        a = torch.from_numpy(a.reshape(-1, 3).T.copy()).to(flat.device)
-        flat._launch["segs"] = (a[0].contiguous(), a[1].contiguous(), a[2].contiguous())
+        a = np.array([[s.offset, s.numel] for s in flat.segments], dtype=np.int64).reshape(-1, 2)
+        e = np.array([[s.elem_offset, s.elem_cols, s.elem_stride] for s in flat.segments], dtype=np.int64)
+        a = torch.from_numpy(a.T.copy()).to(flat.device)
+        flat._launch["segs"] = (a[0].contiguous(), a[1].contiguous(), torch.from_numpy(e.reshape(-1)).to(flat.device))
     return flat._launch["segs"]
 
 

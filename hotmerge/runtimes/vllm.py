@@ -59,11 +59,14 @@ KV + 2 GiB margin, with room checked for the resident sources), and the worker c
 free memory again before it allocates the sources.
 
 Tensor parallelism: `tensor_parallel_size` is passed to vLLM and the worker discovers
-each rank's shard of every source tensor the same way. Per-tensor statistics (TIES
-thresholds, DARE/DELLA rescale norms, SLERP norms) would then have to be reduced
-across ranks, and DARE's random stream indexed by source element; that is not
-implemented, so with tensor_parallel_size > 1 only the element-wise methods linear
-and task_arithmetic are accepted (they are exact per shard); others raise ConfigError.
+each rank's block of every source tensor the same way. The whole-tensor statistics
+(TIES and breadcrumbs cuts, DARE / DELLA rescale norms, slerp's and the Gram methods'
+norms and dot products, DELLA's row ranks) are computed once at load across the
+tensor-parallel group (kernels/sharded.py), the masked L1 norms of DARE / DELLA are
+summed across it per candidate, and every random draw is keyed by the element's index
+in the whole tensor, so each rank writes exactly its block of the tensor-parallel-size-1
+merge. Methods whose statistics that does not cover (karcher, sce, ram, ramplus_tl,
+arcee_fusion: MethodSpec.tensor_parallel) are refused with tensor_parallel_size > 1.
 
 Known difference from HFLM: vLLM accepts prompts of at most max_model_len - 1 tokens
 and cannot run positions past the model's max_position_embeddings, while HFLM feeds
@@ -103,7 +106,7 @@ KV_CAP_CPU = 1 << 30
 KV_CAP_GPU = 8 << 30
 KV_FLOOR = 16 << 20
 DEFAULT_MAX_NUM_SEQS = 256
-TP_METHODS = tuple(m for m, spec in METHODS.items() if spec.tensor_parallel_exact)
+TP_METHODS = tuple(m for m, spec in METHODS.items() if spec.tensor_parallel)
 PROBE_TOL = 1e-6  # logprob change that counts as "the write was seen"
 
 
@@ -167,9 +170,9 @@ class VLLMRuntime:
         self.tp = int(tensor_parallel_size)
         if self.tp > 1 and self.method not in TP_METHODS:
             raise ConfigError(
-                f"merge_method {self.method} with tensor_parallel_size {self.tp} needs whole-tensor "
-                "statistics across shards, which the vLLM runtime does not compute: use "
-                f"tensor_parallel_size 1, or one of {', '.join(TP_METHODS)}")
+                f"merge_method {self.method} runs at tensor_parallel_size 1 only (its whole-tensor "
+                f"statistics are not reduced across shards): use --tensor-parallel-size 1, or one of "
+                f"{', '.join(TP_METHODS)}")
         self.seed = int(seed)
         self.reference = validated.reference.path
         self.models = tuple(genome.models)

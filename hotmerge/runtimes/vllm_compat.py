@@ -179,6 +179,16 @@ def load_weights(model, weights) -> None:
     _reach(model, "model", "load_weights", _LOAD_WEIGHTS)(weights)
 
 
+def tp_group():
+    # vllm.distributed.parallel_state.get_tp_group().cpu_group (internal): the gloo group of this
+    # worker's tensor-parallel ranks, across which hotmerge reduces whole-tensor statistics.
+    from vllm.distributed import parallel_state
+
+    group = _reach(parallel_state, "vllm.distributed.parallel_state", "get_tp_group",
+                   "whole-tensor statistics under tensor parallelism")()
+    return _reach(group, "GroupCoordinator", "cpu_group", "whole-tensor statistics under tensor parallelism")
+
+
 def check_model(model) -> None:
     """The live model has what the worker reaches (before any weight is touched)."""
     _reach(model, "model", "load_weights", _LOAD_WEIGHTS)

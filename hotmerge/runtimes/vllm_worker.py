@@ -391,21 +391,22 @@ class HotmergeWorkerExtension:
         from hotmerge.kernels import reference as R
         from hotmerge.kernels.methods import get_method
 
-        segments = []
+        from hotmerge.kernels.sharded import Shard, element_layout
+
+        segments, shards = [], []
         for pl in state.placements:
-            elem_offset = 0
-            if not pl.full and pl.src_box:
-                # a row shard starts at this flat index of its source tensor
-                shape = shapes[pl.name]
-                stride = 1
-                for s in shape[1:]:
-                    stride *= s
-                elem_offset = pl.src_box[0][0] * stride
+            # the block of its source tensor this placement holds (the whole tensor at tp 1), and
+            # each element's index in the whole tensor (random draws equal tp 1's)
+            shard = Shard(tuple(shapes[pl.name]), tuple(tuple(b) for b in pl.src_box))
+            elem_offset, elem_cols, elem_stride = element_layout(shard)
+            shards.append(shard)
             segments.append(kernels.Segment(
                 offset=pl.offset, numel=pl.numel, tensor_key=kernels.tensor_key_of(pl.name),
                 row_len=R.default_row_len(shapes[pl.name]), elem_offset=elem_offset,
-                name=pl.name))
+                elem_cols=elem_cols, elem_stride=elem_stride, name=pl.name))
         state.flat = kernels.FlatSources(flat_models, segments, flat_base)
+        if tp > 1:  # whole-tensor statistics reduced across the tensor-parallel ranks (kernels/sharded.py)
+            state.flat.shards, state.flat.group = shards, vllm_compat.tp_group()
         if pinned:
             state.flat.stream_to(device)
         if base is not None and spec["reference"] == base:
