@@ -97,6 +97,9 @@ def _cases(base, ex):
                         "models": _models(ex, [{}] * 3)},
         "nuslerp-base": {"merge_method": "nuslerp", "base_model": base, "dtype": "bfloat16",
                          "models": _models(ex[:2], [{"weight": [0.2, 0.9]}, {"weight": 0.8}])},
+        "nuslerp-base-row_wise": {"merge_method": "nuslerp", "base_model": base, "dtype": "bfloat16",
+                                  "parameters": {"nuslerp_row_wise": True},
+                                  "models": _models(ex[1:], [{"weight": 0.3}, {"weight": 0.7}])},
         "nuslerp-no-base": {"merge_method": "nuslerp", "dtype": "bfloat16",
                             "models": _models(ex[1:], [{"weight": 0.6}, {"weight": 0.3}])},
         "multislerp-base": {"merge_method": "multislerp", "base_model": base, "dtype": "bfloat16",
@@ -209,6 +212,13 @@ def test_what_cannot_be_honoured_is_refused_by_name(toy_family, change, named):
     base, ex = _family(toy_family)
     config = {**_cases(base, ex)["ties-lambda"], **change}
     with pytest.raises(ConfigError, match=named):
+        read_merge_config(config)
+
+
+def test_nuslerp_per_row_is_refused_by_name(toy_family):
+    base, ex = _family(toy_family)
+    config = {**_cases(base, ex)["nuslerp-base"], "parameters": {"nuslerp_flatten": False}}
+    with pytest.raises(ConfigError, match="nuslerp_flatten: false"):
         read_merge_config(config)
 
 

@@ -413,9 +413,10 @@ class _Reader:
         if shared.get("filter_wise"):
             self.fail(f"model_stock with filter_wise: true (for {name}) is not supported: its per-row "
                       "statistics are not in the engine; remove filter_wise")
-        if shared.get("nuslerp_row_wise") or shared.get("nuslerp_flatten") is False:
-            self.fail(f"nuslerp with nuslerp_row_wise: true or nuslerp_flatten: false (for {name}) is not "
-                      "supported: its per-row slerp is not in the engine; keep the defaults")
+        # mergekit flattens before it looks at nuslerp_row_wise, so that alone changes nothing
+        if shared.get("nuslerp_flatten") is False:
+            self.fail(f"nuslerp with nuslerp_flatten: false (for {name}) is not supported: its per-row "
+                      "slerp is not in the engine; remove nuslerp_flatten")
 
 
 def _evaluate(tensor_name: str, setting, t: float, validate):
