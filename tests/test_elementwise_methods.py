@@ -1,5 +1,5 @@
-"""sce, ram, ramplus_tl and arcee_fusion: the reference (kernels/reference.py) against mergekit's
-own merge functions on random tensors. The fused paths are held to the reference in
+"""sce, ram, ramplus_tl, arcee_fusion and the per-row model_stock and nuslerp: the reference
+(kernels/reference.py) against mergekit's own merge functions on random tensors. The fused paths are held to the reference in
 tests/test_kernels.py (FUNCTIONAL_CASES), whole merges to mergekit-yaml in
 tests/test_merge_configs.py."""
 
@@ -129,3 +129,43 @@ def test_arcee_fusion_samples_large_tensors_as_mergekit_does():
         assert torch.equal(keep.reshape(base.shape), theirs.bfloat16() != base)
     a = R.fusion_keep(base, xs[0], 1000, R.fusion_generator(3, 11))
     assert torch.equal(a, R.fusion_keep(base, xs[0], 1000, R.fusion_generator(3, 11)))  # reproducible
+
+
+def _close_to_mergekit(ours, theirs, base, xs):
+    """Within bf16 rounding of the terms mergekit sums in bf16."""
+    a, b = ours.float(), theirs.float()
+    terms = sum((x.float() - (0 if base is None else base.float())).abs() for x in xs)
+    return bool(((a - b).abs() <= 2 * _ulp(torch.maximum(a.abs(), b.abs())) + 2.0 ** -6 * terms).all())
+
+
+@pytest.mark.parametrize("shape", [(24,), (16, 40), (4, 6, 10)])
+def test_model_stock_filter_wise_equals_mergekit(shape):
+    base, xs = _sources(shape, m=3, seed=5)
+    # rows whose deltas agree to different degrees, so that each row has its own t
+    xs[1] = torch.where(torch.arange(shape[-1]) % 2 == 0, xs[0], xs[1])
+    theirs = _mergekit("model_stock", base, xs, filter_wise=True)
+    ours = R.stats_merge_rows("model_stock", base, xs, {})
+    assert _close_to_mergekit(ours, theirs, base, xs)
+    if len(shape) > 1:  # per row is not per tensor
+        assert not _close_to_mergekit(R.stats_merge_tensor("model_stock", base, xs, {}), theirs, base, xs)
+
+
+@pytest.mark.parametrize("shape", [(24,), (16, 40), (4, 6, 10)])
+@pytest.mark.parametrize("row_wise", [False, True])
+@pytest.mark.parametrize("with_base", [True, False])
+def test_nuslerp_per_row_equals_mergekit(shape, row_wise, with_base):
+    base, xs = _sources(shape, m=2, seed=6)
+    params = {"weight": [0.3, 0.9]}
+    if not with_base:
+        base, xs = None, [xs[0], (xs[0].float() + 0.5 * torch.randn(shape)).bfloat16()]
+    from mergekit.merge_methods import registry
+    from mergekit.merge_methods.base import PerInputValues, TensorGroup
+
+    group = TensorGroup.from_tensors(xs if base is None else [base, *xs], base_index=None if base is None else 0)
+    weight = PerInputValues([(e.id, w) for e, w in zip(group.non_base, params["weight"])])
+    theirs = registry.get("nuslerp").merge_group(group, weight=weight,
+                                                  nuslerp_row_wise=row_wise, nuslerp_flatten=False)
+    ours = R.stats_merge_rows("nuslerp", base, xs, params, columns=row_wise)
+    assert ours.shape == theirs.shape and _close_to_mergekit(ours, theirs, base, xs)
+    if len(shape) > 1:
+        assert not torch.equal(ours, R.stats_merge_tensor("nuslerp", base, xs, params))

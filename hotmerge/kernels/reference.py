@@ -756,6 +756,46 @@ def stats_merge_tensor(method: str, base: Optional[torch.Tensor], sources: Seque
     return (b + acc if with_base else acc).to(dtype)
 
 
+def _rows(x: torch.Tensor, columns: bool) -> torch.Tensor:
+    """mergekit's per-row vectors of x as a [R, C] view: those along the last dim (a 1-D
+    tensor is one row), or with `columns` those along the first (nuslerp_row_wise)."""
+    if x.dim() < 2:
+        return x.reshape(1, -1)
+    if columns:
+        x = x.transpose(0, -1)
+    return x.reshape(-1, x.shape[-1])
+
+
+def row_grams(vectors: Sequence[torch.Tensor], columns: bool = False) -> np.ndarray:
+    """[R, N, N] float64 Gram matrices of the vectors' rows (see _rows)."""
+    v = torch.stack([_rows(x, columns).double() for x in vectors])
+    return torch.einsum("irc,jrc->rij", v, v).numpy()
+
+
+def stats_merge_rows(method: str, base: Optional[torch.Tensor], sources: Sequence[torch.Tensor],
+                     params: Mapping, columns: bool = False) -> torch.Tensor:
+    """stats_merge_tensor row by row: model_stock with filter_wise, nuslerp with
+    nuslerp_flatten false (columns: nuslerp_row_wise). Each row r is sum_i c_ri v_ri with
+    its coefficients from its own Gram matrix; float32, rounded once."""
+    dtype, shape = sources[0].dtype, sources[0].shape
+    if base is not None:
+        b = base.float()
+        vs = [(x.float() - b).to(dtype) for x in sources]
+    else:
+        vs = list(sources)
+    g = row_grams(vs, columns)
+    c = np.stack([stats_coefficients(method, g[r], params, dtype) for r in range(g.shape[0])])
+    acc = 0
+    for i, v in enumerate(vs):
+        acc = acc + _rows(v, columns).float() * torch.from_numpy(c[:, i]).float()[:, None]
+    if columns and len(shape) >= 2:
+        t = list(shape)
+        t[0], t[-1] = t[-1], t[0]
+        acc = acc.reshape(t).transpose(0, -1)
+    acc = acc.reshape(shape)
+    return (b + acc if base is not None else acc).to(dtype)
+
+
 def nearswap_tensor(t: float, base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """mergekit's nearswap: each element moves from the base towards x by the weight
     clamp(t / |x - B|, 0, 1) (|x - B| at least 1e-6), so elements that differ by less
