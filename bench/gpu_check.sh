@@ -2,8 +2,9 @@
 # The GPU check, for a machine with torch, triton and transformers but no vLLM,
 # no lm-eval and no network (see bench/README.md). Usage:
 #   bench/gpu_check.sh [RESULTS_DIR]      (default: $OUT when set, else bench/results/gpu)
-# It runs: the Triton-versus-torch kernel tests on CUDA; the merge-throughput table
-# for 1B-like and 7B-like shapes; a resident evaluation of the toy family with the
+# It runs: the Triton-versus-torch kernel tests on CUDA (resident and streamed from pinned
+# host memory); the merge-throughput table for 1B-like and 7B-like shapes; pinned against
+# device apply time on an 8B-like shape; a resident evaluation of the toy family with the
 # transformers runtime. Everything it prints is also kept in RESULTS_DIR.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +12,7 @@ RESULTS=${1:-${OUT:-bench/results/gpu}}
 mkdir -p "$RESULTS"
 LAYERS_1B=${LAYERS_1B:-16}
 LAYERS_7B=${LAYERS_7B:-16}
+LAYERS_8B=${LAYERS_8B:-12}  # resident and pinned side by side: both copies must fit
 TOY_CANDIDATES=${TOY_CANDIDATES:-100}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 PY=${PYTHON:-python3}
@@ -35,7 +37,7 @@ step "environment" | tee "$RESULTS/environment.txt"
 } 2>&1 | tee -a "$RESULTS/environment.txt"
 
 step "Triton kernels against the torch path on CUDA" | tee "$RESULTS/kernels.txt"
-"$PY" -m pytest tests/test_kernels.py -q -p no:cacheprovider -k "cuda or compile" 2>&1 | tee -a "$RESULTS/kernels.txt"
+"$PY" -m pytest tests/test_kernels.py tests/test_sources.py -q -p no:cacheprovider -k "cuda or compile" 2>&1 | tee -a "$RESULTS/kernels.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 step "merge throughput, 1B-like ($LAYERS_1B layers)"
@@ -46,6 +48,12 @@ step "merge throughput, 1B-like ($LAYERS_1B layers)"
 step "merge throughput, 7B-like ($LAYERS_7B layers)"
 "$PY" bench/merge_bench.py --preset 7b --layers "$LAYERS_7B" --repeats 20 \
     --out "$RESULTS/merge_7b.json" 2>&1 | tee "$RESULTS/merge_7b.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+step "pinned against device sources, 8B-like ($LAYERS_8B layers): apply time and the host-link floor"
+"$PY" bench/merge_bench.py --preset 8b --layers "$LAYERS_8B" --sources both --repeats 10 \
+    --methods linear,task_arithmetic,ties,dare_ties,della,slerp \
+    --out "$RESULTS/merge_8b_pinned.json" 2>&1 | tee "$RESULTS/merge_8b_pinned.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 step "resident evaluation of the toy family (transformers runtime, $TOY_CANDIDATES candidates)"

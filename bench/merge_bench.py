@@ -40,6 +40,7 @@ PRESETS = {
     "1b": Shape(hidden=2048, intermediate=8192, layers=16, vocab=128256, kv_dim=512),  # Llama-3.2-1B
     "3b": Shape(hidden=3072, intermediate=8192, layers=28, vocab=128256, kv_dim=1024),  # Llama-3.2-3B
     "7b": Shape(hidden=4096, intermediate=11008, layers=32, vocab=32000, kv_dim=4096),  # Llama-2-7B
+    "8b": Shape(hidden=4096, intermediate=14336, layers=32, vocab=128256, kv_dim=1024),  # Llama-3-8B
 }
 
 

@@ -199,6 +199,10 @@ ALLOW_CRIMES_HELP = "Merge models whose architectures differ, where every tensor
 STRATEGIES = ("pool", "buffered", "serial")
 
 
+SOURCES_HELP = ("Where the sources and base live: device (beside the live model), pinned (page-locked host "
+                "memory, streamed to the device for every candidate; the same merge) or auto (device where "
+                "they fit, else pinned).")
+
 HUB_CACHE_HELP = ("Hugging Face cache for models given by hub name (default: HF_HUB_CACHE); "
                   "mergekit-evolve's is STORAGE_PATH/transformers_cache.")
 
@@ -219,6 +223,11 @@ def plan(
     device: str = typer.Option(None, help="cpu or cuda (default: cuda if present)."),
     allow_crimes: bool = typer.Option(False, "--allow-crimes/--no-allow-crimes", help=ALLOW_CRIMES_HELP),
     hub_cache: Path = typer.Option(None, help=HUB_CACHE_HELP),
+    gpus: int = typer.Option(None, min=1, help="Plan for this many GPUs (need not be present; with --gpu-memory)."),
+    gpu_memory: float = typer.Option(None, min=0.1, help="GiB per GPU to plan for (need not be present)."),
+    tensor_parallel_size: int = typer.Option(1, min=1, help="GPUs per engine, as for evolve."),
+    sources: str = typer.Option("auto", help=SOURCES_HELP),
+    host_memory: float = typer.Option(None, min=0.1, help="GiB of host memory for pinned sources."),
 ) -> None:
     """Print the memory plan and the search size; loads no weights."""
     from hotmerge.config.evolve import load_config, validate_config
@@ -226,6 +235,14 @@ def plan(
     from hotmerge.runtimes.hf import pick_device
 
     _use_hub_cache(hub_cache)
+    if gpu_memory is not None or gpus is not None:
+        if gpu_memory is None or gpus is None or (device or "cuda") != "cuda":
+            raise ConfigError("a plan for GPUs that need not be present takes --device cuda, --gpus N and "
+                              "--gpu-memory GIB together")
+        validated = validate_config(load_config(config), allow_crimes=allow_crimes)
+        _print_gpu_plan(validated, gpus=gpus, gpu_memory=int(gpu_memory * 2**30), tp=tensor_parallel_size,
+                        sources=sources, host_memory=None if host_memory is None else int(host_memory * 2**30))
+        return
     if device:
         pick_device(device)  # one line, exit 2, for a device this machine does not have
     validated = validate_config(load_config(config), allow_crimes=allow_crimes)
@@ -246,6 +263,34 @@ def plan(
     if p.kv_room is not None and p.kv_room < 0:
         raise ConfigError(f"the resident model and sources need {_gib(p.resident)} but {name} has "
                           f"{_gib(p.device_total)}: merge fewer models or use a bigger device")
+
+
+def _print_gpu_plan(validated, *, gpus: int, gpu_memory: int, tp: int, sources: str,
+                    host_memory: int | None) -> None:
+    """Per GPU, each placement of the sources side by side, the chosen one marked."""
+    from hotmerge.models.plan import DEVICE_MARGIN, HBM_BANDWIDTH, HOST_LINK_BANDWIDTH, gpu_plan
+
+    p = gpu_plan(validated, gpus=gpus, gpu_memory=gpu_memory, tensor_parallel_size=tp, sources=sources,
+                 host_memory=host_memory)
+    chosen = p.choice.placement
+    table = Table(title=f"per GPU: {gpus} GPUs of {_gib(gpu_memory)}, tensor-parallel size {tp}, "
+                        f"{p.engines} engine(s)")
+    table.add_column("what")
+    for placement in ("device", "pinned"):
+        table.add_column(placement + (" (chosen)" if placement == chosen else ""), justify="right")
+    table.add_row("live model (shard)", _gib(p.live), _gib(p.live))
+    table.add_row("base and sources (shards)", _gib(p.sources), "host")
+    if p.statistics:
+        table.add_row("della rank codes (shards)", _gib(p.statistics), "host")
+    table.add_row("staging buffers", "-", _gib(p.staging))
+    table.add_row("kept back (activations, slack)", _gib(DEVICE_MARGIN), _gib(DEVICE_MARGIN))
+    table.add_row("room left (KV cache)", _gib(p.room("device")), _gib(p.room("pinned")), style="bold")
+    table.add_row("host memory, page-locked (machine)", "-", _gib(p.host_pinned))
+    table.add_row("apply floor (ms)", f"{1e3 * p.floor_seconds('device'):.1f}",
+                  f"{1e3 * p.floor_seconds('pinned'):.1f}")
+    console.print(table, soft_wrap=False)
+    console.print(f"apply floors: bytes over {HBM_BANDWIDTH / 1e12:.2f} TB/s of device memory, or over a "
+                  f"{HOST_LINK_BANDWIDTH / 1e9:.0f} GB/s host link for pinned; {p.choice}", highlight=False)
 
 
 def _mergekit_evolve_flags(*, strategy: str, in_memory: bool | None, merge_cuda: bool | None,
@@ -294,6 +339,7 @@ def evolve(
     batch_size: int = typer.Option(None, min=1, help="Evaluation batch size."),
     vllm: bool = typer.Option(False, "--vllm/--no-vllm", help="vLLM backend (default: transformers)."),
     tensor_parallel_size: int = typer.Option(1, min=1, help="GPUs per vLLM engine."),
+    sources: str = typer.Option("auto", help=SOURCES_HELP),
     resume: bool = typer.Option(False, help="Continue the run in --storage-path (also automatic)."),
     save_final_model: bool = typer.Option(True, "--save-final-model/--no-save-final-model",
                                           help="Write the best merge to STORAGE_PATH/final_model."),
@@ -343,7 +389,7 @@ def evolve(
         storage_path=storage_path, max_fevals=max_fevals, sigma0=sigma0,
         population_size=force_population_size, random_seed=random_seed, timeout=timeout,
         task_search_path=tuple(task_search_path), batch_size=batch_size, vllm=vllm,
-        tensor_parallel_size=tensor_parallel_size, resume=resume,
+        tensor_parallel_size=tensor_parallel_size, sources=sources, resume=resume,
         save_final_model=save_final_model, quiet=quiet, device=device,
         wandb=wandb, wandb_project=wandb_project, wandb_entity=wandb_entity,
         allow_benchmark_tasks=allow_benchmark_tasks, num_gpus=num_gpus, allow_crimes=allow_crimes,
@@ -429,6 +475,7 @@ def eval_command(
     random_seed: int = typer.Option(0, min=0, help="Seeds the DARE/DELLA masks."),
     task_search_path: list[str] = typer.Option([], help="Folder of lm-eval task YAML (repeatable)."),
     device: str = typer.Option(None),
+    sources: str = typer.Option("auto", help=SOURCES_HELP),
     allow_crimes: bool = typer.Option(False, "--allow-crimes/--no-allow-crimes", help=ALLOW_CRIMES_HELP),
     hub_cache: Path = typer.Option(None, help=HUB_CACHE_HELP),
 ) -> None:
@@ -465,7 +512,9 @@ def eval_command(
     # Every metric of every task is reported: the configured metric only picks the score.
     validated = validated.with_tasks([ReportedTask(t.name, t.weight, t.metric) for t in validated.config.tasks])
     worker = CandidateWorker(validated, backend="vllm" if vllm else "hf", device=device,
-                             batch_size=batch_size, seed=random_seed, task_paths=list(task_search_path))
+                             batch_size=batch_size, seed=random_seed, task_paths=list(task_search_path),
+                             sources=sources)
+    console.print(f"note: {worker.runtime.sources}", highlight=False)
     for note in worker.suite.notes:
         console.print(f"note: {note}", highlight=False)
     result = worker.evaluate(x, raise_bugs=True)

@@ -137,3 +137,103 @@ def local_device_memory(device: str | None = None) -> tuple[str, int | None]:
         return "cpu", os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
         return "cpu", None
+
+
+# -- a plan for GPUs that need not be present ---------------------------------------------
+
+HBM_BANDWIDTH = 3.35e12  # bytes/s, H100 SXM: the device placement's apply floor
+HOST_LINK_BANDWIDTH = 50e9  # bytes/s, PCIe Gen5 x16 per direction in theory: the pinned floor
+STAGING_CHUNK = 1 << 24  # elements per staged chunk on CUDA (kernels/streaming.py DEFAULT_CHUNK)
+
+
+@dataclass
+class GpuPlan:
+    """Per GPU: what a run holds under tensor parallelism for each placement of the sources."""
+
+    gpus: int
+    tp: int
+    gpu_memory: int
+    host_memory: int | None
+    live: int  # the live model's shard
+    sources: int  # base and sources' shards (n_buffers copies)
+    staging: int  # pinned: two staged chunks of every buffer
+    statistics: int  # della's rank codes' shard (beside the sources)
+    choice: SourcesChoice
+
+    @property
+    def engines(self) -> int:
+        return self.gpus // self.tp
+
+    def used(self, placement: str) -> int:
+        held = self.sources + self.statistics if placement == "device" else self.staging
+        return self.live + held + DEVICE_MARGIN
+
+    def room(self, placement: str) -> int:
+        """What is left for the KV cache on each GPU."""
+        return self.gpu_memory - self.used(placement)
+
+    @property
+    def host_pinned(self) -> int:
+        """Page-locked host memory of the machine for pinned: every GPU's shards."""
+        return self.gpus * (self.sources + self.statistics)
+
+    def floor_seconds(self, placement: str) -> float:
+        """An apply's floor: every buffer read and the live shard written at HBM speed, or
+        the buffers streamed over the host link."""
+        if placement == "device":
+            return (self.sources + 2 * self.live) / HBM_BANDWIDTH
+        return self.sources / HOST_LINK_BANDWIDTH
+
+
+def gpu_plan(validated: ValidatedConfig, *, gpus: int, gpu_memory: int, tensor_parallel_size: int,
+             sources: str = "auto", host_memory: int | None = None) -> GpuPlan:
+    """The per-GPU plan for `gpus` GPUs of gpu_memory bytes at this tensor-parallel size; a
+    setting that cannot work is refused in one line naming the smallest one that would."""
+    if sources not in SOURCES:
+        raise ConfigError(f"--sources {sources}: use one of {', '.join(SOURCES)}")
+    tp = int(tensor_parallel_size)
+    if tp < 1 or gpus < 1 or gpus % tp:
+        raise ConfigError(f"--gpus {gpus} is not a multiple of --tensor-parallel-size {tp}: make it one")
+
+    def at(tp_: int, want: str) -> GpuPlan:
+        genome_cfg = validated.config.genome
+        parameters = sum(t.numel for t in validated.reference.tensors.values())
+        shard = -(-parameters * BYTES_PER_ELEMENT // tp_)
+        n_buffers = len(genome_cfg.models) + (genome_cfg.base_model is not None)
+        method = get_method(genome_cfg.merge_method)
+        codes = -(-len(genome_cfg.models) * parameters * method.rank_code_bytes_per_parameter // tp_)
+        p = GpuPlan(gpus=gpus, tp=tp_, gpu_memory=gpu_memory, host_memory=host_memory, live=shard,
+                    sources=n_buffers * shard, staging=2 * n_buffers * STAGING_CHUNK * BYTES_PER_ELEMENT,
+                    statistics=codes, choice=SourcesChoice("device", ""))
+        free = gpu_memory - shard
+        p.choice = choose_sources(want, resident_bytes=p.sources + codes, free_bytes=free,
+                                  device=f"each of {gpus} GPUs at tensor-parallel size {tp_}")
+        return p
+
+    def works(tp_: int, want: str) -> bool:
+        try:
+            p = at(tp_, want)
+        except ConfigError:
+            return False
+        return p.room(p.choice.placement) > 0 and (
+            p.choice.placement == "device" or host_memory is None or p.host_pinned <= host_memory)
+
+    sizes = [t for t in range(1, gpus + 1) if gpus % t == 0]
+    if not works(tp, sources):
+        fixes = []
+        if sources != "pinned" and works(tp, "pinned"):
+            fixes.append("--sources pinned")
+        bigger = next((t for t in sizes if t > tp and works(t, sources)), None)
+        if bigger is not None:
+            fixes.append(f"--tensor-parallel-size {bigger}")
+        p = at(tp, "pinned")
+        what = (f"{validated.config.genome.merge_method} with {len(validated.config.genome.models)} sources at "
+                f"tensor-parallel size {tp} on {gpus} GPUs of {_gib(gpu_memory)}")
+        if fixes:
+            raise ConfigError(f"{what} does not fit with --sources {sources}: use {' or '.join(fixes)}")
+        if p.room("pinned") <= 0:
+            raise ConfigError(f"{what}: the live model's shard alone ({_gib(p.live)} per GPU) leaves no room: use "
+                              "more GPUs (a larger --tensor-parallel-size)")
+        raise ConfigError(f"{what}: pinned sources need {_gib(p.host_pinned)} of host memory, more than "
+                          f"{_gib(host_memory)}: use more host memory or fewer sources")
+    return at(tp, sources)

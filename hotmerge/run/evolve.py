@@ -34,6 +34,7 @@ class EvolveOptions:
     batch_size: int | None = None
     vllm: bool = False
     tensor_parallel_size: int = 1
+    sources: str = "auto"  # device, pinned or auto (models/plan.py choose_sources)
     resume: bool = False
     save_final_model: bool = True
     quiet: bool = False
@@ -282,7 +283,9 @@ def evolve(config_path: Path, options: EvolveOptions, console=None) -> dict | No
         seed=options.random_seed,
         task_paths=list(options.task_search_path),
         tensor_parallel_size=options.tensor_parallel_size,
+        sources=options.sources,
     )
+    info(f"rank {rank}: {worker.runtime.sources}" if world > 1 else str(worker.runtime.sources))
     # The engine is closed on every way out: a vLLM engine left to interpreter exit
     # can keep the process waiting on its engine core.
     try:
