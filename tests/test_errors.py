@@ -221,7 +221,8 @@ def _model_folder(root: Path) -> Path:
     from safetensors.torch import save_file
 
     root.mkdir(parents=True)
-    (root / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 1}))
+    (root / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                                                  "num_hidden_layers": 1}))
     save_file({"model.layers.0.mlp.up_proj.weight": torch.ones(4, 8, dtype=torch.bfloat16),
                "model.norm.weight": torch.ones(8, dtype=torch.bfloat16)}, root / "model.safetensors")
     return root
