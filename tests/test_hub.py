@@ -184,7 +184,11 @@ def run_documented(hub: HubCache, tmp_path: Path, *extra: str):
            "WANDB_BASE_URL": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
            "HTTP_PROXY": "http://127.0.0.1:9"}
     config = pool_config(tmp_path / "config.yml")
-    done = subprocess.run(documented_command(config, run_dir, hub.family.root / "pool_tasks", *extra),
+    from hotmerge.toy.taskfiles import write_pool_tasks
+
+    tasks = tmp_path / "pool_tasks"  # the toy's large pool, written here: a test family has none
+    write_pool_tasks(tasks, 300, seed=0)
+    done = subprocess.run(documented_command(config, run_dir, tasks, *extra),
                           capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "note:" not in done.stdout + done.stderr  # every flag of the line takes effect as it is
