@@ -225,6 +225,13 @@ class TaskConfig(BaseModel):
         return value
 
 
+def _between_0_and_1(value: float, use: str) -> float:
+    """`value` if strictly between 0 and 1, else the validator's error saying what to use."""
+    if not 0 < value < 1:
+        raise ValueError(f"is {value}: use {use}")
+    return value
+
+
 class RacingConfig(BaseModel):
     """Racing options (search/racing.py explains the rule)."""
 
@@ -259,9 +266,7 @@ class RacingConfig(BaseModel):
     @field_validator("delta")
     @classmethod
     def _delta(cls, value: float) -> float:
-        if not 0 < value < 1:
-            raise ValueError(f"is {value}: use a probability between 0 and 1, e.g. 0.05")
-        return value
+        return _between_0_and_1(value, "a probability between 0 and 1, e.g. 0.05")
 
 
 class _EstimatedFitness(BaseModel):
@@ -277,9 +282,7 @@ class _EstimatedFitness(BaseModel):
     @field_validator("full_share")
     @classmethod
     def _full_share(cls, value: float) -> float:
-        if not 0 < value < 1:
-            raise ValueError(f"is {value}: use a share of the documents in (0, 1), e.g. 0.25")
-        return value
+        return _between_0_and_1(value, "a share of the documents in (0, 1), e.g. 0.25")
 
 
 class SubsetsConfig(_EstimatedFitness):
