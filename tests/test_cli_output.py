@@ -122,7 +122,8 @@ def test_eval_prints_every_metric_of_tasks_without_the_configured_one(toy_family
     assert done.returncode == 0, done.stderr[-3000:]
     assert_no_bars(done.stdout + done.stderr)  # loglikelihood, generate_until and loglikelihood_rolling
     notes = [line for line in done.stdout.splitlines() if line.startswith("note: ")]
-    assert notes == [
+    assert notes[0].startswith("note: sources device: "), notes  # where the sources live, and why
+    assert notes[1:] == [
         "note: task toy_capital_gen_heldout has no metric acc,none: its score is exact_match,none, its first metric",
         "note: task toy_sum_ppl_search has no metric acc,none: its score is word_perplexity,none, its first metric"]
     record = json.loads(output.read_text())
