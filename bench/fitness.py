@@ -64,7 +64,7 @@ def search(worker, cfg, mode: str, *, seed: int, fevals: int, popsize: int, run_
         # What is known when the generation ends: a mode that scores an estimate in full
         # generations later must not be credited with that full score earlier.
         tell(candidates, told)
-        records = [r for r in run.records() if r["index"] >= 0]
+        records = run.records()  # CMA-ES's means scored in full too: they cost documents and may be chosen
         chosen = best_record(records)
         generations.append({"generation": len(generations), "documents": sum(r.get("items", 0) for r in records),
                             "chosen": None if chosen is None else chosen["genotype"],

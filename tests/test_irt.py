@@ -88,6 +88,8 @@ def test_irt_run_calibrates_then_estimates_from_the_anchors(tmp_path):
     coordinator.run_loop()
     run = RunDir(tmp_path / "run")
     records = run.records()
+    means = [r for r in records if r["index"] == -1]  # CMA-ES's mean, scored in full within its share
+    records = [r for r in records if r["index"] >= 0]
     assert len(records) == 64 and coordinator.search.generation == 4
     by_generation = {g: [r for r in records if r["generation"] == g] for g in range(4)}
     # generations 0 and 3 calibrate (the first, then every third): scored in full, item by item
@@ -99,12 +101,13 @@ def test_irt_run_calibrates_then_estimates_from_the_anchors(tmp_path):
     for g in (1, 2):
         for r in by_generation[g]:
             assert r["fitness"] == "irt" and r["told"] == r["score"] and r["stderr"] >= 0
-            assert r["items"] in (40, 40 + TOTAL) and ("full_score" in r) == (r["items"] > 40)
+            assert r["items"] == 40
     assert len(run.read_irt_rows()) == 32
     model = run.read_irt_model(TOTAL)
     assert len(model.anchors) == 40
-    best = best_record(records)
-    assert best["fitness"] == "full" or "full_score" in best
+    assert means and all(r["generation"] in (1, 2) and r["fitness"] == "full" and r["items"] == TOTAL for r in means)
+    assert all(r["score"] == pytest.approx(KnownWorker().evaluate(np.asarray(r["genotype"]))["score"]) for r in means)
+    assert best_record(records + means)["fitness"] == "full"  # never an estimate
 
 
 def test_killed_irt_run_resumes_to_the_same_end(tmp_path):
@@ -119,7 +122,7 @@ def test_killed_irt_run_resumes_to_the_same_end(tmp_path):
     resumed.run_loop()
 
     def outcome(path):
-        return sorted((r["generation"], r["index"], tuple(r["genotype"]), r["score"], r.get("full_score"))
+        return sorted((r["generation"], r["index"], tuple(r["genotype"]), r["score"], r["items"])
                       for r in RunDir(path).records())
 
     assert outcome(tmp_path / "run") == outcome(tmp_path / "reference")

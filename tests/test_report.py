@@ -354,7 +354,7 @@ def test_summary_shows_the_search_versus_heldout_gap(tmp_path):
 
 def test_budget_plot_counts_the_search_documents_when_each_heldout_score_was_measured(tmp_path):
     """budget.png: each held-out score against the documents the search had scored when it was
-    measured; held-out scoring and CMA-ES's mean are not counted."""
+    measured; CMA-ES's means scored in full count, held-out scoring does not."""
     from hotmerge.run.report import budget_points, build_report, load_run
 
     run_dir = tmp_path / "run"
@@ -367,16 +367,16 @@ def test_budget_plot_counts_the_search_documents_when_each_heldout_score_was_mea
         return {"generation": generation, "index": index, "rank": 0, "genotype": [index], "score": 0.5 + index / 10,
                 "stderr": 0.1, "results": None, "error": None, "fitness": "subset", "items": items, **extra}
 
-    lines = [record(0, 0, 40), record(0, 1, 20, full_score=0.6, full_stderr=0.05),
-             record(0, 1, 120, full_score=0.6, full_stderr=0.05, heldout_score=0.55, heldout_stderr=0.05),
-             record(1, 0, 30), record(1, 1, 30, heldout_score=0.4),
-             {**record(2, -1, 100, heldout_score=0.58), "xfavorite": True},
-             record(3, 0, 50), record(1, 0, 30 + 500, full_score=0.7), record(1, 0, 530, full_score=0.7, heldout_score=0.6)]
+    def mean(generation, **extra):
+        return record(generation, -1, 500, fitness="full", xfavorite=True, **extra)
+
+    lines = [record(0, 0, 40), record(0, 1, 20), record(1, 0, 30), record(1, 1, 30), mean(1),
+             mean(1, heldout_score=0.55, heldout_stderr=0.05), record(2, 0, 50), record(2, 1, 50),
+             mean(3, heldout_score=0.58)]
     (run_dir / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     points, unit = budget_points(load_run(run_dir).lines)
     assert unit == "documents scored"
-    # generation 1's candidate 0, scored in full after generation 3: counted from then on
-    assert [(p["generation"], p["index"], p["spent"]) for p in points] == [
-        (0, 1, 160), (1, 1, 220), (2, -1, 220), (1, 0, 770)]
+    # the mean of generation 1 counted once, though its held-out score rewrote its line
+    assert [(p["generation"], p["index"], p["spent"]) for p in points] == [(1, -1, 620), (3, -1, 1220)]
     report = build_report(run_dir, tmp_path / "report")
     assert report.files["budget"].stat().st_size > 0

@@ -1,5 +1,5 @@
 """Fitness on adaptive subsets (search/subsets.py): shared fresh subsets, the size that
-follows the ranking's noise, the history's fields, the best scored in full, an exact resume."""
+follows the ranking's noise, the history's fields, CMA-ES's mean scored in full, an exact resume."""
 
 from __future__ import annotations
 
@@ -62,34 +62,53 @@ def test_size_grows_when_the_ranking_is_noisy_and_shrinks_when_not():
     assert clear.items >= SubsetsConfig().minimum * TOTAL - 1 and noisy.items <= TOTAL // 2
 
 
-def test_subset_run_records_estimates_and_scores_the_best_in_full(tmp_path):
+def _means_sampled(records, generations: int) -> list[np.ndarray]:
+    """CMA-ES's mean each generation was sampled from, replayed from what it was told."""
+    told = {(r["generation"], r["index"]): r["told"] for r in records if r["index"] >= 0}
+    replay = Search(np.full(GENES, 0.5), 0.2, 1, 96, 16)
+    means = []
+    for generation in range(generations):
+        candidates = replay.ask()
+        means.append(replay.xfavorite)
+        replay.tell(candidates, [told[(generation, i)] for i in range(len(candidates))])
+    return means
+
+
+def test_subset_run_records_estimates_and_scores_the_mean_in_full(tmp_path):
     coordinator = _coordinator(tmp_path / "run", KnownWorker())
     coordinator.run_loop()
     run = RunDir(tmp_path / "run")
     records = run.records()
-    assert len(records) == 96 and coordinator.search.generation == 6
+    estimates = [r for r in records if r["index"] >= 0]
+    assert len(estimates) == 96 and coordinator.search.generation == 6
     again = reevaluations(16)
-    for r in records:
+    for r in estimates:
         assert r["fitness"] == "subset" and r["told"] == r["score"] and r["stderr"] >= 0
         n = r["span"][1] - r["span"][0]
         assert r["span"][0] == 0 and 0 < n < TOTAL
         assert ("reevaluation" in r) == (r["index"] < again)
-        assert r["items"] == n * (2 if r["index"] < again else 1) + (TOTAL if "full_score" in r else 0)
-    # the full scores equal plain evaluations, and only they choose the best
-    scored = sorted((r for r in records if "full_score" in r), key=lambda r: r["generation"])
-    assert scored and all(r["full_score"] == pytest.approx(KnownWorker().evaluate(np.asarray(r["genotype"]))["score"])
-                          for r in scored)
-    assert best_record(records)["full_score"] == max(r["full_score"] for r in scored)
-    # full scoring kept to its share of the documents, each scored estimate the best since the last
-    assert TOTAL * len(scored) <= SubsetsConfig().full_share * sum(r["items"] for r in records)
-    for earlier, later in zip([None, *scored], scored):
-        since = [r for r in records if (earlier is None or r["generation"] > earlier["generation"])
-                 and r["generation"] <= later["generation"]]
-        assert later["score"] == max(r["score"] for r in since)
+        assert r["items"] == n * (2 if r["index"] < again else 1)
+    # CMA-ES's mean, scored on every item under its generation: a plain evaluation of the
+    # recipe that generation was sampled from, and only such full scores choose the best
+    means = sorted((r for r in records if r["index"] == -1), key=lambda r: r["generation"])
+    assert means and all(r["xfavorite"] and r["fitness"] == "full" and r["items"] == TOTAL for r in means)
+    sampled = _means_sampled(records, 6)
+    for r in means:
+        assert np.allclose(r["genotype"], sampled[r["generation"]], rtol=0, atol=1e-12)
+        assert r["score"] == pytest.approx(KnownWorker().evaluate(np.asarray(r["genotype"]))["score"])
+    assert best_record(records) is max(means, key=lambda r: r["score"])
+    # full scoring kept to its share of the documents, and done whenever the share allows
+    share = SubsetsConfig().full_share
+    for generation in range(6):
+        so_far = [r for r in records if r["generation"] <= generation]
+        scored = sum(1 for r in so_far if r["index"] == -1)
+        assert TOTAL * scored <= share * sum(r["items"] for r in so_far)
+        if not any(r["generation"] == generation for r in means):
+            assert TOTAL * (scored + 1) > share * (sum(r["items"] for r in so_far) + TOTAL)
     # every generation told CMA-ES its estimates and kept the size its next subset has
     lines = [json.loads(line) for line in run.search_file.read_text().splitlines()[1:]]
     assert [line["generation"] for line in lines] == list(range(6))
-    sizes = [r["span"][1] for r in sorted(records, key=lambda r: r["generation"]) if r["index"] == 0]
+    sizes = [r["span"][1] for r in sorted(estimates, key=lambda r: r["generation"]) if r["index"] == 0]
     assert sizes[0] == RacePlan(DOCS, (1.0,), seed=0).whole_batches(SubsetsConfig().start * TOTAL)
     assert all("items" in line["subsets"] for line in lines)
 
@@ -105,7 +124,7 @@ def test_killed_subset_run_resumes_to_the_same_end(tmp_path):
     resumed.run_loop()
 
     def outcome(path):
-        return sorted((r["generation"], r["index"], tuple(r["genotype"]), r["score"], r["span"][1], r.get("full_score"))
+        return sorted((r["generation"], r["index"], tuple(r["genotype"]), r["score"], r.get("span"), r["items"])
                       for r in RunDir(path).records())
 
     assert outcome(tmp_path / "run") == outcome(tmp_path / "reference")
@@ -152,17 +171,21 @@ def test_toy_pool_tasks_ask_every_search_fact_with_other_distractors(tmp_path):
     assert (tmp_path / "toy_pool_capital_mc_search.yaml").is_file() and (tmp_path / "toydata.py").is_file()
 
 
-def test_heldout_rescores_each_estimate_scored_in_full_under_its_own_record(tmp_path):
-    fitness = Fitness(subsets=SubsetsConfig(full_share=0.3), specs=SPECS, heldout=True)
-    _coordinator(tmp_path / "run", KnownWorker(), fitness).run_loop()
-    records = [r for r in RunDir(tmp_path / "run").records() if r["index"] >= 0]
-    scored = sorted((r for r in records if "full_score" in r), key=lambda r: r["generation"])
-    rescored = [r for r in records if "heldout_score" in r]
-    # each full score that became the best so far, and only those, has a held-out score on its own record
+def test_heldout_rescores_each_new_best_mean_under_its_own_record(tmp_path):
+    fitness = Fitness(subsets=SubsetsConfig(full_share=0.45), specs=SPECS, heldout=True)
+    coordinator = _coordinator(tmp_path / "run", KnownWorker(), fitness, fevals=160)
+    coordinator.run_loop()
+    records = RunDir(tmp_path / "run").records()
+    last = coordinator.search.generation  # the final mean, scored on both task sets at the end
+    means = sorted((r for r in records if r["index"] == -1 and r["generation"] < last), key=lambda r: r["generation"])
+    rescored = [r for r in records if "heldout_score" in r and r["generation"] < last]
+    # each mean's full score that became the best so far, and only those, has a held-out score on its own record
     best, new_bests = -np.inf, []
-    for r in scored:
-        if r["full_score"] > best:
+    for r in means:
+        if r["score"] > best:
             new_bests.append((r["generation"], r["index"]))
-            best = r["full_score"]
-    assert new_bests and sorted((r["generation"], r["index"]) for r in rescored) == new_bests
+            best = r["score"]
+    assert len(new_bests) > 1 and sorted((r["generation"], r["index"]) for r in rescored) == new_bests
     assert all(r["heldout_score"] == pytest.approx(KnownWorker.quality(r["genotype"]) - 0.05) for r in rescored)
+    final = [r for r in records if r["generation"] == last]
+    assert [r["index"] for r in final] == [-1] and "heldout_score" in final[0]

@@ -271,12 +271,12 @@ class RacingConfig(BaseModel):
 
 class _EstimatedFitness(BaseModel):
     """What the fitness modes that tell CMA-ES estimates share: an estimate is never the best,
-    so the best estimate is scored on every search item, within a share of the documents."""
+    so CMA-ES's mean is scored on every search item, within a share of the documents."""
 
     model_config = _STRICT
 
-    # Scoring estimates in full takes at most this share of the search's documents: a better
-    # estimate waits until the share allows it (search/coordinator.py, _score_best_in_full).
+    # Scoring CMA-ES's mean in full takes at most this share of the search's documents
+    # (search/coordinator.py, _score_mean_in_full).
     full_share: float = 0.25
 
     @field_validator("full_share")

@@ -57,7 +57,8 @@ class ProgressView:
             return
         if self.quiet and not record.get("error"):
             return
-        line = (f"gen {record['generation']} cand {record['index']}: "
+        what = "CMA-ES mean" if record.get("xfavorite") else f"cand {record['index']}"
+        line = (f"gen {record['generation']} {what}: "
                 f"score {_fmt(record.get('score'), record.get('stderr'))}  best {_fmt(p.best_score, p.best_stderr)}  "
                 f"evals {_evaluations(p)}  {p.per_minute:.1f}/min  eta {_eta(p.eta_seconds)}")
         if record.get("stopped_early"):
@@ -68,12 +69,12 @@ class ProgressView:
 
     def heldout(self, record: dict) -> None:
         """A record re-scored on the held-out tasks."""
+        what = f"gen {record['generation']} " + ("CMA-ES mean" if record.get("xfavorite") else f"cand {record['index']}")
         if record.get("heldout_score") is None:
-            line = f"held-out: gen {record['generation']} cand {record['index']} FAILED: {record.get('heldout_error')}"
+            line = f"held-out: {what} FAILED: {record.get('heldout_error')}"
         elif self.quiet:
             return
         else:
-            what = "CMA-ES mean" if record.get("xfavorite") else f"gen {record['generation']} cand {record['index']}"
             line = (f"held-out: {what}: {_fmt(record['heldout_score'], record.get('heldout_stderr'))} "
                     f"(search {_fmt(record.get('score'), record.get('stderr'))})")
         self.console.print(line, highlight=False, soft_wrap=True)

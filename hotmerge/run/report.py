@@ -200,16 +200,18 @@ def rates(data: RunData) -> dict[str, Optional[float]]:
 def budget_points(lines: Sequence[dict]) -> tuple[list[dict], str]:
     """Each held-out score with the search documents scored when it was measured, and the x
     axis's unit: the history's lines in the order written, each candidate's documents (its
-    `items`) as its latest line gives them. A score in full that a mode adds generations later
-    counts from then on; held-out scoring and CMA-ES's mean are measurement, not search, and are
-    not counted. Records from before `items` was kept count one evaluation each."""
+    `items`) as its latest line gives them; CMA-ES's means scored in full count as any
+    candidate. Held-out scoring is measurement, not search, and is not counted. Records from
+    before `items` was kept count one evaluation each."""
     counted = all("items" in r for r in lines if not r.get("xfavorite") and r.get("score") is not None)
     cost: dict[tuple[int, int], int] = {}
     points = []
     for r in lines:
         key = (r["generation"], r["index"])
-        if not r.get("xfavorite"):
-            cost[key] = (r.get("items") or 0) if counted else 1
+        if counted:
+            cost[key] = r.get("items") or 0
+        elif not r.get("xfavorite"):
+            cost[key] = 1
         if r.get("heldout_score") is not None:
             points.append({**r, "spent": sum(cost.values())})
     return points, ("documents scored" if counted else "evaluations")

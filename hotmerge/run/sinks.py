@@ -34,7 +34,7 @@ from hotmerge.run.storage import best_record
 CSV_NAME = "history.csv"
 TENSORBOARD_DIR = "tensorboard"
 WANDB_ID_FILE = "wandb_run_id"
-FIXED_COLUMNS = ("generation", "index", "rank", "fitness", "score", "stderr", "told", "full_score", "stopped_early",
+FIXED_COLUMNS = ("generation", "index", "rank", "fitness", "score", "stderr", "told", "stopped_early",
                  "items", "error", "heldout_score", "heldout_stderr")
 SECONDS = ("apply", "forward", "metrics", "total")
 

@@ -56,7 +56,7 @@ RESULT_BYTES = 1 << 18
 CMD_STOP, CMD_EVAL, CMD_ITEMS, CMD_HELDOUT, CMD_POOL_ITEMS = 0.0, 1.0, 2.0, 3.0, 4.0
 HEADER = 6  # command, candidate index, generation, round, start, stop; the genotype follows
 MAX_BUGS_IN_A_ROW = 3
-XFAVORITE_INDEX = -1  # the history index of CMA-ES's mean, scored at the end
+XFAVORITE_INDEX = -1  # the history index of CMA-ES's mean, scored in full under its generation
 
 
 class RunStore(Protocol):
@@ -218,7 +218,7 @@ class Coordinator:
         full = full_score(record)  # an estimate on part of the items is never the best
         if full is not None and (self.progress.best_score is None or full > self.progress.best_score):
             self.progress.best_score = full
-            self.progress.best_stderr = record.get("full_stderr", record.get("stderr"))
+            self.progress.best_stderr = record.get("stderr")
 
     def run_loop(self) -> None:
         try:
@@ -505,48 +505,41 @@ class Coordinator:
         if not self._dispatch(jobs, finish) or len(records) < len(candidates):
             return None
         told = [records[i]["told"] for i in range(len(candidates))]
-        if not self._score_best_in_full(generation):
+        if not self._score_mean_in_full(generation):
             return None
         self.subset_size.update(told, {i: records[i]["reevaluation"]["score"] for i in range(again)
                                        if records[i].get("reevaluation") is not None})
         return told
 
-    def _score_best_in_full(self, generation: int) -> bool:
-        """Score the best estimate since the last one scored in full on every search item, when
-        it beats the best full score so far; False when stopped.
+    def _score_mean_in_full(self, generation: int) -> bool:
+        """Score CMA-ES's mean, the one this generation was sampled from, on every search item
+        when full scoring stays within `full_share` of the search's documents; False when
+        stopped.
 
-        Full scoring takes at most `full_share` of the search's documents (a full score costs
-        the whole pool, many candidates' estimates): until the share allows the next one, the
-        better estimates wait, and the best of them is scored when it does. Every quantity
-        comes from the history, so a resumed run decides the same."""
+        An estimate is never the best, and the best of λ noisy estimates is mostly the one
+        that luck favoured (the winner's curse). The mean recombines the μ best and averages
+        their noise away: pycma's favourite solution under noise. Its full score is a history
+        record of its own (index XFAVORITE_INDEX, `xfavorite`), so best_config.yaml chooses
+        among full scores as ever. Full scoring keeps to its share (a full score costs the
+        whole pool, many candidates' estimates): a mean is scored when the share allows, the
+        next one when the share allows again. Every quantity comes from the history, so a
+        resumed run decides the same."""
+        x = np.asarray(self.search.xfavorite, dtype=float)
+        if self._done_before(generation, XFAVORITE_INDEX, x) is not None:
+            return True
         share = (self.fitness.subsets or self.fitness.irt).full_share
         pool = self.worker.race_plan.total
-        records = [r for (g, i), r in self.history.items() if g <= generation and i != XFAVORITE_INDEX]
-        estimates = [r for r in records if r.get("fitness") in ("subset", "irt")]
-        scored = [r for r in estimates if "full_score" in r]
-        since = max((r["generation"] for r in scored), default=-1)
-        waiting = [r for r in estimates if r["generation"] > since and r.get("score") is not None]
-        if not waiting:
-            return True
-        best = max(waiting, key=lambda r: (r["score"], -r["generation"], -r["index"]))
-        if self.progress.best_score is not None and best["score"] <= self.progress.best_score:
-            return True
+        records = [r for (g, _), r in self.history.items() if g <= generation]
+        scored = sum(1 for r in records if r.get("xfavorite"))
         spent = sum(r.get("items", 0) for r in records)
-        if pool * (len(scored) + 1) > share * (spent + pool):
+        if pool * (scored + 1) > share * (spent + pool):
             return True
-        key = (best["generation"], best["index"])
 
         def finish(job: Job, result: dict, rank: int) -> None:
-            record = {**self.history[key], "full_score": result.get("score"), "full_stderr": result.get("stderr"),
-                      "full_results": result.get("results"), "items": self.history[key]["items"] + pool}
-            if result.get("failure") is not None:
-                record["full_error"] = result.get("error")
-            self.run.append_history(record)
-            self.history[key] = record
-            self._track(record)
+            self._finish(generation, XFAVORITE_INDEX, x,
+                         {**result, "fitness": "full", "xfavorite": True, "items": pool}, rank)
 
-        return self._dispatch([Job(CMD_EVAL, best["index"], np.asarray(best["genotype"]), best["generation"])],
-                              finish)
+        return self._dispatch([Job(CMD_EVAL, XFAVORITE_INDEX, x, generation)], finish)
 
     # -- IRT anchors -------------------------------------------------------------------------
 
@@ -628,7 +621,7 @@ class Coordinator:
         told = [records[i]["told"] for i in range(len(candidates))]
         if calibrating:
             self._fit_irt(generation)
-        elif not self._score_best_in_full(generation):
+        elif not self._score_mean_in_full(generation):
             return None
         return told
 
@@ -646,15 +639,13 @@ class Coordinator:
 
     def _heldout_choice(self, generation: int, size: int) -> list[dict]:
         """The records to score on the held-out tasks: the generation's top k, or the best
-        record so far (fully scored records only; an estimate scored in full after its own
-        generation counts when its full score arrives)."""
+        record so far (fully scored records only, CMA-ES's means scored in full among them)."""
         if self.fitness.heldout_top_k is not None:
             mine = [self.history[(generation, i)] for i in range(size)
                     if full_score(self.history.get((generation, i), {})) is not None]
             mine.sort(key=lambda r: (-full_score(r), r["index"]))
             return mine[:self.fitness.heldout_top_k]
-        scored = [r for (g, i), r in self.history.items()
-                  if g <= generation and i != XFAVORITE_INDEX and full_score(r) is not None]
+        scored = [r for (g, i), r in self.history.items() if g <= generation and full_score(r) is not None]
         return [min(scored, key=lambda r: (-full_score(r), r["generation"], r["index"]))] if scored else []
 
     def _rescore_heldout(self, generation: int, size: int) -> bool:

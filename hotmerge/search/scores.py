@@ -7,9 +7,7 @@ from typing import Any
 
 def full_score(record: dict[str, Any]) -> float | None:
     """The record's score on every search item: None for an estimate on part of them (a raced
-    candidate stopped early; a subset's or IRT's estimate that was not scored in full)."""
-    if record.get("stopped_early"):
+    candidate stopped early; a subset's or IRT's estimate)."""
+    if record.get("stopped_early") or record.get("fitness") in ("subset", "irt"):
         return None
-    if record.get("fitness") in ("subset", "irt"):
-        return record.get("full_score")
     return record.get("score")

@@ -32,9 +32,9 @@ than at the full pool, and the noise measure grows it only when the ranking need
 The history marks every estimate `"fitness": "subset"` with `items` (documents scored)
 and `span` (its items: positions start..stop of the generation's pool order), and the
 re-scored candidates' second estimate as `reevaluation`. An estimate is never the best:
-the best estimate since the last one scored in full is scored on every item when it beats
-the best full score so far (`full_score`), as often as `full_share` of the documents allows
-(search/coordinator.py), and best_config.yaml comes from full scores only.
+CMA-ES's mean is scored on every item as often as `full_share` of the documents allows
+(search/coordinator.py, _score_mean_in_full), and best_config.yaml comes from full scores
+only.
 """
 
 from __future__ import annotations
