@@ -11,7 +11,9 @@ fixed-size tensors: a header and a genotype out, a JSON result back.
 
 A generation: its candidates are scored (all of them, or raced in rounds), then the
 chosen ones are re-scored on the held-out tasks (Fitness.heldout), then CMA-ES is told.
-At the end of a run with held-out tasks, CMA-ES's mean is scored on both task sets.
+With subsets or IRT, CMA-ES's mean is scored in full before a generation is asked, as
+often as `full_share` allows (their estimates never choose best_config.yaml). At the end
+of a run with held-out tasks, CMA-ES's mean is scored on both task sets.
 
 Every finished evaluation is appended to the run's history before anything else
 happens, and what CMA-ES was told is appended to the state file after every generation
@@ -223,6 +225,9 @@ class Coordinator:
     def run_loop(self) -> None:
         try:
             while not self.stop_requested and not self.search.done(self.progress.evaluations, self.max_fevals):
+                if (self.fitness.subsets is not None or self.fitness.irt is not None) \
+                        and not self._score_mean_in_full(self.search.generation):
+                    break
                 candidates = self.search.ask()
                 generation = self.search.generation
                 self.progress.generation = generation
@@ -505,16 +510,14 @@ class Coordinator:
         if not self._dispatch(jobs, finish) or len(records) < len(candidates):
             return None
         told = [records[i]["told"] for i in range(len(candidates))]
-        if not self._score_mean_in_full(generation):
-            return None
         self.subset_size.update(told, {i: records[i]["reevaluation"]["score"] for i in range(again)
                                        if records[i].get("reevaluation") is not None})
         return told
 
     def _score_mean_in_full(self, generation: int) -> bool:
-        """Score CMA-ES's mean, the one this generation was sampled from, on every search item
-        when full scoring stays within `full_share` of the search's documents; False when
-        stopped.
+        """Score CMA-ES's mean, the one `generation` is sampled from (what it learnt from every
+        generation told so far), on every search item when full scoring stays within
+        `full_share` of the search's documents; False when stopped.
 
         An estimate is never the best, and the best of λ noisy estimates is mostly the one
         that luck favoured (the winner's curse). The mean recombines the μ best and averages
@@ -529,7 +532,7 @@ class Coordinator:
             return True
         share = (self.fitness.subsets or self.fitness.irt).full_share
         pool = self.worker.race_plan.total
-        records = [r for (g, _), r in self.history.items() if g <= generation]
+        records = [r for (g, _), r in self.history.items() if g < generation]  # as the generation starts
         scored = sum(1 for r in records if r.get("xfavorite"))
         spent = sum(r.get("items", 0) for r in records)
         if pool * (scored + 1) > share * (spent + pool):
@@ -621,8 +624,6 @@ class Coordinator:
         told = [records[i]["told"] for i in range(len(candidates))]
         if calibrating:
             self._fit_irt(generation)
-        elif not self._score_mean_in_full(generation):
-            return None
         return told
 
     def _fit_irt(self, generation: int) -> None:
