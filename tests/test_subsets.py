@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from hotmerge.config.evolve import SubsetsConfig
-from hotmerge.search.coordinator import Coordinator, Fitness
+from hotmerge.search.coordinator import Coordinator, Fitness, may_score_in_full
 from hotmerge.search.racing import RacePlan
 from hotmerge.search.strategy import Search
 from hotmerge.search.subsets import SubsetSize, reevaluations, subset_estimate
@@ -74,6 +74,22 @@ def _means_sampled(records, generations: int) -> list[np.ndarray]:
     return means
 
 
+@pytest.mark.parametrize("share", [0.1, 0.25, 0.5])
+@pytest.mark.parametrize("generation_cost", [0.13, 0.6, 1.7])  # in pools
+def test_full_scoring_takes_at_most_half_the_documents_and_its_share_in_the_long_run(share, generation_cost):
+    pool, estimated, scored, first = 540, 0, 0, None
+    for generation in range(4000):
+        if may_score_in_full(pool, scored, estimated, share):
+            scored += 1
+            first = estimated if first is None else first
+            assert scored * pool <= 0.5 * (scored * pool + estimated)
+        estimated += round(generation_cost * pool)
+    assert pool <= first < pool + round(generation_cost * pool)  # as soon as the estimates cost a pool
+    spent = scored * pool + estimated
+    # the share, or one full score a generation where that is less
+    assert min(share, 1 / (1 + generation_cost)) - 2 * pool / spent <= scored * pool / spent <= share + pool / spent
+
+
 def test_subset_run_records_estimates_and_scores_the_mean_in_full(tmp_path):
     coordinator = _coordinator(tmp_path / "run", KnownWorker())
     coordinator.run_loop()
@@ -97,12 +113,12 @@ def test_subset_run_records_estimates_and_scores_the_mean_in_full(tmp_path):
         assert np.allclose(r["genotype"], sampled[r["generation"]], rtol=0, atol=1e-12)
         assert r["score"] == pytest.approx(KnownWorker().evaluate(np.asarray(r["genotype"]))["score"])
     assert best_record(records) is max(means, key=lambda r: r["score"])
-    # before each generation: its mean scored when full scoring stays within its share, else not
-    share = SubsetsConfig().full_share
+    # before each generation, its mean was scored exactly when the rule allowed it
     for generation in range(6):
         before = [r for r in records if r["generation"] < generation]
         scored = sum(1 for r in before if r["index"] == -1)
-        allowed = TOTAL * (scored + 1) <= share * (sum(r["items"] for r in before) + TOTAL)
+        estimated = sum(r["items"] for r in before if r["index"] >= 0)
+        allowed = may_score_in_full(TOTAL, scored, estimated, SubsetsConfig().full_share)
         assert allowed == any(r["generation"] == generation for r in means)
     # every generation told CMA-ES its estimates and kept the size its next subset has
     lines = [json.loads(line) for line in run.search_file.read_text().splitlines()[1:]]

@@ -275,8 +275,8 @@ class _EstimatedFitness(BaseModel):
 
     model_config = _STRICT
 
-    # Scoring CMA-ES's mean in full takes at most this share of the search's documents
-    # (search/coordinator.py, _score_mean_in_full).
+    # In a long run, scoring CMA-ES's mean in full takes at most this share of the search's
+    # documents; the first full scores come sooner (search/coordinator.py, may_score_in_full).
     full_share: float = 0.25
 
     @field_validator("full_share")

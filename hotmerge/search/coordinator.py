@@ -173,6 +173,19 @@ def distributed_context() -> tuple[int, int]:
     return 0, 1
 
 
+def may_score_in_full(pool: int, scored: int, estimated: int, share: float) -> bool:
+    """Whether CMA-ES's mean may be scored in full for the (scored + 1)-th time, after
+    `scored` full scores of `pool` documents each and `estimated` documents of estimates.
+
+    In a long run full scoring keeps within `share` of the documents. Early on that rule
+    alone would put off the first choice for generations (at a quarter, until the estimates
+    cost three pools), so the k-th full score (k = 0, 1, ...) may also come once the
+    estimates have cost 2^k pools: full scoring then takes at most half of the documents,
+    a third by eight pools, and less from then on."""
+    spent = estimated + scored * pool
+    return pool * (scored + 1) <= share * (spent + pool) or estimated >= pool * 2 ** scored
+
+
 def same_genotype(a, b) -> bool:
     return np.array_equal(np.asarray(a, dtype=float), np.asarray(b, dtype=float))
 
@@ -523,10 +536,9 @@ class Coordinator:
         that luck favoured (the winner's curse). The mean recombines the μ best and averages
         their noise away: pycma's favourite solution under noise. Its full score is a history
         record of its own (index XFAVORITE_INDEX, `xfavorite`), so best_config.yaml chooses
-        among full scores as ever. Full scoring keeps to its share (a full score costs the
-        whole pool, many candidates' estimates): a mean is scored when the share allows, the
-        next one when the share allows again. Every quantity comes from the history, so a
-        resumed run decides the same."""
+        among full scores as ever. A full score costs the whole pool, many candidates'
+        estimates: may_score_in_full says when the next one may come. Every quantity comes
+        from the history, so a resumed run decides the same."""
         x = np.asarray(self.search.xfavorite, dtype=float)
         if self._done_before(generation, XFAVORITE_INDEX, x) is not None:
             return True
@@ -534,8 +546,8 @@ class Coordinator:
         pool = self.worker.race_plan.total
         records = [r for (g, _), r in self.history.items() if g < generation]  # as the generation starts
         scored = sum(1 for r in records if r.get("xfavorite"))
-        spent = sum(r.get("items", 0) for r in records)
-        if pool * (scored + 1) > share * (spent + pool):
+        estimated = sum(r.get("items", 0) for r in records if not r.get("xfavorite"))
+        if not may_score_in_full(pool, scored, estimated, share):
             return True
 
         def finish(job: Job, result: dict, rank: int) -> None:
