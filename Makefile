@@ -56,16 +56,17 @@ demo-smol: install
 	$(VENV)/bin/hotmerge toy compare $(SMOL_RUN)
 
 # Test files are dealt out to a worker per core, at most two (pytest-xdist, whole files: a
-# module's fixtures are built once); much of the suite is single-threaded Python and process
-# starts, which two workers overlap on two cores.
+# module's fixtures are built once), costliest first (tests/conftest.py, COSTLIEST_FILES);
+# much of the suite is single-threaded Python and process starts, which two workers overlap
+# on two cores.
 TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(min(2, len(os.sched_getaffinity(0))))")
 
 # The full suite (what CI runs), with the 15 slowest tests listed at the end.
 test: install
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15 $(PYTEST_ARGS)
 
 test-fast: install
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow" --durations=10 $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow" --durations=10 $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache runs

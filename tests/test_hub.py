@@ -204,11 +204,12 @@ def run_documented(hub: HubCache, tmp_path: Path, *extra: str):
 
 @pytest.mark.slow
 def test_mergekit_evolves_documented_command_line_runs_on_hub_names(hub_cache, tmp_path):
-    """The documented command line, offline from the cache; then plan, export and eval of
-    the run's best_config.yaml (named as the config names the models) through --hub-cache,
-    mergekit-evolve's STORAGE_PATH/transformers_cache for instance: the export equals the
-    run's final model."""
-    run_dir = run_documented(hub_cache, tmp_path)
+    """The documented command line (--vllm included), offline from the cache; then plan,
+    export and eval of the run's best_config.yaml (named as the config names the models)
+    through --hub-cache, mergekit-evolve's STORAGE_PATH/transformers_cache for instance: the
+    export equals the run's final model."""
+    pytest.importorskip("vllm")
+    run_dir = run_documented(hub_cache, tmp_path, "--vllm")
     cache = ["--hub-cache", str(hub_cache.path)]
     # HF_HUB_CACHE names an empty cache: the models come through --hub-cache alone
     env = {**hub_cache.env(), "HF_HUB_CACHE": str(tmp_path / "empty")}
@@ -226,8 +227,3 @@ def test_mergekit_evolves_documented_command_line_runs_on_hub_names(hub_cache, t
     ours, final = load_file(out / "model.safetensors"), load_file(run_dir / "final_model" / "model.safetensors")
     assert ours.keys() == final.keys() and all((ours[k] == final[k]).all() for k in ours)
 
-
-@pytest.mark.slow
-def test_the_documented_command_line_with_vllm(hub_cache, tmp_path):
-    pytest.importorskip("vllm")
-    run_documented(hub_cache, tmp_path, "--vllm")
