@@ -51,7 +51,8 @@ def test_estimate_is_the_weighted_score_on_the_whole_pool():
 def test_size_grows_when_the_ranking_is_noisy_and_shrinks_when_not():
     plan = RacePlan(DOCS, (1.0,), seed=0)
     rng = np.random.default_rng(1)
-    noisy, clear = SubsetSize(plan, SubsetsConfig(), GENES), SubsetSize(plan, SubsetsConfig(), GENES)
+    config = SubsetsConfig(start=0.05)  # above the minimum, so that it can shrink
+    noisy, clear = SubsetSize(plan, config, GENES), SubsetSize(plan, config, GENES)
     start = noisy.items
     for _ in range(6):
         told = rng.normal(size=16).tolist()

@@ -25,9 +25,10 @@ forward batches. CMA-ES is told each candidate's estimate on the shared subset (
 re-scoring only measures noise, as in UH-CMA-ES), and its σ is left alone: only the
 evaluation effort adapts.
 
-The size starts small (5% of the pool, at least one forward batch), as UH-CMA-ES starts
-from one evaluation: on the toy's 2,000-item pool a generation at 128 items costs 15× less
-than at the full pool, and the noise measure grows it only when the ranking needs more.
+The size starts small (2% of the pool, at least one forward batch), as UH-CMA-ES starts
+from one evaluation: on the toy's 2,000-item pool a generation at one batch of 64 items
+costs 28× less than at the full pool, and the noise measure grows it only when the
+ranking needs more.
 
 The history marks every estimate `"fitness": "subset"` with `items` (documents scored)
 and `span` (its items: positions start..stop of the generation's pool order), and the
