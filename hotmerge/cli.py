@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hotmerge.errors import CandidateError, ConfigError, HotmergeError, RunFailed, SetupError
+from hotmerge.search.scores import describe
 
 # Plain (click) help, not typer's rich panels: those truncate option names at 80 columns
 # (mergekit-evolve's --i-understand-the-depths-of-the-evils-i-am-unleashing, the --x/--no-x pairs).
@@ -397,8 +398,8 @@ def evolve(
     )
     best = run_evolve(config, options, console=console)
     if best is not None:
-        console.print(f"best score {best['score']:.4f} (generation {best['generation']}, "
-                      f"candidate {best['index']}); merge config: {storage_path / 'best_config.yaml'}")
+        console.print(f"best score {best['score']:.4f} ({describe(best)}); "
+                      f"merge config: {storage_path / 'best_config.yaml'}")
 
 
 def _is_merge_config(path: Path) -> bool:
@@ -617,7 +618,7 @@ def report(
         console.print(f"{result.evaluations} evaluations, none successful yet", highlight=False)
     else:
         console.print(f"{result.evaluations} evaluations; best score {result.best['score']:.4f} "
-                      f"(generation {result.best['generation']}, candidate {result.best['index']})", highlight=False)
+                      f"({describe(result.best)})", highlight=False)
 
 
 @bench_app.command("merge", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -32,6 +32,7 @@ import numpy as np
 
 from hotmerge.errors import ConfigError
 from hotmerge.run.storage import RunDir, best_record, latest_records
+from hotmerge.search.scores import describe
 
 PHASES = ("apply", "forward", "metrics", "total")
 MAX_TABLE_ROWS = 25
@@ -363,7 +364,7 @@ def plot_genome(data: RunData, best: dict, path: Path) -> dict[str, np.ndarray]:
                     ax.text(m, g, f"{v:.2f}", ha="center", va="center", fontsize=7,
                             color="white" if light else "black")
         fig.colorbar(im, ax=ax, shrink=0.8)
-    fig.suptitle(f"best genome: generation {best['generation']}, candidate {best['index']}, "
+    fig.suptitle(f"best genome: {describe(best)}, "
                  f"{data.genome.get('merge_method', '?')}\n(layer group x model, decoded values)", fontsize=10)
     fig.savefig(path)
     return panels
