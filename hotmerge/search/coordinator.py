@@ -529,8 +529,8 @@ class Coordinator:
 
     def _score_mean_in_full(self, generation: int) -> bool:
         """Score CMA-ES's mean, the one `generation` is sampled from (what it learnt from every
-        generation told so far), on every search item when full scoring stays within
-        `full_share` of the search's documents; False when stopped.
+        generation told so far), on every search item when may_score_in_full allows it;
+        False when stopped.
 
         An estimate is never the best, and the best of λ noisy estimates is mostly the one
         that luck favoured (the winner's curse). The mean recombines the μ best and averages
