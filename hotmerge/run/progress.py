@@ -69,7 +69,8 @@ class ProgressView:
 
     def heldout(self, record: dict) -> None:
         """A record re-scored on the held-out tasks."""
-        what = f"gen {record['generation']} " + ("CMA-ES mean" if record.get("xfavorite") else f"cand {record['index']}")
+        what = "CMA-ES mean" if record.get("xfavorite") else f"cand {record['index']}"
+        what = f"gen {record['generation']} {what}"
         if record.get("heldout_score") is None:
             line = f"held-out: {what} FAILED: {record.get('heldout_error')}"
         elif self.quiet:
