@@ -110,6 +110,7 @@ def test_truncated_model_file_is_refused_by_plan(toy_family, tmp_path):
     assert tree(tmp_path) == before
 
 
+@pytest.mark.slow  # several CLI processes: 20 s or more
 def test_storage_path_that_is_a_file(toy_family, tmp_path):
     """--storage-path a file, or a folder below one: both runs side by side, each in a folder of
     its own (each spends its time importing)."""

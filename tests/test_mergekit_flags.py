@@ -91,6 +91,7 @@ def test_num_gpus_counts_the_ranks_it_starts(monkeypatch):
                            "evolve", "c.yaml", "--num-gpus", "4"]
 
 
+@pytest.mark.slow  # several CLI processes: 20 s or more
 def test_refused_flags_are_one_line_before_any_work(toy_family, tmp_path):
     import torch
 
@@ -118,6 +119,7 @@ def test_refused_flags_are_one_line_before_any_work(toy_family, tmp_path):
         assert not run_dir.exists()
 
 
+@pytest.mark.slow  # several CLI processes: 20 s or more
 def test_allow_crimes_merges_differing_architectures_of_one_layout(toy_family, tmp_path):
     """An expert whose config.json names another architecture (same tensors, same shapes):
     refused with the flag named, accepted with --allow-crimes."""

@@ -94,6 +94,7 @@ def test_an_older_pickled_state_is_refused_and_never_loaded(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow  # several CLI processes: 20 s or more
 def test_evolve_on_a_run_directory_with_a_planted_pickle_runs_nothing(tmp_path, toy_family):
     from runs import evolve_cmd, search_config
 
