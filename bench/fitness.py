@@ -16,7 +16,7 @@ the chosen recipe reaches that score less one standard error; the saving is D ov
     .venv/bin/hotmerge toy build .cache/toy --pool-items 2000
     .venv/bin/python bench/fitness.py --config configs/toy_pool.yaml --task-path .cache/toy/pool_tasks \
         --heldout-tasks toy_capital_mc_heldout,toy_color_mc_heldout,toy_sum_mc_heldout \
-        --seeds 0 1 2 3 4 --modes full racing subsets --fevals 48 --factor 4 --out bench/results/budget_toy_pool.json
+        --seeds 0 1 2 3 4 --fevals 48 --factor 4 --out bench/results/budget_toy_pool.json
 """
 
 from __future__ import annotations
