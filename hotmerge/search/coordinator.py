@@ -534,11 +534,11 @@ class Coordinator:
 
         An estimate is never the best, and the best of λ noisy estimates is mostly the one
         that luck favoured (the winner's curse). The mean recombines the μ best and averages
-        their noise away: pycma's favourite solution under noise. Its full score is a history
-        record of its own (index XFAVORITE_INDEX, `xfavorite`), so best_config.yaml chooses
-        among full scores as ever. A full score costs the whole pool, many candidates'
-        estimates: may_score_in_full says when the next one may come. Every quantity comes
-        from the history, so a resumed run decides the same."""
+        their noise away: pycma's `xfavorite`, its current best estimate of the optimum. Its
+        full score is a history record of its own (index XFAVORITE_INDEX, `xfavorite`), so
+        best_config.yaml chooses among full scores as ever. A full score costs the whole pool,
+        many candidates' estimates: may_score_in_full says when the next one may come. Every
+        quantity comes from the history, so a resumed run decides the same."""
         x = np.asarray(self.search.xfavorite, dtype=float)
         if self._done_before(generation, XFAVORITE_INDEX, x) is not None:
             return True
