@@ -28,6 +28,12 @@ def _evaluations(p: Progress) -> str:
     return text + " (a generation is finished whole)" if p.evaluations > p.max_fevals else text
 
 
+def _which(record: dict) -> str:
+    """The record, short: a generation's candidate or CMA-ES's mean (search/scores.py, describe)."""
+    what = "CMA-ES mean" if record.get("xfavorite") else f"cand {record['index']}"
+    return f"gen {record['generation']} {what}"
+
+
 def _eta(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -57,8 +63,7 @@ class ProgressView:
             return
         if self.quiet and not record.get("error"):
             return
-        what = "CMA-ES mean" if record.get("xfavorite") else f"cand {record['index']}"
-        line = (f"gen {record['generation']} {what}: "
+        line = (f"{_which(record)}: "
                 f"score {_fmt(record.get('score'), record.get('stderr'))}  best {_fmt(p.best_score, p.best_stderr)}  "
                 f"evals {_evaluations(p)}  {p.per_minute:.1f}/min  eta {_eta(p.eta_seconds)}")
         if record.get("stopped_early"):
@@ -69,8 +74,7 @@ class ProgressView:
 
     def heldout(self, record: dict) -> None:
         """A record re-scored on the held-out tasks."""
-        what = "CMA-ES mean" if record.get("xfavorite") else f"cand {record['index']}"
-        what = f"gen {record['generation']} {what}"
+        what = _which(record)
         if record.get("heldout_score") is None:
             line = f"held-out: {what} FAILED: {record.get('heldout_error')}"
         elif self.quiet:
