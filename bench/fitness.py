@@ -4,9 +4,9 @@ process with one resident model.
 
 For each seed and mode, a search runs with the mode's fitness; full evaluation gets
 --fevals evaluations, subsets and irt --fevals × --factor and racing × --racing-factor,
-so that their curves reach about full's documents. After every generation, two recipes are scored on the held-out
-tasks: the chosen one (best_config.yaml's rule: the best full search score so far) and
-CMA-ES's mean. Documents are the search's (each record's `items`); held-out scoring is
+so that their curves reach about full's documents. After every generation, and after every
+scoring of CMA-ES's mean (subsets, irt), two recipes are scored on the held-out tasks: the
+chosen one (best_config.yaml's rule: the best full search score so far) and CMA-ES's mean. Documents are the search's (each record's `items`); held-out scoring is
 measurement and is not counted.
 
 The summary: full evaluation's final held-out score at its budget D (mean over seeds, with
@@ -46,7 +46,8 @@ def fitness_for(mode: str, cfg, seed: int, options: dict):
 
 
 def search(worker, cfg, mode: str, *, seed: int, fevals: int, popsize: int, run_dir: Path, options: dict) -> dict:
-    """One search; per generation: documents so far, the chosen genotype and CMA-ES's mean."""
+    """One search; after every generation, and after every scoring of CMA-ES's mean: documents so
+    far, the chosen genotype and CMA-ES's mean."""
     from hotmerge.run.evolve import resume_search
     from hotmerge.run.storage import RunDir, best_record
     from hotmerge.search.coordinator import Coordinator
@@ -66,12 +67,21 @@ def search(worker, cfg, mode: str, *, seed: int, fevals: int, popsize: int, run_
         tell(candidates, told)
         records = run.records()  # CMA-ES's means scored in full too: they cost documents and may be chosen
         chosen = best_record(records)
-        generations.append({"generation": len(generations), "documents": sum(r.get("items", 0) for r in records),
+        generations.append({"generation": strategy.generation - 1, "documents": sum(r.get("items", 0) for r in records),
                             "chosen": None if chosen is None else chosen["genotype"],
                             "mean": strategy.xfavorite.tolist()})
 
+    def keep_a_mean_scored(record):
+        # A mean scored before its generation is asked may be chosen at once: a user who stops
+        # there takes it, without the generation's documents.
+        if record.get("xfavorite"):
+            records = run.records()
+            chosen = best_record(records)
+            generations.append({"generation": record["generation"], "documents": sum(r.get("items", 0) for r in records),
+                                "chosen": None if chosen is None else chosen["genotype"], "mean": record["genotype"]})
+
     strategy.tell = tell_and_keep_the_mean
-    coordinator = Coordinator(run, strategy, worker, fevals, lambda record: None, genotype_size=genome.size,
+    coordinator = Coordinator(run, strategy, worker, fevals, keep_a_mean_scored, genotype_size=genome.size,
                               log=lambda *_: None, fitness=fitness)
     started = time.perf_counter()
     coordinator.run_loop()

@@ -1,5 +1,6 @@
 """Fitness on adaptive subsets (search/subsets.py): shared fresh subsets, the size that
-follows the ranking's noise, the history's fields, CMA-ES's mean scored in full, an exact resume."""
+follows the ranking's noise, the history's fields, CMA-ES's mean scored on its fixed items or
+in full, an exact resume."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from hotmerge.config.evolve import SubsetsConfig
-from hotmerge.search.coordinator import Coordinator, Fitness, may_score_in_full
+from hotmerge.search.coordinator import MEAN_ITEMS_ORDER, Coordinator, Fitness, may_score_mean
 from hotmerge.search.racing import RacePlan
 from hotmerge.search.strategy import Search
 from hotmerge.search.subsets import SubsetSize, reevaluations, subset_estimate
@@ -77,22 +78,24 @@ def _means_sampled(records, generations: int) -> list[np.ndarray]:
 
 @pytest.mark.parametrize("share", [0.1, 0.25, 0.5])
 @pytest.mark.parametrize("generation_cost", [0.13, 0.6, 1.7])  # in pools
-def test_full_scoring_takes_at_most_half_the_documents_and_its_share_in_the_long_run(share, generation_cost):
-    pool, estimated, scored, first = 540, 0, 0, None
+def test_scoring_the_mean_takes_at_most_half_the_documents_and_its_share_in_the_long_run(share, generation_cost):
+    cost, estimated, scored, first = 540, 0, 0, None  # documents one scoring of the mean costs
     for generation in range(4000):
-        if may_score_in_full(pool, scored, estimated, share):
+        if may_score_mean(cost, scored, estimated, share):
             scored += 1
             first = estimated if first is None else first
-            assert scored * pool <= 0.5 * (scored * pool + estimated)
-        estimated += round(generation_cost * pool)
-    assert pool <= first < pool + round(generation_cost * pool)  # as soon as the estimates cost a pool
-    spent = scored * pool + estimated
-    # the share, or one full score a generation where that is less
-    assert min(share, 1 / (1 + generation_cost)) - 2 * pool / spent <= scored * pool / spent <= share + pool / spent
+            assert scored * cost <= 0.5 * (scored * cost + estimated)
+        estimated += round(generation_cost * cost)
+    assert cost <= first < cost + round(generation_cost * cost)  # as soon as the estimates cost one scoring
+    spent = scored * cost + estimated
+    # the share, or one scoring a generation where that is less
+    assert min(share, 1 / (1 + generation_cost)) - 2 * cost / spent <= scored * cost / spent <= share + cost / spent
 
 
-def test_subset_run_records_estimates_and_scores_the_mean_in_full(tmp_path):
-    coordinator = _coordinator(tmp_path / "run", KnownWorker())
+@pytest.mark.parametrize("mean_items", [0.5, 1.0])
+def test_subset_run_records_estimates_and_scores_the_mean(tmp_path, mean_items):
+    config = SubsetsConfig(mean_items=mean_items)
+    coordinator = _coordinator(tmp_path / "run", KnownWorker(), Fitness(subsets=config, specs=SPECS))
     coordinator.run_loop()
     run = RunDir(tmp_path / "run")
     records = run.records()
@@ -105,22 +108,34 @@ def test_subset_run_records_estimates_and_scores_the_mean_in_full(tmp_path):
         assert r["span"][0] == 0 and 0 < n < TOTAL
         assert ("reevaluation" in r) == (r["index"] < again)
         assert r["items"] == n * (2 if r["index"] < again else 1)
-    # CMA-ES's mean, scored on every item under its generation: a plain evaluation of the
-    # recipe that generation was sampled from, and only such full scores choose the best
+    # CMA-ES's mean, scored under its generation: the recipe that generation was sampled from,
+    # in full (a plain evaluation) or on the same fixed items every time, and only the means'
+    # scores choose the best
     means = sorted((r for r in records if r["index"] == -1), key=lambda r: r["generation"])
-    assert means and all(r["xfavorite"] and r["fitness"] == "full" and r["items"] == TOTAL for r in means)
+    plan = RacePlan(DOCS, (1.0,), seed=0)
+    part = plan.whole_batches(mean_items * TOTAL)
+    assert (part == TOTAL) == (mean_items == 1.0)
+    assert means and all(r["xfavorite"] and r["items"] == part for r in means)
     sampled = _means_sampled(records, 6)
     for r in means:
-        assert np.allclose(r["genotype"], sampled[r["generation"]], rtol=0, atol=1e-12)
-        assert r["score"] == pytest.approx(KnownWorker().evaluate(np.asarray(r["genotype"]))["score"])
+        x = np.asarray(r["genotype"])
+        assert np.allclose(x, sampled[r["generation"]], rtol=0, atol=1e-12)
+        if mean_items == 1.0:
+            assert r["fitness"] == "full" and r["score"] == pytest.approx(KnownWorker().evaluate(x)["score"])
+        else:
+            values = {int(k): v for k, v in KnownWorker().evaluate_items(x, MEAN_ITEMS_ORDER, 0, part)["values"].items()}
+            estimate = subset_estimate(plan, [(t, w) for t, _, w in SPECS], MEAN_ITEMS_ORDER, 0, part, values)
+            assert r["fitness"] == "subset" and r["span"] == [0, part]
+            assert (r["score"], r["stderr"]) == pytest.approx(estimate) and r["stderr"] > 0
     assert best_record(records) is max(means, key=lambda r: r["score"])
     # before each generation, its mean was scored exactly when the rule allowed it
     for generation in range(6):
         before = [r for r in records if r["generation"] < generation]
         scored = sum(1 for r in before if r["index"] == -1)
         estimated = sum(r["items"] for r in before if r["index"] >= 0)
-        allowed = may_score_in_full(TOTAL, scored, estimated, SubsetsConfig().full_share)
+        allowed = may_score_mean(part, scored, estimated, config.full_share)
         assert allowed == any(r["generation"] == generation for r in means)
+    assert sum(1 for r in means) > 1
     # every generation told CMA-ES its estimates and kept the size its next subset has
     lines = [json.loads(line) for line in run.search_file.read_text().splitlines()[1:]]
     assert [line["generation"] for line in lines] == list(range(6))

@@ -270,13 +270,14 @@ class RacingConfig(BaseModel):
 
 
 class _EstimatedFitness(BaseModel):
-    """What the fitness modes that tell CMA-ES estimates share: an estimate is never the best,
-    so CMA-ES's mean is scored on every search item, within a share of the documents."""
+    """What the fitness modes that tell CMA-ES estimates share: a candidate's estimate is never
+    the best, so CMA-ES's mean is scored (subsets: on `mean_items` of the search items), within
+    a share of the documents."""
 
     model_config = _STRICT
 
-    # In a long run, scoring CMA-ES's mean in full takes at most this share of the search's
-    # documents; the first full scores come sooner (search/coordinator.py, may_score_in_full).
+    # In a long run, scoring CMA-ES's mean takes at most this share of the search's documents;
+    # the first scorings come sooner (search/coordinator.py, may_score_mean).
     full_share: float = 0.25
 
     @field_validator("full_share")
@@ -304,6 +305,11 @@ class SubsetsConfig(_EstimatedFitness):
     # Factor the size grows by after a noisy generation (UH-CMA-ES's alpha; it shrinks by
     # growth ** -0.25 otherwise).
     growth: float = 1.5
+    # The share of the search items CMA-ES's mean is scored on, the same items every time (1:
+    # in full); best_config.yaml is chosen among the means. They need telling apart from each
+    # other only, and at half the items a scoring costs half, so full_share's schedule scores
+    # them twice as often (bench/RESULTS.md).
+    mean_items: float = 0.5
 
     @field_validator("start", "minimum", "maximum")
     @classmethod
@@ -317,6 +323,13 @@ class SubsetsConfig(_EstimatedFitness):
     def _growth(cls, value: float) -> float:
         if not value > 1:
             raise ValueError(f"is {value}: use a factor above 1, e.g. 1.5")
+        return value
+
+    @field_validator("mean_items")
+    @classmethod
+    def _mean_items(cls, value: float) -> float:
+        if not 0 < value <= 1:
+            raise ValueError(f"is {value}: use a share of the search items in (0, 1], e.g. 0.5 (1: all of them)")
         return value
 
     @model_validator(mode="after")
@@ -530,7 +543,7 @@ _FIELD_HINTS = {
     "heldout_top_k": "a positive whole number, or remove it",
     "select_by": "search or heldout",
     "racing": "true, false or a mapping with schedule and delta",
-    "subsets": "true, false or a mapping with start, minimum, maximum, growth and full_share",
+    "subsets": "true, false or a mapping with start, minimum, maximum, growth, full_share and mean_items",
     "irt": "true, false or a mapping with anchors, calibration_generations, recalibrate_every and full_share",
     "irt.anchors": "a positive whole number, e.g. 100",
     "irt.calibration_generations": "a positive whole number, e.g. 2",
@@ -543,6 +556,7 @@ _FIELD_HINTS = {
     "subsets.minimum": "a share of the search items in (0, 0.5], e.g. 0.02",
     "subsets.full_share": "a share of the documents in (0, 1), e.g. 0.25",
     "irt.full_share": "a share of the documents in (0, 1), e.g. 0.25",
+    "subsets.mean_items": "a share of the search items in (0, 1], e.g. 0.5",
     "subsets.maximum": "a share of the search items in (0, 0.5], e.g. 0.1",
     "subsets.growth": "a factor above 1, e.g. 1.5",
 }

@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from hotmerge.errors import ConfigError
-from hotmerge.search.scores import full_score
+from hotmerge.search.scores import choice_score
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -272,9 +272,9 @@ def best_record(records, select_by: str = "search") -> dict | None:
     """The record best_config.yaml is written from: the first with the highest search score
     (select_by "search") or held-out score ("heldout"), among fully scored records."""
     def value(record):
-        if full_score(record) is None:
+        if choice_score(record) is None:
             return None
-        return record.get("heldout_score") if select_by == "heldout" else full_score(record)
+        return record.get("heldout_score") if select_by == "heldout" else choice_score(record)
 
     best = None
     for record in records:

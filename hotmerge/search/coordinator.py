@@ -11,8 +11,9 @@ fixed-size tensors: a header and a genotype out, a JSON result back.
 
 A generation: its candidates are scored (all of them, or raced in rounds), then the
 chosen ones are re-scored on the held-out tasks (Fitness.heldout), then CMA-ES is told.
-With subsets or IRT, CMA-ES's mean is scored in full before a generation is asked, as
-often as `full_share` allows (their estimates never choose best_config.yaml). At the end
+With subsets or IRT, CMA-ES's mean is scored (subsets: on `mean_items` of the pool, the
+same items every time) before a generation is asked, as often as `full_share` allows: the candidates'
+estimates never choose best_config.yaml, the means' scores do. At the end
 of a run with held-out tasks, CMA-ES's mean is scored on both task sets.
 
 Every finished evaluation is appended to the run's history before anything else
@@ -52,13 +53,16 @@ from hotmerge.search import irt
 from hotmerge.search.racing import Race
 from hotmerge.search.strategy import Search, told_values
 from hotmerge.search.subsets import SubsetSize, reevaluations, subset_estimate
-from hotmerge.search.scores import full_score
+from hotmerge.search.scores import choice_score
 
 RESULT_BYTES = 1 << 18
 CMD_STOP, CMD_EVAL, CMD_ITEMS, CMD_HELDOUT, CMD_POOL_ITEMS = 0.0, 1.0, 2.0, 3.0, 4.0
 HEADER = 6  # command, candidate index, generation, round, start, stop; the genotype follows
 MAX_BUGS_IN_A_ROW = 3
-XFAVORITE_INDEX = -1  # the history index of CMA-ES's mean, scored in full under its generation
+XFAVORITE_INDEX = -1  # the history index of CMA-ES's mean, scored under the generation it samples
+# The pool order whose first items CMA-ES's mean is scored on with `mean_items` below 1: one
+# fixed order (RacePlan.order's key), apart from every generation's.
+MEAN_ITEMS_ORDER = 2**31 - 1
 
 
 class RunStore(Protocol):
@@ -173,17 +177,17 @@ def distributed_context() -> tuple[int, int]:
     return 0, 1
 
 
-def may_score_in_full(pool: int, scored: int, estimated: int, share: float) -> bool:
-    """Whether CMA-ES's mean may be scored in full for the (scored + 1)-th time, after
-    `scored` full scores of `pool` documents each and `estimated` documents of estimates.
+def may_score_mean(cost: int, scored: int, estimated: int, share: float) -> bool:
+    """Whether CMA-ES's mean may be scored for the (scored + 1)-th time, after `scored`
+    scorings of `cost` documents each and `estimated` documents of estimates.
 
-    In a long run full scoring keeps within `share` of the documents. Early on that rule
+    In a long run scoring the mean keeps within `share` of the documents. Early on that rule
     alone would put off the first choice for generations (at a quarter, until the estimates
-    cost three pools), so the k-th full score (k = 0, 1, ...) may also come once the
-    estimates have cost 2^k pools: full scoring then takes at most half of the documents,
-    a third by eight pools, and less from then on."""
-    spent = estimated + scored * pool
-    return pool * (scored + 1) <= share * (spent + pool) or estimated >= pool * 2 ** scored
+    cost three scorings), so the k-th scoring (k = 0, 1, ...) may also come once the
+    estimates have cost 2^k scorings: the means then take at most half of the documents, a
+    third by eight scorings, and less from then on."""
+    spent = estimated + scored * cost
+    return cost * (scored + 1) <= share * (spent + cost) or estimated >= cost * 2 ** scored
 
 
 def same_genotype(a, b) -> bool:
@@ -230,16 +234,16 @@ class Coordinator:
         self.progress.last_score = score
         if score is None:
             self.progress.failures += 1
-        full = full_score(record)  # an estimate on part of the items is never the best
-        if full is not None and (self.progress.best_score is None or full > self.progress.best_score):
-            self.progress.best_score = full
+        value = choice_score(record)  # a candidate's estimate on part of the items is never the best
+        if value is not None and (self.progress.best_score is None or value > self.progress.best_score):
+            self.progress.best_score = value
             self.progress.best_stderr = record.get("stderr")
 
     def run_loop(self) -> None:
         try:
             while not self.stop_requested and not self.search.done(self.progress.evaluations, self.max_fevals):
                 if (self.fitness.subsets is not None or self.fitness.irt is not None) \
-                        and not self._score_mean_in_full(self.search.generation):
+                        and not self._score_mean(self.search.generation):
                     break
                 candidates = self.search.ask()
                 generation = self.search.generation
@@ -527,34 +531,58 @@ class Coordinator:
                                        if records[i].get("reevaluation") is not None})
         return told
 
-    def _score_mean_in_full(self, generation: int) -> bool:
+    def _score_mean(self, generation: int) -> bool:
         """Score CMA-ES's mean, the one `generation` is sampled from (what it learnt from every
-        generation told so far), on every search item when may_score_in_full allows it;
-        False when stopped.
+        generation told so far), when may_score_mean allows it; False when stopped.
 
-        An estimate is never the best, and the best of λ noisy estimates is mostly the one
-        that luck favoured (the winner's curse). The mean recombines the μ best and averages
-        their noise away: pycma's `xfavorite`, its current best estimate of the optimum. Its
-        full score is a history record of its own (index XFAVORITE_INDEX, `xfavorite`), so
-        best_config.yaml chooses among full scores as ever. A full score costs the whole pool,
-        many candidates' estimates: may_score_in_full says when the next one may come. Every
-        quantity comes from the history, so a resumed run decides the same."""
+        A candidate's estimate is never the best, and the best of λ noisy estimates is mostly
+        the one that luck favoured (the winner's curse). The mean recombines the μ best and
+        averages their noise away: pycma's `xfavorite`, its current best estimate of the
+        optimum. It is scored in full, or on the same `mean_items` of the pool every time
+        (subsets, _mean_job), and that score is a history record of its own (index
+        XFAVORITE_INDEX, `xfavorite`), among which best_config.yaml chooses. Each scoring
+        costs many candidates' estimates: may_score_mean says when the next one may come.
+        Every quantity comes from the history, so a resumed run decides the same."""
         x = np.asarray(self.search.xfavorite, dtype=float)
         if self._done_before(generation, XFAVORITE_INDEX, x) is not None:
             return True
         share = (self.fitness.subsets or self.fitness.irt).full_share
-        pool = self.worker.race_plan.total
         records = [r for (g, _), r in self.history.items() if g < generation]  # as the generation starts
         scored = sum(1 for r in records if r.get("xfavorite"))
         estimated = sum(r.get("items", 0) for r in records if not r.get("xfavorite"))
-        if not may_score_in_full(pool, scored, estimated, share):
+        job, fields = self._mean_job(generation, x)
+        if not may_score_mean(fields["items"], scored, estimated, share):
             return True
 
         def finish(job: Job, result: dict, rank: int) -> None:
-            self._finish(generation, XFAVORITE_INDEX, x,
-                         {**result, "fitness": "full", "xfavorite": True, "items": pool}, rank)
+            self._finish(generation, XFAVORITE_INDEX, x, self._mean_result(result, fields), rank)
 
-        return self._dispatch([Job(CMD_EVAL, XFAVORITE_INDEX, x, generation)], finish)
+        return self._dispatch([job], finish)
+
+    def _mean_job(self, generation: int, x: np.ndarray) -> tuple[Job, dict]:
+        """The job that scores CMA-ES's mean, and its record's fields: in full, or with subsets
+        and `mean_items` below 1 on that share of the pool, the first items of one fixed
+        random order (MEAN_ITEMS_ORDER; whole forward batches): every mean on the same items,
+        so their comparison is paired, and its estimate carries its standard error
+        (search/subsets.py's estimate, for sampling without replacement)."""
+        plan = self.worker.race_plan
+        subsets = self.fitness.subsets
+        if subsets is None or subsets.mean_items >= 1:  # IRT's calibration candidates are full scores too
+            fields = {"fitness": "full", "xfavorite": True}
+            return Job(CMD_EVAL, XFAVORITE_INDEX, x, generation), \
+                fields if plan is None else {**fields, "items": plan.total}
+        n = plan.whole_batches(subsets.mean_items * plan.total)
+        return Job(CMD_ITEMS, XFAVORITE_INDEX, x, MEAN_ITEMS_ORDER, 0, 0, n), \
+            {"fitness": "subset", "xfavorite": True, "items": n, "span": [0, n], "order": "mean"}
+
+    def _mean_result(self, result: dict, fields: dict) -> dict:
+        """A mean's job result as its history record's fields."""
+        if fields["fitness"] == "full" or result.get("failure") is not None:
+            return {**result, **fields}
+        specs = [(task, weight) for task, _, weight in self.fitness.specs]
+        values = {int(k): v for k, v in result.pop("values").items()}
+        score, stderr = subset_estimate(self.worker.race_plan, specs, MEAN_ITEMS_ORDER, *fields["span"], values)
+        return {**result, "score": score, "stderr": stderr, "results": None, "error": None, **fields}
 
     # -- IRT anchors -------------------------------------------------------------------------
 
@@ -652,14 +680,14 @@ class Coordinator:
 
     def _heldout_choice(self, generation: int, size: int) -> list[dict]:
         """The records to score on the held-out tasks: the generation's top k, or the best
-        record so far (fully scored records only, CMA-ES's means scored in full among them)."""
+        record so far (records best_config.yaml may be chosen from: scores.choice_score)."""
         if self.fitness.heldout_top_k is not None:
             mine = [self.history[(generation, i)] for i in range(size)
-                    if full_score(self.history.get((generation, i), {})) is not None]
-            mine.sort(key=lambda r: (-full_score(r), r["index"]))
+                    if choice_score(self.history.get((generation, i), {})) is not None]
+            mine.sort(key=lambda r: (-choice_score(r), r["index"]))
             return mine[:self.fitness.heldout_top_k]
-        scored = [r for (g, i), r in self.history.items() if g <= generation and full_score(r) is not None]
-        return [min(scored, key=lambda r: (-full_score(r), r["generation"], r["index"]))] if scored else []
+        scored = [r for (g, i), r in self.history.items() if g <= generation and choice_score(r) is not None]
+        return [min(scored, key=lambda r: (-choice_score(r), r["generation"], r["index"]))] if scored else []
 
     def _rescore_heldout(self, generation: int, size: int) -> bool:
         """Score the chosen records on the held-out tasks; False when stopped."""
@@ -695,9 +723,8 @@ class Coordinator:
         key = (generation, XFAVORITE_INDEX)
         record = self._done_before(generation, XFAVORITE_INDEX, x)
         if record is None:
-            record = self._finish(generation, XFAVORITE_INDEX, x,
-                                  {**run_job(self.worker, Job(CMD_EVAL, XFAVORITE_INDEX, x)), "fitness": "full",
-                                   "xfavorite": True}, 0)
+            job, fields = self._mean_job(generation, x)  # as the run's other means: comparable with them
+            record = self._finish(generation, XFAVORITE_INDEX, x, self._mean_result(run_job(self.worker, job), fields), 0)
             if record.get("failure") == BUG:
                 return
         if "heldout_score" not in record:
