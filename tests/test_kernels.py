@@ -346,7 +346,9 @@ def test_histogram_lookup_matches_sort():
 # ---------------------------------------------------------------------------
 # (c) fused engine vs reference (torch path)
 
-SHAPES = [(16, 24), (40,), (8, 8), (1,), (0,), (3, 5), (2, 33)]
+# (4, 3, 10): rows along the last dimension (arcee_fusion's softmax, as mergekit's dim=-1) are
+# not della's rows (numel / shape[0]) once a tensor has three dimensions.
+SHAPES = [(16, 24), (40,), (8, 8), (1,), (0,), (3, 5), (2, 33), (4, 3, 10)]
 M = 3
 
 

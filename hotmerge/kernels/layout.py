@@ -48,6 +48,7 @@ class Segment:
     numel: int
     tensor_key: int = 0  # random-stream key (tensor_key_of(name) by default in from_tensors)
     row_len: int = 0  # della ranks within rows of this length (2-D: columns); 0: whole segment
+    last_dim: int = 0  # its tensor's last dimension (arcee_fusion's softmax rows); 0: whole segment
     elem_offset: int = 0  # index of the first element within its tensor's random stream
     # A block of rows of elem_cols elements each, elem_stride apart in its tensor (a column
     # shard under tensor parallelism): element i has index
@@ -156,7 +157,7 @@ class FlatSources:
         for shape, name in zip(shapes, names):
             numel = int(np.prod(shape, dtype=np.int64))
             segments.append(Segment(offset=offset, numel=numel, tensor_key=tensor_key_of(name),
-                                    row_len=R.default_row_len(shape), name=name))
+                                    row_len=R.default_row_len(shape), last_dim=R.last_dim(shape), name=name))
             offset += -(-numel // align) * align
         models = torch.zeros((n_models, offset), dtype=dtype, device=device, pin_memory=pin_memory)
         base = torch.zeros(offset, dtype=dtype, device=device, pin_memory=pin_memory) if with_base else None

@@ -185,6 +185,12 @@ def default_row_len(shape: Sequence[int]) -> int:
     return numel // int(shape[0])
 
 
+def last_dim(shape: Sequence[int]) -> int:
+    """A tensor's last dimension (1 for a scalar): the rows arcee_fusion's softmax runs along,
+    as mergekit's (dim=-1), whatever the tensor's rank."""
+    return int(shape[-1]) if len(shape) else 1
+
+
 def della_rank_codes(keys: torch.Tensor, row_len: int) -> torch.Tensor:
     """8-bit code of each element's normalised rank (rank-1)/(C-1) within its row.
 
@@ -450,7 +456,7 @@ def merge_tensor(
                                       epsilon)
         return ram_tensor(base, sources, epsilon=epsilon, lambdas=lambdas)
     if spec.engine == "fusion":
-        return fusion_tensor(base, sources[0], row_len=row_len, seed=seed, tensor_key=tensor_key)
+        return fusion_tensor(base, sources[0], seed=seed, tensor_key=tensor_key)
     if method == "slerp":
         if len(sources) != 1:
             raise ValueError("slerp takes the base and exactly one other source")
@@ -1040,10 +1046,10 @@ def fusion_keep(base: torch.Tensor, x: torch.Tensor, row_len: int, generator: to
     return (importance >= threshold).reshape(-1)
 
 
-def fusion_tensor(base: torch.Tensor, x: torch.Tensor, *, row_len: Optional[int] = None, seed: int = 0,
-                  tensor_key: int = 0) -> torch.Tensor:
-    """arcee_fusion: B + (X - B) where fusion_keep, B elsewhere."""
-    keep = fusion_keep(base, x, row_len or (x.shape[-1] if x.dim() else 1), fusion_generator(seed, tensor_key))
+def fusion_tensor(base: torch.Tensor, x: torch.Tensor, *, seed: int = 0, tensor_key: int = 0) -> torch.Tensor:
+    """arcee_fusion: B + (X - B) where fusion_keep, B elsewhere; rows along the last dimension
+    (not della's row_len: on tensors of 3 or more dimensions the two differ)."""
+    keep = fusion_keep(base, x, last_dim(x.shape), fusion_generator(seed, tensor_key))
     b = base.float()
     d = (x.float() - b).to(x.dtype).float()
     return (b + torch.where(keep.reshape(x.shape), d, 0.0)).to(x.dtype)

@@ -361,7 +361,7 @@ def _fusion_codes(flat: FlatSources, st, inputs: list, seed: int) -> torch.Tenso
                 continue
             a, b = seg.offset, seg.offset + seg.numel
             m = int(idx[0])
-            keep = R.fusion_keep(flat.base[a:b], flat.models[m, a:b], seg.row_len or seg.numel,
+            keep = R.fusion_keep(flat.base[a:b], flat.models[m, a:b], seg.last_dim or seg.numel,
                                  R.fusion_generator(seed, seg.tensor_key))
             codes[m, a:b] = keep.to(torch.uint8)
         st.extras[key] = codes
