@@ -282,7 +282,11 @@ def _print_gpu_plan(validated, *, gpus: int, gpu_memory: int, tp: int, sources: 
     table.add_row("live model (shard)", _gib(p.live), _gib(p.live))
     table.add_row("base and sources (shards)", _gib(p.sources), "host")
     if p.statistics:
-        table.add_row("della rank codes (shards)", _gib(p.statistics), "host")
+        from hotmerge.kernels.methods import get_method
+
+        method = get_method(validated.config.genome.merge_method)
+        codes = "della rank codes" if method.needs_rank_codes else f"{method.name} keep codes"
+        table.add_row(f"{codes} (shards)", _gib(p.statistics), "host")
     table.add_row("staging buffers", "-", _gib(p.staging))
     table.add_row("kept back (activations, slack)", _gib(DEVICE_MARGIN), _gib(DEVICE_MARGIN))
     table.add_row("room left (KV cache)", _gib(p.room("device")), _gib(p.room("pinned")), style="bold")

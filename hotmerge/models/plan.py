@@ -19,6 +19,7 @@ BYTES_PER_ELEMENT = 2  # bf16 everywhere
 # cumulative count and L1 (int64, int64, float64), built at load whenever there is a
 # base (kernels/stats.py).
 HISTOGRAM_BYTES = 32768 * 3 * 8
+SCE_KEYS = 32768  # sce's variance keys: 16-bit patterns
 FLOAT64 = 8
 
 
@@ -108,8 +109,9 @@ def memory_plan(validated: ValidatedConfig, population_size: int | None = None,
 
 
 def statistics_rows(method, n_models: int, n_tensors: int, parameters: int, *, with_base: bool) -> list:
-    """(what, bytes) of the load-time statistics kernels/stats.py keeps for `method`
-    ("cached": evolve keeps them in <storage-path>/.stats-cache, kernels/stats_cache.py)."""
+    """(what, bytes) of the load-time statistics kernels/stats.py and kernels/table.py keep for
+    `method` ("cached": evolve keeps them in <storage-path>/.stats-cache, kernels/stats_cache.py;
+    sce's, ramplus_tl's and arcee_fusion's are computed at every start)."""
     rows = []
     if with_base:
         rows.append(("statistics: magnitude histograms (cached)", n_models * n_tensors * HISTOGRAM_BYTES))
@@ -118,9 +120,16 @@ def statistics_rows(method, n_models: int, n_tensors: int, parameters: int, *, w
         grams = 2 if with_base else 1
         rows.append(("statistics: norms and dot products (cached)",
                      n_tensors * (n_models + grams * n_models * n_models) * FLOAT64))
-    if method.rank_code_bytes_per_parameter:
+    if method.needs_rank_codes:
         rows.append(("statistics: della rank codes (cached)",
                      n_models * parameters * method.rank_code_bytes_per_parameter))
+    elif method.rank_code_bytes_per_parameter:  # one model's codes are set, the array holds every model's
+        rows.append((f"statistics: {method.name} keep codes", n_models * parameters * method.rank_code_bytes_per_parameter))
+    if method.engine == "sce":
+        # per tensor, at most one bin per 16-bit variance key: its key, its count, each model's sum
+        rows.append(("statistics: sce variance-key histograms", n_tensors * SCE_KEYS * (2 + n_models) * FLOAT64))
+    if method.name == "ramplus_tl":
+        rows.append(("statistics: ramplus_tl shared and unique counts", n_tensors * 2 * n_models * FLOAT64))
     return rows
 
 
