@@ -480,6 +480,7 @@ def eval_command(
     random_seed: int = typer.Option(0, min=0, help="Seeds the DARE/DELLA masks."),
     task_search_path: list[str] = typer.Option([], help="Folder of lm-eval task YAML (repeatable)."),
     device: str = typer.Option(None),
+    tensor_parallel_size: int = typer.Option(1, min=1, help="GPUs of the vLLM engine (with --vllm), as for evolve."),
     sources: str = typer.Option("auto", help=SOURCES_HELP),
     allow_crimes: bool = typer.Option(False, "--allow-crimes/--no-allow-crimes", help=ALLOW_CRIMES_HELP),
     hub_cache: Path = typer.Option(None, help=HUB_CACHE_HELP),
@@ -490,6 +491,7 @@ def eval_command(
     from hotmerge.config.evolve import load_config, validate_config
     from hotmerge.run.evolve import check_task_search_paths
     from hotmerge.run.storage import check_file_target
+    from hotmerge.runtimes import check_runtime_options
     from hotmerge.scoring.suite import ReportedTask
     from hotmerge.search.worker import CandidateWorker
 
@@ -501,6 +503,7 @@ def eval_command(
             raise ConfigError("a merge config names no tasks: give --tasks a,b")
     elif (genotype is None) == (not x0):
         raise ConfigError("give exactly one of --genotype FILE and --x0")
+    check_runtime_options("vllm" if vllm else "hf", device, tensor_parallel_size)
     if output is not None:
         check_file_target(output, "--output")  # before the work, not after it
     check_task_search_paths(task_search_path)
@@ -518,7 +521,7 @@ def eval_command(
     validated = validated.with_tasks([ReportedTask(t.name, t.weight, t.metric) for t in validated.config.tasks])
     worker = CandidateWorker(validated, backend="vllm" if vllm else "hf", device=device,
                              batch_size=batch_size, seed=random_seed, task_paths=list(task_search_path),
-                             sources=sources)
+                             tensor_parallel_size=tensor_parallel_size, sources=sources)
     console.print(f"note: {worker.runtime.sources}", highlight=False)
     for note in worker.suite.notes:
         console.print(f"note: {note}", highlight=False)

@@ -342,3 +342,18 @@ def test_evolve_refuses_a_tensor_parallel_size_it_cannot_use(toy_family, tmp_pat
     assert isinstance(result.exception, ConfigError), (result.exception, result.output)
     assert f"--tensor-parallel-size {tp}" in str(result.exception) and words in str(result.exception)
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("extra, words", [
+    ([], "transformers runtime"),
+    (["--vllm"], "GPUs but this machine has"),
+])
+def test_eval_refuses_a_tensor_parallel_size_it_cannot_use(toy_family, tmp_path, extra, words):
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    tp = str(max(2, gpus + 1))
+    config = genome_config(tmp_path / "toy.yaml", toy_family.experts, toy_family.base)
+    out = tmp_path / "eval.json"
+    result = _invoke(["eval", str(config), "--x0", "--output", str(out), "--tensor-parallel-size", tp, *extra])
+    assert isinstance(result.exception, ConfigError), (result.exception, result.output)
+    assert f"--tensor-parallel-size {tp}" in str(result.exception) and words in str(result.exception)
+    assert not out.exists()
