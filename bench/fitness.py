@@ -6,8 +6,9 @@ For each seed and mode, a search runs with the mode's fitness; full evaluation g
 --fevals evaluations, subsets and irt --fevals × --factor and racing × --racing-factor,
 so that their curves reach about full's documents. After every generation, and after every
 scoring of CMA-ES's mean (subsets, irt), two recipes are scored on the held-out tasks: the
-chosen one (best_config.yaml's rule: the best full search score so far) and CMA-ES's mean. Documents are the search's (each record's `items`); held-out scoring is
-measurement and is not counted.
+chosen one (best_config.yaml's rule, storage.best_record: the best full score so far, or with
+subsets the best of the means' scores) and CMA-ES's mean. Documents are the search's (each
+record's `items`); held-out scoring is measurement and is not counted.
 
 The summary: full evaluation's final held-out score at its budget D (mean over seeds, with
 its standard error), and for every mode the fewest documents at which its mean curve of
@@ -65,9 +66,10 @@ def search(worker, cfg, mode: str, *, seed: int, fevals: int, popsize: int, run_
         # What is known when the generation ends: a mode that scores an estimate in full
         # generations later must not be credited with that full score earlier.
         tell(candidates, told)
-        records = run.records()  # CMA-ES's means scored in full too: they cost documents and may be chosen
+        records = run.records()  # CMA-ES's means scored too: they cost documents and may be chosen
         chosen = best_record(records)
-        generations.append({"generation": strategy.generation - 1, "documents": sum(r.get("items", 0) for r in records),
+        generations.append({"generation": strategy.generation - 1,
+                            "documents": sum(r.get("items", 0) for r in records),
                             "chosen": None if chosen is None else chosen["genotype"],
                             "mean": strategy.xfavorite.tolist()})
 
@@ -77,7 +79,8 @@ def search(worker, cfg, mode: str, *, seed: int, fevals: int, popsize: int, run_
         if record.get("xfavorite"):
             records = run.records()
             chosen = best_record(records)
-            generations.append({"generation": record["generation"], "documents": sum(r.get("items", 0) for r in records),
+            generations.append({"generation": record["generation"],
+                                "documents": sum(r.get("items", 0) for r in records),
                                 "chosen": None if chosen is None else chosen["genotype"], "mean": record["genotype"]})
 
     strategy.tell = tell_and_keep_the_mean

@@ -124,7 +124,8 @@ def statistics_rows(method, n_models: int, n_tensors: int, parameters: int, *, w
         rows.append(("statistics: della rank codes (cached)",
                      n_models * parameters * method.rank_code_bytes_per_parameter))
     elif method.rank_code_bytes_per_parameter:  # one model's codes are set, the array holds every model's
-        rows.append((f"statistics: {method.name} keep codes", n_models * parameters * method.rank_code_bytes_per_parameter))
+        rows.append((f"statistics: {method.name} keep codes",
+                     n_models * parameters * method.rank_code_bytes_per_parameter))
     if method.engine == "sce":
         # per tensor, at most one bin per 16-bit variance key: its key, its count, each model's sum
         rows.append(("statistics: sce variance-key histograms", n_tensors * SCE_KEYS * (2 + n_models) * FLOAT64))

@@ -270,7 +270,8 @@ class RunDir:
 
 def best_record(records, select_by: str = "search") -> dict | None:
     """The record best_config.yaml is written from: the first with the highest search score
-    (select_by "search") or held-out score ("heldout"), among fully scored records."""
+    (select_by "search") or held-out score ("heldout"), among the records that may be chosen
+    (scores.choice_score: full scores, or with subsets CMA-ES's means)."""
     def value(record):
         if choice_score(record) is None:
             return None

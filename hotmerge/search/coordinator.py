@@ -12,9 +12,9 @@ fixed-size tensors: a header and a genotype out, a JSON result back.
 A generation: its candidates are scored (all of them, or raced in rounds), then the
 chosen ones are re-scored on the held-out tasks (Fitness.heldout), then CMA-ES is told.
 With subsets or IRT, CMA-ES's mean is scored (subsets: on `mean_items` of the pool, the
-same items every time) before a generation is asked, as often as `full_share` allows: the candidates'
-estimates never choose best_config.yaml, the means' scores do. At the end
-of a run with held-out tasks, CMA-ES's mean is scored on both task sets.
+same items every time) before a generation is asked, as often as `full_share` allows: the
+candidates' estimates never choose best_config.yaml, the means' scores do. At the end of a
+run with held-out tasks, CMA-ES's mean is scored on both task sets.
 
 Every finished evaluation is appended to the run's history before anything else
 happens, and what CMA-ES was told is appended to the state file after every generation
@@ -724,7 +724,8 @@ class Coordinator:
         record = self._done_before(generation, XFAVORITE_INDEX, x)
         if record is None:
             job, fields = self._mean_job(generation, x)  # as the run's other means: comparable with them
-            record = self._finish(generation, XFAVORITE_INDEX, x, self._mean_result(run_job(self.worker, job), fields), 0)
+            result = self._mean_result(run_job(self.worker, job), fields)
+            record = self._finish(generation, XFAVORITE_INDEX, x, result, 0)
             if record.get("failure") == BUG:
                 return
         if "heldout_score" not in record:

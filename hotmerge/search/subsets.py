@@ -32,10 +32,11 @@ ranking needs more.
 
 The history marks every estimate `"fitness": "subset"` with `items` (documents scored)
 and `span` (its items: positions start..stop of the generation's pool order), and the
-re-scored candidates' second estimate as `reevaluation`. An estimate is never the best:
-CMA-ES's mean is scored on every item as often as `full_share` of the documents allows
-(search/coordinator.py, _score_mean_in_full), and best_config.yaml comes from full scores
-only.
+re-scored candidates' second estimate as `reevaluation`. A candidate's estimate is never
+the best: CMA-ES's mean is scored as often as `full_share` of the documents allows, on
+`mean_items` of the pool, the first items of one fixed order (the same items every time;
+its record's `span` is in that order, marked `"order": "mean"`), and best_config.yaml is
+the best of the means (search/coordinator.py, _score_mean).
 """
 
 from __future__ import annotations
