@@ -572,7 +572,12 @@ def export(
         genome = validated.genome()
         recipe = genome.decode(genome.x0() if x0 else _read_genotype(genotype, genome.size))
     _check_export_target(out_dir, validated)
-    export_merge(validated, recipe, out_dir.absolute(), seed=random_seed)
+    from hotmerge.errors import candidate_error_types
+
+    try:
+        export_merge(validated, recipe, out_dir.absolute(), seed=random_seed)
+    except candidate_error_types() as error:  # nothing is written: the merge fails before the folder
+        raise ConfigError(f"{config} cannot be merged: {error}") from None
     console.print(f"merged model written to {out_dir}")
 
 

@@ -71,9 +71,9 @@ class BugsInARow(RunFailed):
 def candidate_error_types() -> tuple[type[BaseException], ...]:
     """The exception types that are candidate errors, wherever they are raised.
 
-    The merge kernels raise their own NonFiniteMergeError (a ValueError): it says the
-    candidate is bad, not that the code is.
+    The merge kernels raise their own NonFiniteMergeError and UndefinedMergeError (both
+    ValueErrors): they say the candidate is bad, not that the code is.
     """
-    from hotmerge.kernels import NonFiniteMergeError
+    from hotmerge.kernels import NonFiniteMergeError, UndefinedMergeError
 
-    return (CandidateError, NonFiniteMergeError)
+    return (CandidateError, NonFiniteMergeError, UndefinedMergeError)

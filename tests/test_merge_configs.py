@@ -252,6 +252,34 @@ def test_export_cli_refuses_in_one_line_and_leaves_nothing(toy_family, tmp_path)
     assert not out.exists() and not (tmp_path / "merged.partial").exists()
 
 
+def test_a_merge_mergekit_raises_on_is_refused_in_one_line_naming_the_tensor(toy_family, tmp_path):
+    """multislerp of three inputs whose weighted unit vectors cancel is undefined, and mergekit
+    raises (checked here): `hotmerge export` refuses in one line naming the tensor, exit 2,
+    nothing written; in a search it is a candidate error (errors.candidate_error_types)."""
+    import shutil
+
+    from hotmerge.errors import candidate_error_types
+    from hotmerge.kernels import UndefinedMergeError
+
+    base, _ = _family(toy_family)
+    copies = [shutil.copytree(base, tmp_path / f"copy{i}") for i in range(3)]  # every delta zero
+    data = {"merge_method": "multislerp", "base_model": base, "dtype": "bfloat16",
+            "models": _models([str(c) for c in copies], [{"weight": 0.3}, {"weight": 0.8}, {"weight": 0.5}])}
+    with pytest.raises(ValueError, match="weighted sum of the input tensors is zero"):
+        _mergekit(data, tmp_path / "mergekit")
+    config = tmp_path / "merge.yaml"
+    config.write_text(yaml.safe_dump(data))
+    out = tmp_path / "merged"
+    done = subprocess.run([sys.executable, "-m", "hotmerge", "export", str(config), str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "multislerp" in lines[0]
+    assert "model.embed_tokens.weight" in lines[0] or "model.layers." in lines[0]
+    assert not out.exists() and not (tmp_path / "merged.partial").exists()
+    assert UndefinedMergeError in candidate_error_types()
+
+
 def _lora_adapter(model_path: str, out) -> str:
     """A PEFT LoRA adapter for a toy model, with random (non-zero) A and B."""
     from peft import LoraConfig, get_peft_model

@@ -28,6 +28,7 @@ _EXPORTS = {
     "METHODS": "methods",
     "get_method": "methods",
     "merge_tensor": "reference",
+    "UndefinedMergeError": "reference",
     "slerp_tensor": "reference",
     "SourceStats": "stats",
     "compute_stats": "stats",

@@ -574,12 +574,19 @@ def multislerp_weights(weights: Sequence[float], normalize: bool, dtype: torch.d
     return w.double().numpy()
 
 
+class UndefinedMergeError(ValueError):
+    """A method is undefined for these inputs, and mergekit raises there too (multislerp of
+    three or more unit vectors whose weighted sum is zero). It says the candidate (its
+    weights, or its models for that tensor) is bad, not that the code is."""
+
+
 def multislerp_coefficients(weights: Sequence[float], g: np.ndarray, eps: float = 1e-8) -> np.ndarray:
     """mergekit's multislerp of N >= 2 vectors (weights as multislerp_weights gives them):
     the weighted mean of the unit vectors, projected to the tangent space there, mapped
     back with the exponential map, scaled by the weighted mean norm.
 
-    Raises ValueError where mergekit does (weighted unit vectors that cancel, N > 2)."""
+    Raises UndefinedMergeError where mergekit raises (weighted unit vectors that cancel,
+    N > 2)."""
     w = np.asarray(weights, dtype=np.float64)
     norms = np.sqrt(np.maximum(np.diag(g), 0.0))
     inv = 1.0 / (norms + eps)  # unit_i = v_i * inv_i
@@ -588,8 +595,9 @@ def multislerp_coefficients(weights: Sequence[float], g: np.ndarray, eps: float 
     if mean_norm < eps:
         if len(w) == 2:
             return w.copy()  # mergekit falls back to the weighted sum
-        raise ValueError("multislerp: the weighted sum of the unit tensors is zero (antipodal inputs with "
-                         "balancing weights): use other weights")
+        raise UndefinedMergeError("multislerp: the weighted sum of the inputs' unit vectors is zero (every "
+                                  "input equal to the base, or antipodal inputs with balancing weights), "
+                                  "where mergekit raises too: use other weights or other models")
     m = a / mean_norm
     dots = (g @ m) * inv  # unit_i . mean
     tangent = a - float(np.sum(w * dots)) * m  # sum_i w_i (unit_i - dots_i mean)

@@ -285,7 +285,10 @@ def _functional(spec: R.MethodSpec, flat: FlatSources, p: dict, rows: np.ndarray
         if spec.name == "karcher":
             ci = _karcher(flat, st, j, idx, int(params.get("max_iter", 10)), float(params.get("tol", 1e-5)))
         else:
-            ci = R.stats_coefficients(spec.name, grams[j][np.ix_(idx, idx)], params, flat.dtype)
+            try:
+                ci = R.stats_coefficients(spec.name, grams[j][np.ix_(idx, idx)], params, flat.dtype)
+            except R.UndefinedMergeError as error:
+                raise R.UndefinedMergeError(f"{flat.segments[j].name or j}: {error}") from None
         (weight if with_base else coef)[j, idx] = ci
     if spec.engine == "nearswap":
         return "nearswap"

@@ -322,9 +322,12 @@ class VLLMRuntime:
                 raise RuntimeError("vLLM refused to reset its prefix cache after a weight write")
         failed = [r for r in results if not r.get("ok")]
         if failed:
+            from hotmerge.kernels import NonFiniteMergeError, UndefinedMergeError
+
             if failed[0].get("kind") == "invalid":
                 raise ValueError(failed[0]["error"] + "; live weights unchanged")
-            from hotmerge.kernels import NonFiniteMergeError
+            if failed[0].get("kind") == "undefined":
+                raise UndefinedMergeError(failed[0]["error"] + "; live weights unchanged")
 
             raise NonFiniteMergeError(failed[0]["segments"], failed[0]["names"])
         self.last_apply = {

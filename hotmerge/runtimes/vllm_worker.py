@@ -544,6 +544,8 @@ class HotmergeWorkerExtension:
         except kernels.NonFiniteMergeError as error:
             return {"ok": False, "kind": "nonfinite", "error": str(error),
                     "segments": list(error.segments), "names": list(error.names)}
+        except kernels.UndefinedMergeError as error:  # a bad candidate, as a non-finite merge is
+            return {"ok": False, "kind": "undefined", "error": str(error)}
         except ValueError as error:  # a malformed table: refused before anything is written
             return {"ok": False, "kind": "invalid", "error": str(error)}
         for staged in state.staged:
