@@ -48,7 +48,9 @@ def check(name: str, base: str, experts: list[str], scratch: Path) -> dict:
     row = {"case": name, "seconds": round(time.perf_counter() - started, 1)}
     if isinstance(ours, Exception) or isinstance(theirs, Exception):
         both = isinstance(ours, Exception) and isinstance(theirs, Exception)
-        row["outcome"] = "refused by both" if both and type(ours) is type(theirs) else "differs"
+        # mergekit raises ValueError where a method is undefined; hotmerge its UndefinedMergeError
+        refused = both and isinstance(ours, ValueError) and isinstance(theirs, ValueError)
+        row["outcome"] = "refused by both" if refused else "differs"
         row["hotmerge"] = repr(ours)[:300] if isinstance(ours, Exception) else "merged"
         row["mergekit"] = repr(theirs)[:300] if isinstance(theirs, Exception) else "merged"
         return row
