@@ -329,31 +329,18 @@ def test_runtime_options_that_cannot_work_are_refused():
         check_runtime_options("vllm", None, tp)
 
 
+@pytest.mark.parametrize("command", ["evolve", "eval"])
 @pytest.mark.parametrize("extra, words", [
     ([], "transformers runtime"),
     (["--vllm"], "GPUs but this machine has"),
 ])
-def test_evolve_refuses_a_tensor_parallel_size_it_cannot_use(toy_family, tmp_path, extra, words):
+def test_a_tensor_parallel_size_it_cannot_use_is_refused(toy_family, tmp_path, command, extra, words):
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     tp = str(max(2, gpus + 1))
     config = genome_config(tmp_path / "toy.yaml", toy_family.experts, toy_family.base)
-    run_dir = tmp_path / "run"
-    result = _invoke(["evolve", str(config), "--storage-path", str(run_dir), "--tensor-parallel-size", tp, *extra])
+    written = tmp_path / ("run" if command == "evolve" else "eval.json")
+    where = ["--storage-path", str(written)] if command == "evolve" else ["--x0", "--output", str(written)]
+    result = _invoke([command, str(config), *where, "--tensor-parallel-size", tp, *extra])
     assert isinstance(result.exception, ConfigError), (result.exception, result.output)
     assert f"--tensor-parallel-size {tp}" in str(result.exception) and words in str(result.exception)
-    assert not run_dir.exists()
-
-
-@pytest.mark.parametrize("extra, words", [
-    ([], "transformers runtime"),
-    (["--vllm"], "GPUs but this machine has"),
-])
-def test_eval_refuses_a_tensor_parallel_size_it_cannot_use(toy_family, tmp_path, extra, words):
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    tp = str(max(2, gpus + 1))
-    config = genome_config(tmp_path / "toy.yaml", toy_family.experts, toy_family.base)
-    out = tmp_path / "eval.json"
-    result = _invoke(["eval", str(config), "--x0", "--output", str(out), "--tensor-parallel-size", tp, *extra])
-    assert isinstance(result.exception, ConfigError), (result.exception, result.output)
-    assert f"--tensor-parallel-size {tp}" in str(result.exception) and words in str(result.exception)
-    assert not out.exists()
+    assert not written.exists()
