@@ -128,7 +128,8 @@ def statistics_rows(method, n_models: int, n_tensors: int, parameters: int, *, w
                      n_models * parameters * method.rank_code_bytes_per_parameter))
     if method.engine == "sce":
         # per tensor, at most one bin per 16-bit variance key: its key, its count, each model's sum
-        rows.append(("statistics: sce variance-key histograms", n_tensors * SCE_KEYS * (2 + n_models) * FLOAT64))
+        rows.append(("statistics: sce variance-key histograms",
+                     n_tensors * SCE_KEYS * (2 + n_models) * FLOAT64))
     if method.name == "ramplus_tl":
         rows.append(("statistics: ramplus_tl shared and unique counts", n_tensors * 2 * n_models * FLOAT64))
     return rows

@@ -328,7 +328,6 @@ class VLLMRuntime:
                 raise ValueError(failed[0]["error"] + "; live weights unchanged")
             if failed[0].get("kind") == "undefined":
                 raise UndefinedMergeError(failed[0]["error"] + "; live weights unchanged")
-
             raise NonFiniteMergeError(failed[0]["segments"], failed[0]["names"])
         self.last_apply = {
             "table": built - started,
