@@ -98,13 +98,32 @@ class Timer:
         return statistics.median(times)
 
 
+# A candidate's genes, drawn where a search would put them.
+GENE_RANGES = {"weight": (0.2, 1.0), "density": (0.3, 0.7), "select_topk": (0.3, 0.8), "t": (1e-4, 1e-2),
+               "r": (0.05, 0.5), "alpha": (0.1, 1.0)}
+
+
 def candidate_params(method: str, n_segments: int, n_models: int, rng: np.random.Generator) -> dict:
     if method == "slerp":
         return {"t": rng.uniform(0.1, 0.5, n_segments), "pair": np.array([0, 1])}
-    params = {"weight": rng.uniform(0.2, 1.0, (n_segments, n_models))}
-    if "density" in REGISTRY[method].genes:
-        params["density"] = rng.uniform(0.3, 0.7, (n_segments, n_models))
+    spec = REGISTRY[method]
+    params = {gene: rng.uniform(*GENE_RANGES[gene], (n_segments, n_models)) for gene in spec.genes}
+    inputs = active_inputs(method, n_models)
+    if inputs < n_models:  # the first models, as many as the method takes (nuslerp 2, nearswap 1, ...)
+        params["active"] = np.array([1.0] * inputs + [0.0] * (n_models - inputs))
     return params
+
+
+def active_inputs(method: str, n_models: int) -> int:
+    """How many of the models besides the base a tensor of `method` merges here: all, or the
+    most its input contract takes (the base counts as an input where the method takes it)."""
+    spec = REGISTRY[method]
+    if method == "slerp":
+        return 2
+    most = spec.contract.max_non_base
+    if most is None and spec.contract.max_inputs is not None:
+        most = spec.contract.max_inputs - (1 if spec.takes_base else 0)
+    return n_models if most is None else min(most, n_models)
 
 
 def host_sources(flat, device: torch.device):
@@ -154,7 +173,7 @@ def run(preset: str, layers: int | None, n_models: int, dtype_name: str, methods
     rows = []
     for method in methods:
         params = candidate_params(method, len(flat.segments), n_models, rng)
-        reads = n_models + (1 if REGISTRY[method].needs_base else 0)
+        reads = active_inputs(method, n_models) + (1 if REGISTRY[method].takes_base else 0)
         moved = (reads + 1) * total * elem
         row = {"method": method, "bytes_moved": moved}
         if resident is not None:
