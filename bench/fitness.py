@@ -62,26 +62,25 @@ def search(worker, cfg, mode: str, *, seed: int, fevals: int, popsize: int, run_
     generations = []
     tell = strategy.tell
 
+    def keep(generation: int, mean: list) -> None:
+        """A point of the curve: what is known now (the chosen recipe as best_config.yaml's rule
+        picks it from the records so far; CMA-ES's means scored cost documents too)."""
+        records = run.records()
+        chosen = best_record(records)
+        generations.append({"generation": generation, "documents": sum(r.get("items", 0) for r in records),
+                            "chosen": None if chosen is None else chosen["genotype"], "mean": mean})
+
     def tell_and_keep_the_mean(candidates, told):
         # What is known when the generation ends: a mode that scores an estimate in full
         # generations later must not be credited with that full score earlier.
         tell(candidates, told)
-        records = run.records()  # CMA-ES's means scored too: they cost documents and may be chosen
-        chosen = best_record(records)
-        generations.append({"generation": strategy.generation - 1,
-                            "documents": sum(r.get("items", 0) for r in records),
-                            "chosen": None if chosen is None else chosen["genotype"],
-                            "mean": strategy.xfavorite.tolist()})
+        keep(strategy.generation - 1, strategy.xfavorite.tolist())
 
     def keep_a_mean_scored(record):
         # A mean scored before its generation is asked may be chosen at once: a user who stops
         # there takes it, without the generation's documents.
         if record.get("xfavorite"):
-            records = run.records()
-            chosen = best_record(records)
-            generations.append({"generation": record["generation"],
-                                "documents": sum(r.get("items", 0) for r in records),
-                                "chosen": None if chosen is None else chosen["genotype"], "mean": record["genotype"]})
+            keep(record["generation"], record["genotype"])
 
     strategy.tell = tell_and_keep_the_mean
     coordinator = Coordinator(run, strategy, worker, fevals, keep_a_mean_scored, genotype_size=genome.size,

@@ -117,12 +117,10 @@ def candidate_params(method: str, n_segments: int, n_models: int, rng: np.random
 def active_inputs(method: str, n_models: int) -> int:
     """How many of the models besides the base a tensor of `method` merges here: all, or the
     most its input contract takes (the base counts as an input where the method takes it)."""
-    spec = REGISTRY[method]
     if method == "slerp":
         return 2
-    most = spec.contract.max_non_base
-    if most is None and spec.contract.max_inputs is not None:
-        most = spec.contract.max_inputs - (1 if spec.takes_base else 0)
+    spec = REGISTRY[method]
+    _, most = spec.contract.non_base_range(spec.takes_base)
     return n_models if most is None else min(most, n_models)
 
 

@@ -283,9 +283,7 @@ class _Reader:
         """mergekit's input contract for one slice (inputs: its sources besides the base)."""
         c, n = self.spec.contract, len(inputs)
         with_base = self.spec.takes_base and (self.slices[i].base_model or self.base_model) is not None
-        lo = (c.min_non_base if with_base else None) or max(1, c.min_inputs - int(with_base))
-        hi = c.max_non_base if with_base and c.max_non_base is not None else (
-            None if c.max_inputs is None else c.max_inputs - int(with_base))
+        lo, hi = c.non_base_range(with_base)
         if n < lo or (hi is not None and n > hi):
             want = f"exactly {lo}" if hi == lo else f"{lo} to {hi}" if hi is not None else f"at least {lo}"
             what = "models besides the base" if with_base else "models"

@@ -87,6 +87,14 @@ class Contract:
     min_non_base: Optional[int] = None
     max_non_base: Optional[int] = None
 
+    def non_base_range(self, with_base: bool) -> tuple[int, Optional[int]]:
+        """(fewest, most) inputs besides the base a tensor or slice takes, the base counted
+        among the inputs where the method takes one; most None: no limit."""
+        fewest = (self.min_non_base if with_base else None) or max(1, self.min_inputs - int(with_base))
+        most = self.max_non_base if with_base and self.max_non_base is not None else (
+            None if self.max_inputs is None else self.max_inputs - int(with_base))
+        return fewest, most
+
 
 BASE_CONTRACT = Contract(base=BASE_REQUIRED)
 

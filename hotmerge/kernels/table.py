@@ -261,17 +261,14 @@ def _functional(spec: R.MethodSpec, flat: FlatSources, p: dict, rows: np.ndarray
     per_model = {q.name for q in spec.tensor_params}
     shared = {q.name: q.default for q in spec.global_params}
     values = {name: _expand(p[name], rows, S, M, name) for name in list(per_model) + list(shared) if name in p}
-    c = spec.contract
     with_base = spec.takes_base and flat.base is not None
     if spec.needs_base and not with_base:
         raise ValueError(f"{spec.name} needs a base model")
-    lo = (c.min_non_base if with_base else None) or (c.min_inputs - (1 if with_base else 0))
-    hi = c.max_non_base if with_base and c.max_non_base is not None else (
-        None if c.max_inputs is None else c.max_inputs - (1 if with_base else 0))
+    lo, hi = spec.contract.non_base_range(with_base)
     grams = st.delta_dots if with_base else st.dots
     for j in range(S):
         idx = np.flatnonzero(active[j])
-        if len(idx) < max(lo, 1) or (hi is not None and len(idx) > hi):
+        if len(idx) < lo or (hi is not None and len(idx) > hi):
             want = f"{lo}" if hi == lo else f"{lo} to {hi}" if hi is not None else f"at least {lo}"
             raise ValueError(f"{spec.name} merges {want} models besides the base per tensor, "
                              f"{flat.segments[j].name or j} has {len(idx)}")
@@ -302,9 +299,7 @@ def _inputs(spec: R.MethodSpec, flat: FlatSources, p: dict, rows: np.ndarray) ->
     if flat.base is None:
         raise ValueError(f"{spec.name} needs a base model")
     active = _expand(p.get("active", 1.0), rows, S, M, "active") != 0
-    c = spec.contract
-    lo = max(1, c.min_non_base or c.min_inputs - 1)
-    hi = c.max_non_base if c.max_non_base is not None else (None if c.max_inputs is None else c.max_inputs - 1)
+    lo, hi = spec.contract.non_base_range(with_base=True)
     out = []
     for j in range(S):
         idx = np.flatnonzero(active[j])
