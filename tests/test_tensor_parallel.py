@@ -19,7 +19,7 @@ from hotmerge.kernels.methods import METHODS
 from hotmerge.kernels.sharded import Shard, element_layout
 
 M = 3
-TP_METHODS = sorted(name for name, spec in METHODS.items() if spec.tensor_parallel)
+ALL_METHODS = sorted(METHODS)
 # (method, params, with a base) for mergekit's functional methods
 FUNCTIONAL = {
     "model_stock": ({}, True),
@@ -27,6 +27,13 @@ FUNCTIONAL = {
     "multislerp": ({"weight": [0.3, 0.8, 0.5]}, True),
     "passthrough": ({"scale": [0.0, 0.7, 0.0], "active": [0, 1, 0]}, False),
     "nearswap": ({"t": [0.0, 0.03, 0.0], "active": [0, 1, 0]}, True),
+    "karcher": ({"max_iter": 10, "tol": 1e-5}, False),
+    # a cut inside the variance histogram: ties at its bins draw by element index
+    "sce": ({"select_topk": [0.4, 0.4, 0.4]}, True),
+    # epsilon near the deltas' scale: shared and unique elements both occur
+    "ram": ({"epsilon": 0.03}, True),
+    "ramplus_tl": ({"r": 0.3, "alpha": 0.7, "epsilon": 0.08}, True),  # rho below alpha
+    "arcee_fusion": ({"active": [0, 1, 0]}, True),
 }
 
 
@@ -156,13 +163,13 @@ def test_sharded_merge_equals_whole_tensor_merge(world):
     """Row, column and 1-D splits, replicated tensors and blocks held twice: each rank's merge
     is exactly its block of the whole-tensor merge, for every method allowed under tensor
     parallelism (CPU fast path and C kernel)."""
-    mismatches = run_group(world, TP_METHODS)
-    assert mismatches == {m: [] for m in TP_METHODS}
+    mismatches = run_group(world, ALL_METHODS)
+    assert mismatches == {m: [] for m in ALL_METHODS}
 
 
 @pytest.mark.slow  # a second group of ranks
 def test_sharded_merge_on_the_torch_path():
-    methods = ["dare_ties", "della", "ties", "breadcrumbs", "slerp"]
+    methods = ["dare_ties", "della", "ties", "breadcrumbs", "slerp", "sce", "ramplus_tl", "arcee_fusion"]
     mismatches = run_group(2, methods, fast=False)
     assert mismatches == {m: [] for m in methods}
 

@@ -231,16 +231,6 @@ class MethodSpec:
         (della's rank codes, arcee_fusion's keep codes)."""
         return 1 if self.needs_rank_codes or self.engine == "fusion" else 0
 
-    @property
-    def tensor_parallel(self) -> bool:
-        """Merges shard by shard under tensor parallelism, each rank exactly its block of the
-        whole-tensor merge: its whole-tensor statistics (histograms, L1 norms, norms and dot
-        products, della's row ranks) are computed across the group at load (kernels/sharded.py).
-        karcher iterates on each whole tensor in 16-bit arithmetic, and the methods with their
-        own kernels (sce, ram, ramplus_tl, arcee_fusion) keep statistics sharded.py does not
-        reduce: those run at tensor_parallel_size 1."""
-        return self.engine in ("combine", "task", "nearswap") or (self.engine == "stats" and self.name != "karcher")
-
 
 _LINEAR_GLOBALS = (Param("normalize", True),)
 

@@ -20,6 +20,18 @@ SourceStats for a rank's segments equal to the one the whole tensors would give:
   split, a split 1-D tensor) the magnitude keys of every block are gathered, the
   whole tensor's codes computed, and the rank keeps its block's.
 
+The statistics of the methods with kernels of their own are taken at their first table
+(kernels/table.py), through the two helpers at the end:
+
+* sums (`summed_per_tensor`): sce's variance-key histogram with its squared deltas and
+  ramplus_tl's shared and unique counts, summed over the distinct blocks (exact: counts,
+  and float64 sums of 16-bit squares);
+* whole tensors (`whole_tensor_values`): karcher iterates in 16-bit arithmetic over the
+  whole tensor, and arcee_fusion takes a softmax along whole rows and quantiles over the
+  whole tensor (or a sample drawn by index from it). Their inputs are gathered, one split
+  tensor at a time, and every rank computes the tensor-parallel-size-1 result from them
+  (a load-time cost: the tensor's inputs once in host memory per rank).
+
 A block held by several ranks counts once (the lowest rank holding it contributes),
 and the distinct blocks of a tensor must tile it exactly; anything else raises.
 Random draws need no statistic: a segment's `elem_offset`, `elem_cols` and
@@ -255,3 +267,68 @@ def _keys(flat, seg) -> torch.Tensor:
     base = flat.base[a:b].to(work).float()
     return torch.stack([R.magnitude_keys((flat.models[m, a:b].to(work).float() - base).to(flat.dtype)).cpu()
                         for m in range(flat.n_models)])
+
+
+def whole_numel(flat, j: int) -> int:
+    """Elements of segment j's whole tensor (its own, unsharded)."""
+    if flat.shards is None:
+        return flat.segments[j].numel
+    return int(np.prod(flat.shards[j].shape, dtype=np.int64))
+
+
+def summed_per_tensor(flat, local, shape) -> dict:
+    """{j: local(j) summed over the distinct blocks of segment j's tensor} for every segment;
+    local(j) is a float64 array of `shape`. Without shards, or for a tensor this rank holds
+    whole, it is local(j). Every rank of flat.group calls it."""
+    if flat.shards is None:
+        return {j: np.asarray(local(j), dtype=np.float64) for j in range(len(flat.segments))}
+    g = _gather(flat, flat.group)
+    out = {j: np.asarray(local(j), dtype=np.float64) for j, (name, _, _) in enumerate(g.mine) if name not in g.row}
+    for name in g.row:  # one tensor at a time, in the same order on every rank
+        total = torch.zeros(shape, dtype=torch.float64)
+        for j in g.owned:
+            if g.mine[j][0] == name:
+                total += torch.as_tensor(np.asarray(local(j), dtype=np.float64))
+        dist.all_reduce(total, group=flat.group)
+        for j in g.held:
+            if g.mine[j][0] == name:
+                out[j] = total.numpy().copy()
+    return out
+
+
+def whole_tensor_values(flat, rows, compute) -> dict:
+    """{j: compute(j, values)} for every segment j, with values [len(rows(j)), numel] the
+    source rows rows(j) (model indices; -1: the base) of j's whole tensor, flattened in
+    row-major order. A split tensor's blocks are gathered across flat.group, and compute
+    runs once per tensor; rows(j) must be the same for every block of a tensor. Every rank
+    of flat.group calls it."""
+    work = flat.stream_device or flat.models.device  # where the statistics are computed
+
+    def local(j):
+        seg = flat.segments[j]
+        a, b = seg.offset, seg.offset + seg.numel
+        return torch.stack([(flat.base if r < 0 else flat.models[r])[a:b].to(work) for r in rows(j)])
+
+    if flat.shards is None:
+        return {j: compute(j, local(j)) for j in range(len(flat.segments))}
+    g = _gather(flat, flat.group)
+    out = {j: compute(j, local(j)) for j, (name, _, _) in enumerate(g.mine) if name not in g.row}
+    for name in g.row:  # one tensor at a time, in the same order on every rank
+        held = [j for j in g.held if g.mine[j][0] == name]
+        blocks = {}
+        for j in held:
+            blocks.setdefault(g.mine[j][2], local(j).cpu().view(torch.uint8).numpy())
+        everyone: list = [None] * dist.get_world_size(flat.group)
+        dist.all_gather_object(everyone, blocks, group=flat.group)
+        if not held:
+            continue
+        shape, n = g.shapes[name], len(rows(held[0]))
+        whole = torch.zeros((n, *shape), dtype=flat.dtype)
+        for theirs in everyone:
+            for box, v in theirs.items():
+                whole[(slice(None), *(slice(a, b) for a, b in box))] = torch.from_numpy(v).view(flat.dtype).reshape(
+                    n, *[b - a for a, b in box])
+        value = compute(held[0], whole.reshape(n, -1).to(work))
+        for j in held:
+            out[j] = value
+    return out

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from . import reference as R
+from . import sharded
 from .layout import FlatSources
 
 
@@ -238,15 +239,17 @@ def build_table(
     )
 
 
-def _karcher(flat: FlatSources, st, j: int, idx: np.ndarray, max_iter: int, tol: float) -> np.ndarray:
-    """karcher's coefficients of segment j, from its iteration on the tensors
-    (reference.karcher_tensor_coefficients): once per setting, never per apply. Kept with
-    the statistics, so that sources changed in place (then flat.stats = None) recompute them."""
-    key = ("karcher", j, tuple(int(i) for i in idx), max_iter, tol)
+def _karcher(flat: FlatSources, st, settings: tuple) -> dict:
+    """karcher's coefficients per segment (settings[j]: its inputs, max_iter and tol), from
+    its iteration on the whole tensors (reference.karcher_tensor_coefficients; a split
+    tensor's blocks gathered across the tensor-parallel group): once per setting, never per
+    apply. Kept with the statistics, so that sources changed in place (then flat.stats =
+    None) recompute them."""
+    key = ("karcher", settings)
     if key not in st.extras:
-        seg = flat.segments[j]
-        rows = [flat.models[int(i), seg.offset: seg.offset + seg.numel] for i in idx]
-        st.extras[key] = R.karcher_tensor_coefficients(rows, max_iter, tol)
+        st.extras[key] = sharded.whole_tensor_values(
+            flat, lambda j: settings[j][0],
+            lambda j, values: R.karcher_tensor_coefficients(list(values), settings[j][1], settings[j][2]))
     return st.extras[key]
 
 
@@ -266,12 +269,18 @@ def _functional(spec: R.MethodSpec, flat: FlatSources, p: dict, rows: np.ndarray
         raise ValueError(f"{spec.name} needs a base model")
     lo, hi = spec.contract.non_base_range(with_base)
     grams = st.delta_dots if with_base else st.dots
-    for j in range(S):
-        idx = np.flatnonzero(active[j])
+    inputs = [np.flatnonzero(active[j]) for j in range(S)]
+    for j, idx in enumerate(inputs):
         if len(idx) < lo or (hi is not None and len(idx) > hi):
             want = f"{lo}" if hi == lo else f"{lo} to {hi}" if hi is not None else f"at least {lo}"
             raise ValueError(f"{spec.name} merges {want} models besides the base per tensor, "
                              f"{flat.segments[j].name or j} has {len(idx)}")
+    if spec.name == "karcher":
+        iterations = values.get("max_iter", np.full((S, M), 10.0))
+        tolerance = values.get("tol", np.full((S, M), 1e-5))
+        karcher = _karcher(flat, st, tuple((tuple(int(i) for i in idx), int(iterations[j, idx[0]]),
+                                            float(tolerance[j, idx[0]])) for j, idx in enumerate(inputs)))
+    for j, idx in enumerate(inputs):
         if spec.engine == "nearswap":
             weight[j, idx[0]] = np.float32(values["t"][j, idx[0]])
             continue
@@ -280,7 +289,7 @@ def _functional(spec: R.MethodSpec, flat: FlatSources, p: dict, rows: np.ndarray
         params = {name: values[name][j, idx] for name in per_model if name in values}
         params.update({name: values[name][j, idx[0]] for name in shared if name in values})
         if spec.name == "karcher":
-            ci = _karcher(flat, st, j, idx, int(params.get("max_iter", 10)), float(params.get("tol", 1e-5)))
+            ci = karcher[j]
         else:
             try:
                 ci = R.stats_coefficients(spec.name, grams[j][np.ix_(idx, idx)], params, flat.dtype)
@@ -311,7 +320,7 @@ def _inputs(spec: R.MethodSpec, flat: FlatSources, p: dict, rows: np.ndarray) ->
     return out
 
 
-def _chunked_deltas(flat: FlatSources, j: int, idx: np.ndarray, chunk: int = 1 << 22):
+def _chunked_deltas(flat: FlatSources, j: int, idx, chunk: int = 1 << 22):
     """mergekit's deltas bf16(X - B) of segment j's inputs, chunk by chunk."""
     seg = flat.segments[j]
     for lo in range(0, seg.numel, chunk):
@@ -320,48 +329,70 @@ def _chunked_deltas(flat: FlatSources, j: int, idx: np.ndarray, chunk: int = 1 <
         yield [(flat.models[int(m), a:b].float() - base).to(flat.dtype) for m in idx]
 
 
-def _sce_histogram(flat: FlatSources, st, j: int, idx: np.ndarray) -> R.SceHistogram:
-    """sce's variance-key histogram of segment j over its inputs: once, at the first table."""
-    key = ("sce", j, tuple(int(i) for i in idx))
+def _sce_histograms(flat: FlatSources, st, inputs: list) -> list:
+    """sce's variance-key histogram of every segment over its inputs (of the whole tensor:
+    a split tensor's bins are summed across the tensor-parallel group): once, at the first
+    table."""
+    key = ("sce", tuple(tuple(int(i) for i in idx) for idx in inputs))
     if key not in st.extras:
-        counts = torch.zeros(R.KEY_MAX + 1, dtype=torch.int64, device=flat.device)
-        sq = torch.zeros((len(idx), R.KEY_MAX + 1), dtype=torch.float64, device=flat.device)
-        for deltas in _chunked_deltas(flat, j, idx):
-            c, q = R.sce_bins(R.sce_var_keys(deltas), deltas)
-            counts += c
-            sq += q
-        st.extras[key] = R.SceHistogram.from_bins(counts, sq)
+        M = flat.n_models
+
+        def bins(j):  # [1 + M, KEY_MAX + 1]: the counts, then each input's squared deltas
+            out = torch.zeros((1 + M, R.KEY_MAX + 1), dtype=torch.float64)
+            rows = [1 + int(m) for m in inputs[j]]
+            for deltas in _chunked_deltas(flat, j, inputs[j]):
+                c, q = R.sce_bins(R.sce_var_keys(deltas), deltas)
+                out[0] += c.cpu().double()
+                out[rows] += q.cpu()
+            return out
+
+        summed = sharded.summed_per_tensor(flat, bins, (1 + M, R.KEY_MAX + 1))
+        st.extras[key] = [R.SceHistogram.from_bins(torch.from_numpy(summed[j][0]).to(torch.int64),
+                                                   torch.from_numpy(summed[j][[1 + int(m) for m in idx]]))
+                          for j, idx in enumerate(inputs)]
     return st.extras[key]
 
 
-def _ram_counts(flat: FlatSources, st, j: int, idx: np.ndarray, threshold: int) -> tuple:
-    """ramplus_tl's (shared, unique) counts of segment j: once per epsilon, at the first table."""
-    key = ("ram", j, tuple(int(i) for i in idx), threshold)
+def _ram_counts(flat: FlatSources, st, inputs: list, thresholds: list) -> list:
+    """ramplus_tl's (shared, unique) counts per segment (of the whole tensor: summed across
+    the tensor-parallel group): once per epsilon, at the first table."""
+    key = ("ram", tuple(tuple(int(i) for i in idx) for idx in inputs), tuple(thresholds))
     if key not in st.extras:
-        shared, unique = np.zeros(len(idx), dtype=np.int64), np.zeros(len(idx), dtype=np.int64)
-        for deltas in _chunked_deltas(flat, j, idx):
-            s, u = R.ram_counts(deltas, threshold)
-            shared += s
-            unique += u
-        st.extras[key] = (shared.tolist(), unique.tolist())
+        M = flat.n_models
+
+        def counts(j):  # [2, M]: shared, unique per model
+            out = np.zeros((2, M))
+            for deltas in _chunked_deltas(flat, j, inputs[j]):
+                s, u = R.ram_counts(deltas, thresholds[j])
+                out[0, inputs[j]] += s
+                out[1, inputs[j]] += u
+            return out
+
+        summed = sharded.summed_per_tensor(flat, counts, (2, M))
+        st.extras[key] = [(summed[j][0, idx].astype(np.int64).tolist(), summed[j][1, idx].astype(np.int64).tolist())
+                          for j, idx in enumerate(inputs)]
     return st.extras[key]
 
 
 def _fusion_codes(flat: FlatSources, st, inputs: list, seed: int) -> torch.Tensor:
     """arcee_fusion's keep bits [M, total] (uint8, flat's device), mergekit's own importance
-    and threshold per segment: once per seed (it draws the sample of tensors over a million
-    elements), at the first table."""
+    and threshold per tensor (a split tensor's base and input gathered across the
+    tensor-parallel group, each rank keeping its block's bits): once per seed (it draws the
+    sample of tensors over a million elements), at the first table."""
     key = ("fusion", seed, tuple(tuple(int(i) for i in idx) for idx in inputs))
     if key not in st.extras:
         codes = torch.zeros(flat.models.shape, dtype=torch.uint8, device=flat.device)
+
+        def keep(j, values):  # values: the base's and the input's whole tensor
+            seg = flat.segments[j]
+            row_len = R.last_dim(flat.shards[j].shape) if flat.shards is not None else seg.last_dim or seg.numel
+            return R.fusion_keep(values[0], values[1], row_len, R.fusion_generator(seed, seg.tensor_key))
+
+        kept = sharded.whole_tensor_values(flat, lambda j: (-1, int(inputs[j][0])), keep)
         for j, (seg, idx) in enumerate(zip(flat.segments, inputs)):
-            if seg.numel == 0:
-                continue
-            a, b = seg.offset, seg.offset + seg.numel
-            m = int(idx[0])
-            keep = R.fusion_keep(flat.base[a:b], flat.models[m, a:b], seg.last_dim or seg.numel,
-                                 R.fusion_generator(seed, seg.tensor_key))
-            codes[m, a:b] = keep.to(torch.uint8)
+            if seg.numel:
+                block = kept[j][seg.elements(0, seg.numel, kept[j].device).long()]
+                codes[int(idx[0]), seg.offset: seg.offset + seg.numel] = block.to(torch.uint8).to(flat.device)
         st.extras[key] = codes
     return st.extras[key]
 
@@ -381,23 +412,27 @@ def _elementwise(spec: R.MethodSpec, flat: FlatSources, p: dict, rows: np.ndarra
             p0[j, idx[0]], p1[j, idx[0]] = 0, R.U24  # keep iff u24 < 2^24 * code
         keys[:] = flat.stream_keys(seed)
         return "task", _fusion_codes(flat, st, inputs, seed)
+    if spec.engine == "sce":
+        histograms = _sce_histograms(flat, st, inputs)
+    else:
+        thresholds = [R.ram_threshold(float(shared["epsilon"][j, int(idx[0])]), flat.dtype)
+                      for j, idx in enumerate(inputs)]
+        if spec.name == "ramplus_tl":
+            ram_counts = _ram_counts(flat, st, inputs, thresholds)
     for j, idx in enumerate(inputs):
         coef[j, idx] = 1.0
         first = int(idx[0])
         if spec.engine == "sce":
-            hist = _sce_histogram(flat, st, j, idx)
+            hist = histograms[j]
             c = R.sce_cut(hist, float(shared["select_topk"][j, first]))
-            weight[j, idx] = R.sce_weights(hist, c, flat.segments[j].numel, flat.dtype)
+            weight[j, idx] = R.sce_weights(hist, c, sharded.whole_numel(flat, j), flat.dtype)
             lo[j], hi[j], p0[j], p1[j] = c.lo, c.hi, c.q_lo, c.q_hi
             continue
-        epsilon = float(shared["epsilon"][j, first])
-        threshold = R.ram_threshold(epsilon, flat.dtype)
-        lo[j] = threshold
+        lo[j] = thresholds[j]
         weight[j, idx] = 1.0
         if spec.name == "ramplus_tl":
-            counts = _ram_counts(flat, st, j, idx, threshold)
-            weight[j, idx] = R.ramplus_lambdas(*counts, float(shared["r"][j, first]), float(shared["alpha"][j, first]),
-                                               epsilon)
+            weight[j, idx] = R.ramplus_lambdas(*ram_counts[j], float(shared["r"][j, first]),
+                                               float(shared["alpha"][j, first]), float(shared["epsilon"][j, first]))
     if spec.engine == "sce":
         keys[:] = flat.stream_keys(seed)
         return "sce", None

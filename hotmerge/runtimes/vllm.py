@@ -65,8 +65,9 @@ norms and dot products, DELLA's row ranks) are computed once at load across the
 tensor-parallel group (kernels/sharded.py), the masked L1 norms of DARE / DELLA are
 summed across it per candidate, and every random draw is keyed by the element's index
 in the whole tensor, so each rank writes exactly its block of the tensor-parallel-size-1
-merge. Methods whose statistics that does not cover (karcher, sce, ram, ramplus_tl,
-arcee_fusion: MethodSpec.tensor_parallel) are refused with tensor_parallel_size > 1.
+merge. That holds for every method: sce's and ramplus_tl's histograms and counts are
+summed across the group, and karcher's and arcee_fusion's inputs are gathered one tensor
+at a time (their statistics need the whole tensor) at the first candidate.
 
 Known difference from HFLM: vLLM accepts prompts of at most max_model_len - 1 tokens
 and cannot run positions past the model's max_position_embeddings, while HFLM feeds
@@ -95,7 +96,7 @@ from hotmerge.errors import ConfigError, SetupError
 from hotmerge.runtimes import vllm_compat
 from hotmerge.runtimes.vllm_worker import pack_array, unpack_tensor
 from hotmerge.kernels import stats_cache
-from hotmerge.kernels.methods import METHODS, get_method
+from hotmerge.kernels.methods import get_method
 from hotmerge.scoring import lm_eval_compat
 
 EXTENSION = "hotmerge.runtimes.vllm_worker.HotmergeWorkerExtension"
@@ -106,7 +107,6 @@ KV_CAP_CPU = 1 << 30
 KV_CAP_GPU = 8 << 30
 KV_FLOOR = 16 << 20
 DEFAULT_MAX_NUM_SEQS = 256
-TP_METHODS = tuple(m for m, spec in METHODS.items() if spec.tensor_parallel)
 PROBE_TOL = 1e-6  # logprob change that counts as "the write was seen"
 
 
@@ -168,11 +168,6 @@ class VLLMRuntime:
         genome = validated.config.genome
         self.method = genome.merge_method
         self.tp = int(tensor_parallel_size)
-        if self.tp > 1 and self.method not in TP_METHODS:
-            raise ConfigError(
-                f"merge_method {self.method} runs at tensor_parallel_size 1 only (its whole-tensor "
-                f"statistics are not reduced across shards): use --tensor-parallel-size 1, or one of "
-                f"{', '.join(TP_METHODS)}")
         self.seed = int(seed)
         self.reference = validated.reference.path
         self.models = tuple(genome.models)
@@ -296,9 +291,6 @@ class VLLMRuntime:
             raise ValueError("the recipe's models differ from the runtime's genome.models")
         if get_method(recipe.method).needs_base and recipe.base_model != self.base_model:
             raise ValueError("the recipe's base_model differs from the runtime's")
-        if self.tp > 1 and recipe.method not in TP_METHODS:
-            raise ConfigError(f"merge_method {recipe.method} is not supported with "
-                              f"tensor_parallel_size {self.tp}")
         encoded = RecipeRows.encode(recipe, self.source_names)
         n_rows = len(next(iter(encoded.rows.values())))
         return {
