@@ -343,7 +343,8 @@ def evolve(
     task_search_path: list[str] = typer.Option([], help="Folder of lm-eval task YAML (repeatable)."),
     batch_size: int = typer.Option(None, min=1, help="Evaluation batch size."),
     vllm: bool = typer.Option(False, "--vllm/--no-vllm", help="vLLM backend (default: transformers)."),
-    tensor_parallel_size: int = typer.Option(1, min=1, help="GPUs per vLLM engine."),
+    tensor_parallel_size: int = typer.Option(
+        1, min=1, help="GPUs per vLLM engine (vLLM's CPU build: workers, each on cores of its own)."),
     sources: str = typer.Option("auto", help=SOURCES_HELP),
     resume: bool = typer.Option(False, help="Continue the run in --storage-path (also automatic)."),
     save_final_model: bool = typer.Option(True, "--save-final-model/--no-save-final-model",

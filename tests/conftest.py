@@ -48,6 +48,7 @@ def pytest_configure(config):
 # with --durations=0 on 2 cores: test_evolve.py about 330 s, test_real_model.py 175 s down
 # to test_report.py 40 s; the files not named follow in their own order.
 COSTLIEST_FILES = ("test_evolve.py", "test_real_model.py", "test_vllm_runtime.py", "test_hub.py", "test_errors.py",
+                   "test_vllm_tensor_parallel.py",
                    "test_kernels.py", "test_inputs.py", "test_cli_output.py", "test_export.py",
                    "test_merge_configs.py", "test_smol.py", "test_mergekit_flags.py", "test_stats_cache.py",
                    "test_toy.py", "test_scoring.py", "test_report.py")

@@ -6,6 +6,7 @@ runs nothing from the input."""
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
 from pathlib import Path
@@ -323,20 +324,28 @@ def test_runtime_options_that_cannot_work_are_refused():
         check_runtime_options("hf", None, 2)
     with pytest.raises(ConfigError, match="--device cpu is for the transformers runtime"):
         check_runtime_options("vllm", "cpu", 1)
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    tp = max(2, gpus + 1)
-    with pytest.raises(ConfigError, match=f"needs {tp} GPUs but this machine has {gpus}"):
+    tp, words = _unusable_tensor_parallel_size()
+    with pytest.raises(ConfigError, match=words):
         check_runtime_options("vllm", None, tp)
 
 
+def _unusable_tensor_parallel_size() -> tuple:
+    """A tensor-parallel size this machine cannot run, and the words its refusal holds: one GPU
+    more than there are, or on vLLM's CPU build, one worker more than the cores."""
+    if torch.cuda.is_available():
+        gpus = torch.cuda.device_count()
+        return max(2, gpus + 1), f"needs {max(2, gpus + 1)} GPUs but this machine has {gpus}"
+    cores = len(os.sched_getaffinity(0))
+    return cores + 1, f"may use {cores} cores: use a --tensor-parallel-size of at most {cores}"
+
+
 @pytest.mark.parametrize("command", ["evolve", "eval"])
-@pytest.mark.parametrize("extra, words", [
-    ([], "transformers runtime"),
-    (["--vllm"], "GPUs but this machine has"),
-])
-def test_a_tensor_parallel_size_it_cannot_use_is_refused(toy_family, tmp_path, command, extra, words):
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    tp = str(max(2, gpus + 1))
+@pytest.mark.parametrize("extra", [[], ["--vllm"]])
+def test_a_tensor_parallel_size_it_cannot_use_is_refused(toy_family, tmp_path, command, extra):
+    tp, words = _unusable_tensor_parallel_size()
+    tp = str(tp)
+    if not extra:
+        words = "transformers runtime"
     config = genome_config(tmp_path / "toy.yaml", toy_family.experts, toy_family.base)
     written = tmp_path / ("run" if command == "evolve" else "eval.json")
     where = ["--storage-path", str(written)] if command == "evolve" else ["--x0", "--output", str(written)]

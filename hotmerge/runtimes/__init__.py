@@ -14,7 +14,9 @@ Every runtime keeps one model resident and offers:
 
 from __future__ import annotations
 
-from typing import Protocol
+import glob
+import os
+from typing import Optional, Protocol
 
 from hotmerge.errors import ConfigError
 
@@ -42,10 +44,44 @@ def check_runtime_options(backend: str, device: str | None, tensor_parallel_size
     if backend == "vllm" and tp > 1:
         import torch
 
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if tp > gpus:
-            raise ConfigError(f"--tensor-parallel-size {tp} needs {tp} GPUs but this machine has {gpus}: "
-                              f"use a --tensor-parallel-size of at most {max(gpus, 1)}")
+        if torch.cuda.is_available():
+            gpus = torch.cuda.device_count()
+            if tp > gpus:
+                raise ConfigError(f"--tensor-parallel-size {tp} needs {tp} GPUs but this machine has {gpus}: "
+                                  f"use a --tensor-parallel-size of at most {max(gpus, 1)}")
+        else:  # vLLM's CPU build: one worker per tensor-parallel rank, each on cores of its own
+            cores = len(os.sched_getaffinity(0))
+            if tp > cores:
+                raise ConfigError(f"--tensor-parallel-size {tp} runs {tp} vLLM CPU workers, each on cores of "
+                                  f"its own, but this process may use {cores} cores: use a "
+                                  f"--tensor-parallel-size of at most {cores}")
+
+
+def cpu_threads_bind(tp: int) -> Optional[str]:
+    """vLLM-CPU's VLLM_CPU_OMP_THREADS_BIND for tp workers, where neither the user nor vLLM's
+    default can bind them (None: leave it): vLLM binds one worker per NUMA node and refuses
+    more workers than nodes, so then the cores this process may use are dealt out in tp
+    contiguous groups ("0|1", "0,1|2,3")."""
+    if tp <= 1 or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        return None
+    cores = sorted(os.sched_getaffinity(0))
+    nodes = 0
+    for node in glob.glob("/sys/devices/system/node/node[0-9]*/cpulist"):
+        with open(node) as f:
+            if any(c in cores for c in _id_list(f.read())):
+                nodes += 1
+    if nodes >= tp:
+        return None
+    if tp > len(cores):
+        raise ConfigError(f"{tp} vLLM CPU workers need {tp} cores, this process may use {len(cores)}")
+    share, extra = divmod(len(cores), tp)
+    groups, start = [], 0
+    for rank in range(tp):
+        size = share + (rank < extra)
+        group = cores[start: start + size]
+        start += size
+        groups.append(",".join(str(c) for c in group))
+    return "|".join(groups)
 
 
 def start_runtime(validated, *, backend: str, device: str | None = None, batch_size: int | None = None,
@@ -70,3 +106,13 @@ def start_runtime(validated, *, backend: str, device: str | None = None, batch_s
 
         return HFRuntime(validated, device=device, batch_size=batch_size, seed=seed, sources=sources)
     raise ValueError(f"unknown backend {backend!r}: use hf or vllm")
+
+
+def _id_list(text: str) -> list:
+    """The ids of a Linux cpulist ("0-3,8")."""
+    ids = []
+    for part in text.strip().split(","):
+        if part:
+            lo, _, hi = part.partition("-")
+            ids.extend(range(int(lo), int(hi or lo) + 1))
+    return ids

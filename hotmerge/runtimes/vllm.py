@@ -82,10 +82,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from typing import Optional
 
 import numpy as np
+import torch
 
 from hotmerge.config.evolve import ValidatedConfig
 from hotmerge.runtimes.encoding import RecipeRows
@@ -93,7 +95,7 @@ from hotmerge.models.folder import is_derived_buffer
 from hotmerge.models.plan import SourcesChoice, choose_sources
 from hotmerge.models.vocab import alignment_spec
 from hotmerge.errors import ConfigError, SetupError
-from hotmerge.runtimes import vllm_compat
+from hotmerge.runtimes import cpu_threads_bind, vllm_compat
 from hotmerge.runtimes.vllm_worker import pack_array, unpack_tensor
 from hotmerge.kernels import stats_cache
 from hotmerge.kernels.methods import get_method
@@ -202,7 +204,10 @@ class VLLMRuntime:
                 engine_kwargs["gpu_memory_utilization"] = utilization
         started = time.perf_counter()
         self.llm = None
+        bind = cpu_threads_bind(self.tp) if on_cpu else None
         try:
+            if bind is not None:  # read by the engine's processes as they start
+                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
             self.llm = LLM(
                 model=self.reference,
                 tokenizer=tokenizer_source,
@@ -222,6 +227,9 @@ class VLLMRuntime:
             raise SetupError(f"the vLLM engine did not start on {self.reference} ({type(error).__name__}: "
                              f"{message}): use the transformers runtime (--no-vllm); HOTMERGE_DEBUG=1 "
                              "shows vLLM's traceback") from error
+        finally:
+            if bind is not None:
+                del os.environ["VLLM_CPU_OMP_THREADS_BIND"]
         self.seconds = {"engine": time.perf_counter() - started}
         try:
             self._setup(reference_info, tokenizer_source, batch_size, prove_writes)
@@ -333,9 +341,28 @@ class VLLMRuntime:
     # -- inspection -------------------------------------------------------------
 
     def fetch(self, names) -> dict:
-        """Live values of source tensors, unfused, as CPU tensors (tensor_parallel_size 1)."""
-        packed = self.llm.collective_rpc("hotmerge_fetch", args=(list(names),))[0]
-        return {name: unpack_tensor(v) for name, v in packed.items()}
+        """Live values of source tensors, unfused, as CPU tensors: every rank's blocks
+        assembled (each element must be held by some rank; replicated blocks agree)."""
+        ranks = self.llm.collective_rpc("hotmerge_fetch", args=(list(names),))
+        out = {}
+        for name in names:
+            held = [rank[name] for rank in ranks]
+            value, covered = None, None
+            for blocks in held:
+                for box, packed in blocks["blocks"]:
+                    block = unpack_tensor(packed)
+                    if value is None:
+                        value = torch.empty(blocks["shape"], dtype=block.dtype)
+                        covered = torch.zeros(blocks["shape"], dtype=torch.bool)
+                    where = tuple(slice(a, b) for a, b in box)
+                    if covered[where].any() and not torch.equal(value[where][covered[where]], block[covered[where]]):
+                        raise ValueError(f"{name}: ranks hold different values of the same elements")
+                    value[where] = block
+                    covered[where] = True
+            if value is None or not bool(covered.all()):
+                raise ValueError(f"{name}: the ranks' blocks do not cover the tensor")
+            out[name] = value
+        return out
 
     def restore_reference(self) -> None:
         """Write the reference model's weights back into the live model."""

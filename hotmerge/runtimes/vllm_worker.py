@@ -631,26 +631,19 @@ class HotmergeWorkerExtension:
 
     @torch.no_grad()
     def hotmerge_fetch(self, names: list) -> dict:
-        """The live values of source tensors, in the checkpoint's layout (unfused).
-
-        Only placements covering the whole tensor (tensor_parallel_size 1) are
-        assembled; other ranks' shards are not reachable from here."""
+        """The live values this rank holds of source tensors, in the checkpoint's layout
+        (unfused): per name, the shape and a list of (src_box, values) blocks. At
+        tensor_parallel_size 1 they cover each tensor; above it, the runtime assembles the
+        ranks' blocks."""
         state = self.hotmerge_state()
         out = {}
         for name in names:
             pls = [p for p in state.placements if p.name == name]
             if not pls:
                 raise KeyError(f"no live parameter holds source tensor {name}")
-            shape = state.shapes[name]
-            first = state.params[pls[0].param]
-            value = torch.empty(shape, dtype=first.dtype, device="cpu")
-            covered = 0
+            blocks = []
             for pl in pls:
                 region = state.params[pl.param].data[_slices(pl.box)]
-                value[_slices(pl.src_box)] = region.reshape(
-                    [b - a for a, b in pl.src_box]).to("cpu")
-                covered += pl.numel
-            if covered != value.numel():
-                raise ValueError(f"{name}: this rank holds only a shard ({covered} of {value.numel()})")
-            out[name] = pack_tensor(value)
+                blocks.append((pl.src_box, pack_tensor(region.reshape([b - a for a, b in pl.src_box]))))
+            out[name] = {"shape": list(state.shapes[name]), "blocks": blocks}
         return out
