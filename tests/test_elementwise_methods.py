@@ -3,6 +3,7 @@
 tests/test_kernels.py (FUNCTIONAL_CASES), whole merges to mergekit-yaml in
 tests/test_merge_configs.py."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -169,3 +170,48 @@ def test_nuslerp_per_row_equals_mergekit(shape, row_wise, with_base):
     assert ours.shape == theirs.shape and _close_to_mergekit(ours, theirs, base, xs)
     if len(shape) > 1:
         assert not torch.equal(ours, R.stats_merge_tensor("nuslerp", base, xs, params))
+
+
+@pytest.mark.parametrize("shape", [(24,), (1, 9), (16, 40), (4, 6, 10), (2, 3, 4, 5)])
+@pytest.mark.parametrize("columns", [False, True])
+def test_row_ids_name_the_rows_mergekit_takes(shape, columns):
+    """reference.row_ids gives each element (by its index in the whole tensor) the row of
+    reference._rows that holds it: the per-row methods' engine finds rows from indices alone."""
+    ids = torch.arange(int(np.prod(shape))).reshape(shape)
+    rows = R._rows(ids, columns)
+    want = torch.empty(ids.numel(), dtype=torch.int64)
+    for r in range(rows.shape[0]):
+        want[rows[r]] = r
+    assert torch.equal(R.row_ids(torch.arange(ids.numel()), shape, columns), want)
+    assert R.row_count(shape, columns) == rows.shape[0]
+
+
+@pytest.mark.parametrize("method, params, with_base, columns", [
+    ("model_stock", {"filter_wise": 1.0}, True, False),
+    ("nuslerp", {"weight": [0.3, 0.8, 0.0], "active": [1, 1, 0], "nuslerp_flatten": 0.0}, True, False),
+    ("nuslerp", {"weight": [0.3, 0.8, 0.0], "active": [1, 1, 0], "nuslerp_flatten": 0.0,
+                 "nuslerp_row_wise": 1.0}, True, True),
+    ("nuslerp", {"weight": [0.0, 0.3, 0.8], "active": [0, 1, 1], "nuslerp_flatten": 0.0,
+                 "nuslerp_row_wise": 1.0}, False, True),
+])
+def test_per_row_engine_equals_reference(method, params, with_base, columns):
+    """model_stock with filter_wise and nuslerp with nuslerp_flatten false in the engine: each
+    element's coefficients from its row's Gram matrix, bit-equal to reference.stats_merge_rows,
+    for a second candidate too (the row statistics are kept, not stale)."""
+    from hotmerge import kernels as F
+
+    shapes = [(24,), (16, 40), (4, 6, 10), (1, 9)]
+    g = torch.Generator().manual_seed(0)
+    base = [torch.randn(s, generator=g).bfloat16() for s in shapes]
+    models = [[(b.float() + 0.05 * torch.randn(b.shape, generator=g)).bfloat16() for b in base] for _ in range(3)]
+    flat = F.FlatSources.from_tensors(models, base if with_base else None, [f"t{i}" for i in range(len(shapes))])
+    active = [int(i) for i in np.flatnonzero(params.get("active", [1, 1, 1]))]
+    for scale in (1.0, 0.5):
+        p = dict(params, weight=[scale * w for w in params["weight"]]) if "weight" in params else params
+        outs = [torch.zeros(s.numel, dtype=flat.dtype) for s in flat.segments]
+        F.apply(flat, F.build_table(method, flat, p, normalize=True), outs)
+        for j, shape in enumerate(shapes):
+            w = {"weight": [p["weight"][i] for i in active]} if "weight" in p else {}
+            want = R.stats_merge_rows(method, base[j] if with_base else None, [models[i][j] for i in active], w,
+                                      columns=columns)
+            assert torch.equal(outs[j].view(shape), want), (method, shape, scale)

@@ -60,10 +60,12 @@ def test_plan_counts_what_the_own_kernels_keep(method):
     parameters = sum(s.numel for s in flat.segments)
     rows = dict(statistics_rows(spec, n, len(SHAPES), parameters, with_base=True))
     kept = list(flat.stats.extras.values())
-    if method == "sce":
-        assert 0 < sum(_bytes(h.keys, h.cum, h.sq) for h in kept) <= rows[row]
-    elif method == "ramplus_tl":
-        assert sum(FLOAT64 * (len(shared) + len(unique)) for shared, unique in kept) == rows[row]
+    if method == "sce":  # one list of the tensors' histograms
+        (hists,) = kept
+        assert 0 < sum(_bytes(h.keys, h.cum, h.sq) for h in hists) <= rows[row]
+    elif method == "ramplus_tl":  # one list of the tensors' counts
+        (counts,) = kept
+        assert sum(FLOAT64 * (len(shared) + len(unique)) for shared, unique in counts) == rows[row]
     elif method == "arcee_fusion":
         (codes,) = kept
         assert codes[:, :parameters].numel() == rows[row]

@@ -27,6 +27,9 @@ FUNCTIONAL = [
     ("karcher", {}, False),
     ("passthrough", {"scale": [0.0, 0.7, 0.0], "active": [0, 1, 0]}, False),
     ("nearswap", {"t": [0.0, 0.03, 0.0], "active": [0, 1, 0]}, True),
+    ("model_stock", {"filter_wise": 1.0}, True),
+    ("nuslerp", {"weight": [0.3, 0.8, 0.0], "active": [1, 1, 0], "nuslerp_flatten": 0.0,
+                 "nuslerp_row_wise": 1.0}, True),
 ]
 
 

@@ -15,11 +15,13 @@ import torch.multiprocessing as mp
 
 from hotmerge import kernels as F
 from hotmerge.kernels import cpu_backend
+from hotmerge.kernels import reference as R
 from hotmerge.kernels.methods import METHODS
 from hotmerge.kernels.sharded import Shard, element_layout
 
 M = 3
-ALL_METHODS = sorted(METHODS)
+# every method, and the per-row forms of model_stock and nuslerp ("method/variant")
+CASES = sorted(METHODS) + ["model_stock/filter_wise", "nuslerp/rows", "nuslerp/columns"]
 # (method, params, with a base) for mergekit's functional methods
 FUNCTIONAL = {
     "model_stock": ({}, True),
@@ -34,6 +36,10 @@ FUNCTIONAL = {
     "ram": ({"epsilon": 0.03}, True),
     "ramplus_tl": ({"r": 0.3, "alpha": 0.7, "epsilon": 0.08}, True),  # rho below alpha
     "arcee_fusion": ({"active": [0, 1, 0]}, True),
+    "model_stock/filter_wise": ({"filter_wise": 1.0}, True),
+    "nuslerp/rows": ({"weight": [0.3, 0.8, 0.0], "active": [1, 1, 0], "nuslerp_flatten": 0.0}, True),
+    "nuslerp/columns": ({"weight": [0.0, 0.3, 0.8], "active": [0, 1, 1], "nuslerp_flatten": 0.0,
+                         "nuslerp_row_wise": 1.0}, False),
 }
 
 
@@ -83,8 +89,9 @@ def layout(base, models, with_base, rank=None, world=None):
         flat = F.FlatSources.from_tensors([[block(t, bx) for t, bx in zip(ts, cut)] for ts in models],
                                           [block(t, bx) for t, bx in zip(base, cut)] if with_base else None, names)
         flat.shards = [Shard(shape, bx) for (_, shape, _), bx in zip(tensors(), cut)]
-        for seg, shard in zip(flat.segments, flat.shards):
+        for seg, shard in zip(flat.segments, flat.shards):  # as the vLLM worker sets them
             seg.elem_offset, seg.elem_cols, seg.elem_stride = element_layout(shard)
+            seg.shape, seg.row_len, seg.last_dim = shard.shape, R.default_row_len(shard.shape), R.last_dim(shard.shape)
     for j, s in enumerate(flat.segments):
         s.param_row = j % 2
     return flat
@@ -117,8 +124,9 @@ def _rank(rank, world, port, methods, fast, results):
     try:
         base, models = family()
         mismatches = {}
-        for method in methods:
-            params, with_base = candidate(method)
+        for case in methods:
+            method = case.split("/")[0]
+            params, with_base = candidate(case)
             flat = layout(base, models, with_base, rank, world)
             flat.group = dist.group.WORLD
             outs = merged(flat, method, params)
@@ -135,7 +143,7 @@ def _rank(rank, world, port, methods, fast, results):
                         got[tuple(slice(a, b) for a, b in box)] = values.view([b - a for a, b in box])
                     if not torch.equal(got.reshape(-1), want):
                         bad.append((name, int((got.reshape(-1) != want).sum())))
-                mismatches[method] = bad
+                mismatches[case] = bad
         if rank == 0:
             results.put(mismatches)
     finally:
@@ -163,8 +171,8 @@ def test_sharded_merge_equals_whole_tensor_merge(world):
     """Row, column and 1-D splits, replicated tensors and blocks held twice: each rank's merge
     is exactly its block of the whole-tensor merge, for every method allowed under tensor
     parallelism (CPU fast path and C kernel)."""
-    mismatches = run_group(world, ALL_METHODS)
-    assert mismatches == {m: [] for m in ALL_METHODS}
+    mismatches = run_group(world, CASES)
+    assert mismatches == {m: [] for m in CASES}
 
 
 @pytest.mark.slow  # a second group of ranks

@@ -392,7 +392,6 @@ class _Reader:
                 value = self._resolve(p, name, t, sl, model)
                 params[p.name][i] = 1.0 if value is None else value
         if spec.functional:
-            self._refuse_unexact(shared, name)
             # shared values travel as per-model columns; active: this tensor's inputs
             params.update({key: np.full(m, float(value)) for key, value in shared.items()})
             params["active"] = active.astype(np.float64)
@@ -404,17 +403,6 @@ class _Reader:
                 self.fail(f"{spec.name} needs density +/- epsilon inside (0, 1), but {self.models[i]} has "
                           f"density {d[i]} and epsilon {eps[i]} for {name}: lower epsilon or move density")
         return TensorRecipe(name, location, params, active)
-
-
-    def _refuse_unexact(self, shared: dict, name: str) -> None:
-        """Options of the functional methods that hotmerge does not reproduce: one line each."""
-        if shared.get("filter_wise"):
-            self.fail(f"model_stock with filter_wise: true (for {name}) is not supported: its per-row "
-                      "statistics are not in the engine; remove filter_wise")
-        # mergekit flattens before it looks at nuslerp_row_wise, so that alone changes nothing
-        if shared.get("nuslerp_flatten") is False:
-            self.fail(f"nuslerp with nuslerp_flatten: false (for {name}) is not supported: its per-row "
-                      "slerp is not in the engine; remove nuslerp_flatten")
 
 
 def _evaluate(tensor_name: str, setting, t: float, validate):

@@ -21,7 +21,7 @@ import torch
 from .layout import FlatSources
 from .table import CoefficientTable
 from .finite import NonFiniteMergeError, unproven_segments
-from .torch_backend import chunks, merge_chunk_torch, out_slice
+from .torch_backend import ROW_KINDS, chunks, merge_chunk_torch, out_slice
 from . import cpu_backend as cpu
 
 
@@ -68,10 +68,12 @@ def apply(
         streaming.apply(flat, table, out, backend=backend, block=block)
         return
     _check_out(flat, out)
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"unknown backend {backend!r}")
     if backend == "auto":
         backend = "triton" if flat.device.type == "cuda" else "torch"
-    if backend not in ("torch", "triton"):
-        raise ValueError(f"unknown backend {backend!r}")
+    if table.kind in ROW_KINDS:
+        backend = "torch"  # per-row coefficients: torch operations on every device
     if backend == "triton":
         from . import triton_merge as T
 
@@ -85,7 +87,7 @@ def apply(
         T.merge(flat, table, scale, out, block=block)
         return
 
-    fast = cpu.fast_ok(flat)
+    fast = cpu.fast_ok(flat) and table.kind not in ROW_KINDS
     if fast and table.needs_l1_pass and cpu.stream_ok(flat, table):
         cpu.apply_streamed(flat, table, out, cpu.scratch(flat))
         return

@@ -38,7 +38,7 @@ def unproven_segments(flat: FlatSources, table: CoefficientTable, scale: np.ndar
     limit = 0.99 * torch.finfo(flat.dtype).max
     big = 1e37  # keep float32 intermediates far from overflow
     with np.errstate(all="ignore"):
-        if table.combine:
+        if table.combine or table.kind == "rows_combine":
             inner = (np.abs(table.coef.astype(np.float64)) * st.max_source).sum(1)
             bound = inner / np.abs(table.div.astype(np.float64))
         else:

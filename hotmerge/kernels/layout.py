@@ -57,6 +57,7 @@ class Segment:
     elem_stride: int = 0
     param_row: int = -1  # row of the parameter arrays this segment uses; -1: its own index
     name: str = ""
+    shape: tuple = ()  # its whole tensor's shape (the per-row methods' rows); (): one row
 
     def last_element(self) -> int:
         """Index of its last element in its tensor's random stream (elem_offset - 1 if empty)."""
@@ -157,7 +158,8 @@ class FlatSources:
         for shape, name in zip(shapes, names):
             numel = int(np.prod(shape, dtype=np.int64))
             segments.append(Segment(offset=offset, numel=numel, tensor_key=tensor_key_of(name),
-                                    row_len=R.default_row_len(shape), last_dim=R.last_dim(shape), name=name))
+                                    row_len=R.default_row_len(shape), last_dim=R.last_dim(shape), name=name,
+                                    shape=tuple(int(d) for d in shape)))
             offset += -(-numel // align) * align
         models = torch.zeros((n_models, offset), dtype=dtype, device=device, pin_memory=pin_memory)
         base = torch.zeros(offset, dtype=dtype, device=device, pin_memory=pin_memory) if with_base else None

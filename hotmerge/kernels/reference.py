@@ -786,26 +786,74 @@ def row_grams(vectors: Sequence[torch.Tensor], columns: bool = False) -> np.ndar
     return torch.einsum("irc,jrc->rij", v, v).numpy()
 
 
+def row_count(shape: Sequence[int], columns: bool = False) -> int:
+    """How many of mergekit's per-row vectors (_rows) a tensor of `shape` has."""
+    if len(shape) < 2:
+        return 1
+    numel = int(np.prod(shape, dtype=np.int64))
+    return numel // int(shape[0] if columns else shape[-1]) if numel else 0
+
+
+def row_ids(elements: torch.Tensor, shape: Sequence[int], columns: bool = False) -> torch.Tensor:
+    """The row (_rows) of each element, given by its index in the whole (row-major) tensor:
+    along the last dim, e // last; with `columns` the rows of x.transpose(0, -1), where an
+    element of [d0, ..., dk] at (i0, rest) lies in row (rest % dk) * (rest_len / dk) + rest // dk."""
+    e = elements.long()
+    if len(shape) < 2:
+        return torch.zeros_like(e)
+    last = int(shape[-1])
+    if not columns:
+        return e // last
+    rest_len = int(np.prod(shape[1:], dtype=np.int64))
+    rest = e % rest_len
+    return (rest % last) * (rest_len // last) + rest // last
+
+
+def row_coefficients(method: str, g: np.ndarray, params: Mapping) -> np.ndarray:
+    """[R, N] coefficients of each row's merge from its Gram matrix g [R, N, N]:
+    stats_coefficients row by row (model_stock with filter_wise, nuslerp with
+    nuslerp_flatten false), vectorised over the rows."""
+    n = g.shape[1]
+    diag = np.sqrt(np.maximum(np.diagonal(g, axis1=1, axis2=2), 0.0))  # [R, N] norms
+    if method == "model_stock":
+        pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+        cos = np.stack([np.clip(g[:, i, j] / np.maximum(diag[:, i] * diag[:, j], 1e-6), -1.0, 1.0)
+                        for i, j in pairs], axis=1)
+        c = cos.mean(axis=1)
+        den = 1 + (n - 1) * c
+        singular = np.abs(den) < 1e-6  # keeps the base
+        t = np.where(singular, 0.0, n * c / np.where(singular, 1.0, den))
+        return np.repeat((t / n)[:, None], n, axis=1)
+    if method == "nuslerp":
+        w0, w1 = (float(w) for w in params["weight"])
+        total = w0 + w1
+        t = 0.5 if abs(total) < 1e-6 else w1 / total
+        n0, n1 = np.maximum(diag[:, 0], 1e-7), np.maximum(diag[:, 1], 1e-7)
+        cos = np.clip(g[:, 0, 1] / (n0 * n1), -1.0, 1.0)
+        colinear = 1 - cos * cos <= 1e-8 ** 2
+        theta = np.arccos(np.where(colinear, 0.0, cos))
+        s = np.where(colinear, 1.0, np.sin(theta))
+        return np.stack([np.where(colinear, 1 - t, np.sin((1 - t) * theta) / s),
+                         np.where(colinear, t, np.sin(t * theta) / s)], axis=1)
+    raise ValueError(f"{method} has no per-row form")
+
+
 def stats_merge_rows(method: str, base: Optional[torch.Tensor], sources: Sequence[torch.Tensor],
                      params: Mapping, columns: bool = False) -> torch.Tensor:
     """stats_merge_tensor row by row: model_stock with filter_wise, nuslerp with
     nuslerp_flatten false (columns: nuslerp_row_wise). Each row r is sum_i c_ri v_ri with
-    its coefficients from its own Gram matrix; float32, rounded once."""
+    its coefficients from its own Gram matrix (row_coefficients); float32, rounded once."""
     dtype, shape = sources[0].dtype, sources[0].shape
     if base is not None:
         b = base.float()
         vs = [(x.float() - b).to(dtype) for x in sources]
     else:
         vs = list(sources)
-    g = row_grams(vs, columns)
-    c = np.stack([stats_coefficients(method, g[r], params, dtype) for r in range(g.shape[0])])
-    acc = 0
+    c = torch.from_numpy(row_coefficients(method, row_grams(vs, columns), params)).float()
+    rows = row_ids(torch.arange(sources[0].numel()), shape, columns)
+    acc = torch.zeros(sources[0].numel(), dtype=torch.float32)
     for i, v in enumerate(vs):
-        acc = acc + _rows(v, columns).float() * torch.from_numpy(c[:, i]).float()[:, None]
-    if columns and len(shape) >= 2:
-        t = list(shape)
-        t[0], t[-1] = t[-1], t[0]
-        acc = acc.reshape(t).transpose(0, -1)
+        acc = acc + v.reshape(-1).float() * c[rows, i]
     acc = acc.reshape(shape)
     return (b + acc if base is not None else acc).to(dtype)
 

@@ -278,21 +278,24 @@ def whole_numel(flat, j: int) -> int:
 
 def summed_per_tensor(flat, local, shape) -> dict:
     """{j: local(j) summed over the distinct blocks of segment j's tensor} for every segment;
-    local(j) is a float64 array of `shape`. Without shards, or for a tensor this rank holds
-    whole, it is local(j). Every rank of flat.group calls it."""
+    local(j) is a float64 array of `shape` (a tuple, or shape(j), the same for every block of
+    a tensor). Without shards, or for a tensor this rank holds whole, it is local(j). Every
+    rank of flat.group calls it, and holds a block of every split tensor."""
     if flat.shards is None:
         return {j: np.asarray(local(j), dtype=np.float64) for j in range(len(flat.segments))}
     g = _gather(flat, flat.group)
     out = {j: np.asarray(local(j), dtype=np.float64) for j, (name, _, _) in enumerate(g.mine) if name not in g.row}
     for name in g.row:  # one tensor at a time, in the same order on every rank
-        total = torch.zeros(shape, dtype=torch.float64)
+        held = [j for j in g.held if g.mine[j][0] == name]
+        if not held:
+            raise ValueError(f"this rank holds no block of {name}")
+        total = torch.zeros(shape(held[0]) if callable(shape) else shape, dtype=torch.float64)
         for j in g.owned:
             if g.mine[j][0] == name:
                 total += torch.as_tensor(np.asarray(local(j), dtype=np.float64))
         dist.all_reduce(total, group=flat.group)
-        for j in g.held:
-            if g.mine[j][0] == name:
-                out[j] = total.numpy().copy()
+        for j in held:
+            out[j] = total.numpy().copy()
     return out
 
 

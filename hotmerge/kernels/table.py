@@ -41,12 +41,19 @@ class CoefficientTable:
     l1: np.ndarray  # [S, M] f64 ||delta||_1
     l1_kept: np.ndarray  # [S, M] f64 ||masked||_1; NaN: measured by apply (random masks)
     rank_codes: Optional[torch.Tensor] = None  # [M, total] uint8: della's rank codes, arcee_fusion's keep bits
+    # kinds "rows" and "rows_combine" (model_stock with filter_wise, nuslerp with
+    # nuslerp_flatten false): per segment, (coefficients [R, M] float32 on the sources'
+    # device, columns, the whole tensor's shape, the inputs): element e of a segment takes
+    # row reference.row_ids(e) of its coefficients; `weight` (`coef`) holds each model's
+    # largest |coefficient| for the finite check
+    row_coef: Optional[list] = None
     # how the kernels apply it: "combine" (sum of coef * X), "task" (B + merged deltas),
     # "nearswap" (B + clamp(t / |delta|, 0, 1) * delta, t in `weight`), "sce" (coef: 1 for
     # each tensor's inputs; weight: sce's per-model weights; the variance keys kept in
     # (lo, hi) and those == lo (hi) iff u24 < p0 (p1), the stream of keys[:, 0]), "ram" and
     # "ramplus" (coef: the inputs; weight: lambda per model; a delta counts where its key
-    # > lo)
+    # > lo), "rows" (B + per-row coefficients times the deltas) and "rows_combine" (the
+    # same of the sources, without a base)
     kind: str = "task"
 
     @property
@@ -161,13 +168,14 @@ def build_table(
     keys = np.zeros((S, M, 2), dtype=np.uint32)
 
     kind = "combine" if spec.combine else "task"
+    row_coef = None
     codes = st.rank_codes if spec.sparse_mode == R.SPARSE_RANKED else None
     if spec.engine in ("sce", "ram", "fusion"):
         kind, codes = _elementwise(spec, flat, p, rows, st, seed=seed, coef=coef, weight=weight,
                                    cut=(lo, hi, p0, p1), keys=keys)
         normalize, rescale, lambda_ = False, False, 1.0
     elif spec.functional:
-        kind = _functional(spec, flat, p, rows, st, coef, weight)
+        kind, row_coef = _functional(spec, flat, p, rows, st, coef, weight)
         normalize, rescale, lambda_ = False, False, 1.0
     elif method == "slerp":
         if "genes" in p:
@@ -235,7 +243,7 @@ def build_table(
         method=method, spec=spec, normalize=bool(normalize), rescale=bool(rescale),
         lambda_=float(lambda_), seed=int(seed), coef=coef, weight=weight, div=div,
         lo=lo, hi=hi, p0=p0, p1=p1, keys=keys, sparsified=sparsified, l1=l1, l1_kept=l1_kept,
-        rank_codes=codes, kind=kind,
+        rank_codes=codes, kind=kind, row_coef=row_coef,
     )
 
 
@@ -253,12 +261,70 @@ def _karcher(flat: FlatSources, st, settings: tuple) -> dict:
     return st.extras[key]
 
 
+def _per_row(spec: R.MethodSpec, values: dict, inputs: list) -> list:
+    """Per segment: None (one set of coefficients per tensor), or whether mergekit's rows
+    are columns (model_stock with filter_wise: rows; nuslerp with nuslerp_flatten false:
+    columns where nuslerp_row_wise)."""
+    def flag(name, j, idx, default):
+        return bool(values[name][j, idx[0]]) if name in values else default
+
+    if spec.name == "model_stock":
+        return [False if flag("filter_wise", j, idx, False) else None for j, idx in enumerate(inputs)]
+    if spec.name == "nuslerp":
+        return [None if flag("nuslerp_flatten", j, idx, True) else flag("nuslerp_row_wise", j, idx, False)
+                for j, idx in enumerate(inputs)]
+    return [None] * len(inputs)
+
+
+def _whole_shape(flat: FlatSources, j: int) -> tuple:
+    if flat.shards is not None:
+        return tuple(flat.shards[j].shape)
+    return flat.segments[j].shape or (flat.segments[j].numel,)
+
+
+def _row_grams(flat: FlatSources, st, inputs: list, modes: list, with_base: bool) -> dict:
+    """{j: [R, M, M] float64 Gram matrices of segment j's rows (reference.row_grams) over its
+    inputs' deltas (sources without a base)} for the per-row segments, of the whole tensors
+    (a split tensor's partial sums added across the tensor-parallel group): once, at the
+    first table."""
+    key = ("row_grams", tuple(tuple(int(i) for i in idx) for idx in inputs), tuple(modes), with_base)
+    if key not in st.extras:
+        M = flat.n_models
+        chunk = 1 << 18
+
+        def shape(j):
+            rows = R.row_count(_whole_shape(flat, j), bool(modes[j])) if modes[j] is not None else 0
+            return (rows, M, M)
+
+        def grams(j):
+            seg, idx = flat.segments[j], [int(i) for i in inputs[j]]
+            out = torch.zeros(shape(j), dtype=torch.float64)
+            if modes[j] is None:
+                return out
+            pick = (torch.tensor(idx)[:, None], torch.tensor(idx)[None, :])
+            for lo in range(0, seg.numel, chunk):
+                a, b = seg.offset + lo, seg.offset + min(seg.numel, lo + chunk)
+                v = flat.models[idx, a:b]
+                if with_base:
+                    v = (v.float() - flat.base[a:b].float()).to(flat.dtype)
+                v = v.double()
+                r = R.row_ids(seg.elements(lo, lo + (b - a)), _whole_shape(flat, j), modes[j]).to(v.device)
+                sub = torch.zeros((out.shape[0], len(idx), len(idx)), dtype=torch.float64, device=v.device)
+                sub.index_add_(0, r, (v[:, None, :] * v[None, :, :]).permute(2, 0, 1))
+                out[:, pick[0], pick[1]] += sub.cpu()
+            return out
+
+        st.extras[key] = sharded.summed_per_tensor(flat, grams, shape)
+    return st.extras[key]
+
+
 def _functional(spec: R.MethodSpec, flat: FlatSources, p: dict, rows: np.ndarray, st, coef: np.ndarray,
-                weight: np.ndarray) -> str:
+                weight: np.ndarray) -> tuple:
     """Fill coef (no base) or weight (with a base) for a "stats" method, or weight with
-    nearswap's t; returns the table's kind. p["active"]: which models are this tensor's
-    inputs (default all); shared parameters come as per-model values, read from the
-    first active model."""
+    nearswap's t; returns the table's kind and its per-row coefficients (or None).
+    p["active"]: which models are this tensor's inputs (default all); shared parameters
+    come as per-model values, read from the first active model."""
+
     S, M = coef.shape
     active = _expand(p.get("active", 1.0), rows, S, M, "active") != 0
     per_model = {q.name for q in spec.tensor_params}
@@ -275,6 +341,9 @@ def _functional(spec: R.MethodSpec, flat: FlatSources, p: dict, rows: np.ndarray
             want = f"{lo}" if hi == lo else f"{lo} to {hi}" if hi is not None else f"at least {lo}"
             raise ValueError(f"{spec.name} merges {want} models besides the base per tensor, "
                              f"{flat.segments[j].name or j} has {len(idx)}")
+    modes = _per_row(spec, values, inputs)
+    if any(m is not None for m in modes):
+        return _functional_rows(spec, flat, st, values, inputs, modes, with_base, coef, weight)
     if spec.name == "karcher":
         iterations = values.get("max_iter", np.full((S, M), 10.0))
         tolerance = values.get("tol", np.full((S, M), 1e-5))
@@ -297,8 +366,32 @@ def _functional(spec: R.MethodSpec, flat: FlatSources, p: dict, rows: np.ndarray
                 raise R.UndefinedMergeError(f"{flat.segments[j].name or j}: {error}") from None
         (weight if with_base else coef)[j, idx] = ci
     if spec.engine == "nearswap":
-        return "nearswap"
-    return "task" if with_base else "combine"
+        return "nearswap", None
+    return ("task" if with_base else "combine"), None
+
+
+def _functional_rows(spec: R.MethodSpec, flat: FlatSources, st, values: dict, inputs: list, modes: list,
+                     with_base: bool, coef: np.ndarray, weight: np.ndarray) -> tuple:
+    """The per-row table of model_stock (filter_wise) or nuslerp (nuslerp_flatten false):
+    each row's coefficients from its Gram matrix (reference.row_coefficients); a segment
+    whose mode is None keeps its tensor's coefficients, as one row."""
+    M = flat.n_models
+    grams = _row_grams(flat, st, inputs, modes, with_base)
+    whole = st.delta_dots if with_base else st.dots
+    per_model = {q.name for q in spec.tensor_params}
+    row_coef = []
+    for j, idx in enumerate(inputs):
+        params = {name: values[name][j, idx] for name in per_model if name in values}
+        if modes[j] is None:
+            c = R.stats_coefficients(spec.name, whole[j][np.ix_(idx, idx)], params, flat.dtype)[None, :]
+        else:
+            c = R.row_coefficients(spec.name, grams[j][np.ix_(range(grams[j].shape[0]), idx, idx)], params)
+        full = np.zeros((c.shape[0], M), dtype=np.float32)
+        full[:, idx] = c
+        shape = _whole_shape(flat, j) if modes[j] is not None else ()
+        row_coef.append((torch.from_numpy(full).to(flat.device), modes[j] is True, shape, tuple(int(i) for i in idx)))
+        (weight if with_base else coef)[j] = np.abs(full).max(0) if len(full) else 0.0
+    return ("rows" if with_base else "rows_combine"), row_coef
 
 
 def _inputs(spec: R.MethodSpec, flat: FlatSources, p: dict, rows: np.ndarray) -> list:
@@ -385,6 +478,8 @@ def _fusion_codes(flat: FlatSources, st, inputs: list, seed: int) -> torch.Tenso
 
         def keep(j, values):  # values: the base's and the input's whole tensor
             seg = flat.segments[j]
+            if values.shape[1] == 0:
+                return torch.zeros(0, dtype=torch.bool, device=values.device)
             row_len = R.last_dim(flat.shards[j].shape) if flat.shards is not None else seg.last_dim or seg.numel
             return R.fusion_keep(values[0], values[1], row_len, R.fusion_generator(seed, seg.tensor_key))
 

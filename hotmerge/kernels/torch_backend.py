@@ -70,11 +70,16 @@ def l1_kept_reference(flat: FlatSources, table: CoefficientTable, j: int, m: int
 
 
 
+ROW_KINDS = ("rows", "rows_combine")  # per-row coefficients: this backend on every device
+
+
 def merge_chunk_torch(flat, table, scale, j, lo, hi) -> torch.Tensor:
     """Merged values of segment j, elements [lo, hi), in the source dtype."""
     seg = flat.segments[j]
     a, b = seg.offset + lo, seg.offset + hi
     n = hi - lo
+    if table.kind in ROW_KINDS:
+        return rows_chunk(flat, table, j, lo, hi)
     if table.combine:
         acc = torch.zeros(n, dtype=torch.float32, device=flat.device)
         for m in range(flat.n_models):
@@ -144,6 +149,24 @@ def elementwise_chunk(flat, table, j, lo, hi) -> torch.Tensor:
         keep = R.range_keep(keys, R.random_u24(elem, k1, mult), cut)
         return R.sce_combine(base, deltas, keep, weights).to(flat.dtype)
     return R.ram_combine(base, deltas, int(table.lo[j, 0]), weights, plus=table.kind == "ramplus").to(flat.dtype)
+
+
+
+def rows_chunk(flat, table, j, lo, hi) -> torch.Tensor:
+    """reference.stats_merge_rows on segment j, elements [lo, hi): each element takes the
+    coefficients of its row, found from its index in the whole tensor (source dtype)."""
+    seg = flat.segments[j]
+    a, b = seg.offset + lo, seg.offset + hi
+    coef, columns, shape, inputs = table.row_coef[j]
+    coef = coef.to(flat.device)
+    elem = seg.elements(lo, hi, flat.device)
+    rows = R.row_ids(elem, shape, columns) if shape else torch.zeros(hi - lo, dtype=torch.int64, device=flat.device)
+    base = flat.base[a:b].float() if table.kind == "rows" else None
+    acc = torch.zeros(hi - lo, dtype=torch.float32, device=flat.device)
+    for m in inputs:
+        v = flat.models[m, a:b] if base is None else (flat.models[m, a:b].float() - base).to(flat.dtype)
+        acc = acc + v.float() * coef[rows, m]
+    return (acc if base is None else base + acc).to(flat.dtype)
 
 
 
