@@ -507,6 +507,13 @@ def merge_segment_fast(flat: FlatSources, table: CoefficientTable, scale: np.nda
     if table.kind in ("sce", "ram", "ramplus"):
         _elementwise_segment(flat, table, j, out)
         return
+    if spec.engine == "fusion" and _native_ok(flat):
+        rows = [m for m in range(flat.n_models) if scale[j, m] != 0]
+        if len(rows) == 1 and scale[j, rows[0]] == 1.0:  # B + the kept delta of its one input
+            span = slice(seg.offset, seg.offset + seg.numel)
+            native.keep(flat.models[rows[0], span], flat.base[span], table.rank_codes[rows[0], span],
+                        out_slice(out, flat, j, 0, seg.numel))
+            return
     if table.combine:
         rows = [m for m in range(flat.n_models) if table.coef[j, m] != 0]
         coefs = [float(table.coef[j, m]) for m in rows]

@@ -4,6 +4,9 @@
  *                    (ties, breadcrumbs) or DARE's random masks
  *   hm_l1_bf16       the masked L1 norms that DARE rescales by
  *   hm_nearswap_bf16 nearswap: each delta weighted by clamp(t / |delta|, 0, 1)
+ *   hm_keep_bf16     arcee_fusion: each delta where its load-time keep bit is set
+ *   hm_sce_bf16      sce: a cut of the per-element variance, sign election, weights
+ *   hm_ram_bf16      ram and ramplus_tl: each delta by how many models change the element
  * One pass per element block: each source is read once, the result written once,
  * everything in between stays in L1.
  *
@@ -65,13 +68,25 @@ void hm_combine_bf16(const uint16_t *const *rows, const float *coef, int k, int 
 }
 
 /* out = bf16(B + d * clamp(t / max(|d|, 1e-6), 0, 1)), d = bf16(X - B) */
+/* arcee_fusion (reference.fusion_tensor): out = bf16(B + (keep ? d : 0)), d = bf16(X - B),
+ * keep the load-time keep bit of the element. */
+void hm_keep_bf16(const uint16_t *x, const uint16_t *base, const uint8_t *keep, uint16_t *out, int64_t n) {
+    for (int64_t e = 0; e < n; e++) {
+        float b = bf16_to_f32(base[e]);
+        uint32_t d = round_to_bf16_bits(bf16_to_f32(x[e]) - b);
+        out[e] = f32_to_bf16(b + bits_to_f32(d & -(uint32_t)(keep[e] != 0)));
+    }
+}
+
+/* The larger (smaller) of two finite floats, as a select the loops vectorise. */
+static inline float max_f(float a, float b) { return a > b ? a : b; }
+static inline float min_f(float a, float b) { return a < b ? a : b; }
+
 void hm_nearswap_bf16(const uint16_t *x, const uint16_t *base, float t, uint16_t *out, int64_t n) {
     for (int64_t e = 0; e < n; e++) {
         float b = bf16_to_f32(base[e]);
         float d = bits_to_f32(round_to_bf16_bits(bf16_to_f32(x[e]) - b));
-        float a = fabsf(d);
-        float w = t / (a > 1e-6f ? a : 1e-6f);
-        w = w > 0.0f ? (w < 1.0f ? w : 1.0f) : 0.0f;
+        float w = min_f(max_f(t / max_f(fabsf(d), 1e-6f), 0.0f), 1.0f);
         out[e] = f32_to_bf16(b + d * w);
     }
 }
@@ -274,67 +289,111 @@ static inline int32_t bf16_key(float f) {
  * in float64 (mean, then squared deviations, model after model) rounded to float32 and to
  * bf16 decides the selection (variance keys in (lo, hi), and == lo (hi) iff u24 < q_lo
  * (q_hi)); the selected deltas elect a sign from their sum, and the agreeing ones are
- * averaged with the weights w, the divisor at least 1e-6. cut = {lo, hi, q_lo, q_hi}. */
+ * averaged with the weights w, the divisor at least 1e-6. cut = {lo, hi, q_lo, q_hi}.
+ * Block by block, model after model (faster here than registers: the float64 steps). */
 void hm_sce_bf16(const uint16_t *const *rows, int k, const uint16_t *base, const float *w,
                  const int32_t *cut, uint32_t k1, uint32_t mult, int64_t elem, uint16_t *out,
                  int64_t n) {
-    float d[MAX_ROWS];
-    for (int64_t e = 0; e < n; e++) {
-        float b = bf16_to_f32(base[e]);
-        double total = 0.0, dev = 0.0;
-        for (int m = 0; m < k; m++) {
-            d[m] = bits_to_f32(round_to_bf16_bits(bf16_to_f32(rows[m][e]) - b));
-            total = total + (double)d[m];
+    float d[MAX_ROWS][BLOCK];
+    float b[BLOCK], sum[BLOCK], mixed[BLOCK], divisor[BLOCK];
+    double total[BLOCK], dev[BLOCK];
+    int32_t keep[BLOCK];
+    int32_t lo_key = cut[0], hi_key = cut[1], q_lo = cut[2], q_hi = cut[3];
+    for (int64_t lo = 0; lo < n; lo += BLOCK) {
+        int len = (int)(n - lo < BLOCK ? n - lo : BLOCK);
+        for (int e = 0; e < len; e++) {
+            b[e] = bf16_to_f32(base[lo + e]);
+            total[e] = 0.0;
+            dev[e] = 0.0;
         }
-        double mean = total / k;
         for (int m = 0; m < k; m++) {
-            double c = (double)d[m] - mean;
-            dev = dev + c * c;
+            const uint16_t *x = rows[m] + lo;
+            for (int e = 0; e < len; e++) {
+                d[m][e] = bits_to_f32(round_to_bf16_bits(bf16_to_f32(x[e]) - b[e]));
+                total[e] = total[e] + (double)d[m][e];
+            }
         }
-        int32_t key = bf16_key((float)(dev / k));
-        int32_t u = u24((uint32_t)(elem + e) * mult + k1);
-        int keep = (key > cut[0] && key < cut[1]) || (key == cut[0] && u < cut[2]) ||
-                   (key == cut[1] && u < cut[3]);
-        float sum = 0.0f, mixed = 0.0f, divisor = 0.0f;
+        for (int e = 0; e < len; e++) total[e] = total[e] / k; /* the mean */
+        for (int m = 0; m < k; m++)
+            for (int e = 0; e < len; e++) {
+                double c = (double)d[m][e] - total[e];
+                dev[e] = dev[e] + c * c;
+            }
+        for (int e = 0; e < len; e++) {
+            int32_t key = bf16_key((float)(dev[e] / k));
+            int32_t u = u24((uint32_t)(elem + lo + e) * mult + k1);
+            keep[e] = (key > lo_key && key < hi_key) | (key == lo_key && u < q_lo) | (key == hi_key && u < q_hi);
+            sum[e] = 0.0f;
+            mixed[e] = 0.0f;
+            divisor[e] = 0.0f;
+        }
+        for (int m = 0; m < k; m++)
+            for (int e = 0; e < len; e++) {
+                d[m][e] = keep[e] ? d[m][e] : 0.0f;
+                sum[e] = sum[e] + d[m][e];
+            }
         for (int m = 0; m < k; m++) {
-            if (!keep) d[m] = 0.0f;
-            sum = sum + d[m];
+            float wm = w[m];
+            for (int e = 0; e < len; e++) {
+                int agree = sum[e] >= 0.0f ? d[m][e] > 0.0f : d[m][e] < 0.0f;
+                mixed[e] = mixed[e] + (agree ? d[m][e] * wm : 0.0f);
+                divisor[e] = divisor[e] + (agree ? wm : 0.0f);
+            }
         }
-        int positive = sum >= 0.0f;
-        for (int m = 0; m < k; m++) {
-            int agree = positive ? d[m] > 0.0f : d[m] < 0.0f;
-            mixed = mixed + (agree ? d[m] * w[m] : 0.0f);
-            divisor = divisor + (agree ? w[m] : 0.0f);
-        }
-        out[e] = f32_to_bf16(b + mixed / (divisor < 1e-6f ? 1e-6f : divisor));
+        for (int e = 0; e < len; e++)
+            out[lo + e] = f32_to_bf16(b[e] + mixed[e] / (divisor[e] < 1e-6f ? 1e-6f : divisor[e]));
     }
 }
+
+/* RAM runs element by element with the models in registers: written for a count K of
+ * models known when it is compiled (always inlined with a constant K, 1 to 8), so that
+ * the loop over elements vectorises; other counts take the same code with K at run time. */
+#define INLINE static inline __attribute__((always_inline))
+#define BY_COUNT(CALL)                                                                      \
+    switch (k) {                                                                            \
+    case 1: CALL(1); break;                                                                 \
+    case 2: CALL(2); break;                                                                 \
+    case 3: CALL(3); break;                                                                 \
+    case 4: CALL(4); break;                                                                 \
+    case 5: CALL(5); break;                                                                 \
+    case 6: CALL(6); break;                                                                 \
+    case 7: CALL(7); break;                                                                 \
+    case 8: CALL(8); break;                                                                 \
+    default: CALL(k);                                                                       \
+    }
 
 /* RAM and RAM+ (reference.ram_combine): per element, the count c of deltas whose key is
  * above `threshold`; one such delta enters times its lambda, several as bf16(d / c) each;
  * RAM (plus 0) rounds the sum to bf16 before adding the base. */
-void hm_ram_bf16(const uint16_t *const *rows, int k, const uint16_t *base, const float *lambda,
-                 int32_t threshold, int plus, uint16_t *out, int64_t n) {
-    float d[MAX_ROWS];
-    int nz[MAX_ROWS];
+INLINE void ram_rows(const uint16_t *const *rows, const int K, const uint16_t *base, const float *lambda,
+                     int32_t threshold, int plus, uint16_t *out, int64_t n) {
     for (int64_t e = 0; e < n; e++) {
+        uint32_t d[MAX_ROWS];
+        int32_t nz[MAX_ROWS];
         float b = bf16_to_f32(base[e]);
-        int count = 0;
-        for (int m = 0; m < k; m++) {
-            uint32_t bits = round_to_bf16_bits(bf16_to_f32(rows[m][e]) - b);
-            d[m] = bits_to_f32(bits);
-            nz[m] = (int32_t)(bits >> 16 & KEY_MAX) > threshold;
+        int32_t count = 0;
+        for (int m = 0; m < K; m++) {
+            d[m] = round_to_bf16_bits(bf16_to_f32(rows[m][e]) - b);
+            nz[m] = (int32_t)(d[m] >> 16 & KEY_MAX) > threshold;
             count += nz[m];
         }
         float c = count > 1 ? (float)count : 1.0f;
         float total = 0.0f;
-        for (int m = 0; m < k; m++) {
-            float t = 0.0f;
-            if (nz[m] && count == 1) t = d[m] * lambda[m];
-            else if (nz[m] && count > 1) t = bits_to_f32(round_to_bf16_bits(d[m] / c));
+        for (int m = 0; m < K; m++) {
+            float v = bits_to_f32(d[m]);
+            float unique = v * lambda[m];
+            float shared = bits_to_f32(round_to_bf16_bits(v / c));
+            float t = nz[m] ? (count == 1 ? unique : shared) : 0.0f;
             total = total + t;
         }
         if (!plus) total = bits_to_f32(round_to_bf16_bits(total));
         out[e] = f32_to_bf16(b + total);
     }
+}
+
+void hm_ram_bf16(const uint16_t *const *rows, int k, const uint16_t *base, const float *lambda,
+                 int32_t threshold, int plus, uint16_t *out, int64_t n) {
+#define RAM(K) ram_rows(rows, K, base, lambda, threshold, plus, out, n)
+    BY_COUNT(RAM)
+#undef RAM
 }

@@ -32,7 +32,9 @@ from typing import Optional, Sequence
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_merge.c")
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared"]
+# -fno-trapping-math lets the float selects (clamps, maxima) vectorise: it drops only the
+# floating-point exception flags, never a value (no reassociation, no contraction)
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-fno-trapping-math", "-fPIC", "-shared"]
 MIN_PER_THREAD = 1 << 16  # elements; below this, threads cost more than they save
 MAX_ROWS, MAX_PARTS = 16, 4  # as in cpu_merge.c
 
@@ -93,6 +95,8 @@ def _build() -> ctypes.CDLL:
                                ctypes.POINTER(ctypes.c_double)]
     lib.hm_nearswap_bf16.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p,
                                      ctypes.c_int64]
+    lib.hm_keep_bf16.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                 ctypes.c_int64]
     i32p = ctypes.POINTER(ctypes.c_int32)
     lib.hm_sce_bf16.argtypes = [u16pp, ctypes.c_int, ctypes.c_void_p, f32p, i32p, ctypes.c_uint32, ctypes.c_uint32,
                                 ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
@@ -100,6 +104,7 @@ def _build() -> ctypes.CDLL:
                                 ctypes.c_void_p, ctypes.c_int64]
     lib.hm_combine_bf16.restype = lib.hm_merge_bf16.restype = lib.hm_l1_bf16.restype = None
     lib.hm_nearswap_bf16.restype = lib.hm_sce_bf16.restype = lib.hm_ram_bf16.restype = None
+    lib.hm_keep_bf16.restype = None
     return lib
 
 
@@ -177,6 +182,18 @@ def nearswap(x: torch.Tensor, base: torch.Tensor, t: float, out: torch.Tensor) -
 
     def call(lo, hi):
         lib.hm_nearswap_bf16(x.data_ptr() + 2 * lo, base.data_ptr() + 2 * lo, t, out.data_ptr() + 2 * lo, hi - lo)
+
+    _parallel(out.numel(), call)
+
+
+def keep(x: torch.Tensor, base: torch.Tensor, codes: torch.Tensor, out: torch.Tensor) -> None:
+    """out <- bf16(B + (codes ? d : 0)), d = bf16(x - B): arcee_fusion; 1-D contiguous bf16,
+    codes uint8."""
+    lib = library()
+
+    def call(lo, hi):
+        lib.hm_keep_bf16(x.data_ptr() + 2 * lo, base.data_ptr() + 2 * lo, codes.data_ptr() + lo,
+                         out.data_ptr() + 2 * lo, hi - lo)
 
     _parallel(out.numel(), call)
 
