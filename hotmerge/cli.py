@@ -241,12 +241,14 @@ def plan(
             raise ConfigError("a plan for GPUs that need not be present takes --device cuda, --gpus N and "
                               "--gpu-memory GIB together")
         validated = validate_config(load_config(config), allow_crimes=allow_crimes)
+        validated.require_scorable()
         _print_gpu_plan(validated, gpus=gpus, gpu_memory=int(gpu_memory * 2**30), tp=tensor_parallel_size,
                         sources=sources, host_memory=None if host_memory is None else int(host_memory * 2**30))
         return
     if device:
         pick_device(device)  # one line, exit 2, for a device this machine does not have
     validated = validate_config(load_config(config), allow_crimes=allow_crimes)
+    validated.require_scorable()
     name, total = local_device_memory(device)
     p = memory_plan(validated, force_population_size, total, name)
     table = Table(title=f"memory plan on {name}")
@@ -518,6 +520,7 @@ def eval_command(
         validated = _with_tasks(validate_config(load_config(config), allow_crimes=allow_crimes), tasks)
         genome = validated.genome()
         x = genome.x0() if x0 else _read_genotype(genotype, genome.size)
+    validated.require_scorable()
     # Every metric of every task is reported: the configured metric only picks the score.
     validated = validated.with_tasks([ReportedTask(t.name, t.weight, t.metric) for t in validated.config.tasks])
     worker = CandidateWorker(validated, backend="vllm" if vllm else "hf", device=device,

@@ -125,6 +125,8 @@ def assert_equal_to_mergekit(recipe, ours: dict, theirs: dict) -> None:
             tolerance = tolerance + 2.0 ** -6 * max(1.0, lam) * deltas
         else:
             tolerance = tolerance + 2.0 ** -7 * sum(s[name][differ].float().abs() for s in sources)
+        if recipe.method == "model_stock":
+            tolerance = tolerance + _model_stock_terms(recipe, name, base[name], [s[name] for s in sources], differ)
         bad = (a32 - b32).abs() > tolerance
         if base is not None and bad.any():
             params = recipe.tensor(name).params if recipe.method != "slerp" else {}
@@ -132,3 +134,20 @@ def assert_equal_to_mergekit(recipe, ours: dict, theirs: dict) -> None:
                                        dtype=getattr(torch, recipe.dtype), rescale=recipe.rescale, at=differ)
         bad_total += int(bad.sum())
     assert bad_total == 0, f"{bad_total} elements differ from mergekit beyond bf16 rounding"
+
+
+def _model_stock_terms(recipe, name: str, base: torch.Tensor, sources: list, at: torch.Tensor) -> torch.Tensor:
+    """2 bf16 ulps of the terms mergekit's model_stock adds in bf16, t * mean(X) and
+    (1 - t) * B: where a row's deltas nearly oppose (mean cosine near -1/(N-1)), |t| is large
+    and those terms dwarf the result (t per row with filter_wise, else per tensor)."""
+    from hotmerge.kernels import reference as R
+
+    vs = [(x.float() - base.float()).to(base.dtype) for x in sources]
+    if bool(recipe.tensor(name).params.get("filter_wise", [0.0])[0]):
+        c = R.row_coefficients("model_stock", R.row_grams(vs), {})[:, 0]
+        t = torch.from_numpy(c * len(vs)).float()[R.row_ids(torch.arange(base.numel()), base.shape)]
+    else:
+        t = torch.full((base.numel(),), float(R.model_stock_coefficients(R.gram(vs))[0] * len(vs)))
+    t = t.view(base.shape)[at]
+    mean = sum(x.float() for x in sources)[at] / len(sources)
+    return 2.0 ** -6 * (t.abs() * mean.abs() + (1 - t).abs() * base.float()[at].abs())

@@ -355,37 +355,70 @@ def test_sharded_sources_merge_as_single_files(toy_family, tmp_path):
     assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
 
 
-def _llava_folder(path, seed: int):
-    """A Llava-style vision-language model folder: a LlavaConfig with its language model's
-    layer count under text_config, and vision tower, projector and language model weights."""
-    import json
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    from vlm_models import llava_family
 
-    from safetensors.torch import save_file
-
-    path.mkdir()
-    config = {"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
-              "text_config": {"model_type": "llama", "num_hidden_layers": 1, "hidden_size": 8},
-              "vision_config": {"model_type": "clip_vision_model", "num_hidden_layers": 1, "hidden_size": 8}}
-    (path / "config.json").write_text(json.dumps(config))
-    g = torch.Generator().manual_seed(seed)
-    names = ["model.vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight",
-             "model.multi_modal_projector.linear_1.weight", "model.language_model.layers.0.mlp.up_proj.weight",
-             "model.language_model.embed_tokens.weight", "lm_head.weight"]
-    save_file({n: torch.randn(8, 8, generator=g).bfloat16() for n in names}, str(path / "model.safetensors"))
-    return str(path)
+    return llava_family(tmp_path_factory.mktemp("llava"))
 
 
-def test_a_vision_language_merge_is_refused_in_one_line_before_loading(tmp_path):
-    """mergekit merges Llava models; hotmerge builds every merged model with AutoModelForCausalLM,
-    so it refuses them by name (exit 2, one line), not with transformers' traceback."""
-    models = [_llava_folder(tmp_path / f"llava{i}", i) for i in range(3)]
+def _vlm_cases(base, ex):
+    """Merge configs over the Llava family: a layer gradient (each stack of layers placed by
+    its own layer count), a magnitude cut, row ranks, per-row statistics, sce and arcee_fusion."""
+    return {
+        "linear-gradient": {"merge_method": "linear", "dtype": "bfloat16", "parameters": {"normalize": False},
+                            "models": _models(ex[:2], [{"weight": [0.0, 1.0]}, {"weight": 1.0}])},
+        "ties": {"merge_method": "ties", "base_model": base, "dtype": "bfloat16",
+                 "models": _models(ex, [{"weight": 0.7, "density": [0.4, 0.8]}, {"weight": 0.5, "density": 0.6},
+                                        {"weight": 0.9, "density": 0.7}])},
+        "della": {"merge_method": "della", "base_model": base, "dtype": "bfloat16",
+                  "models": _models(ex, [{"weight": 0.7, "density": 1.0}, {"weight": 0.4, "density": 1.0},
+                                         {"weight": 0.9, "density": 1.0}])},
+        "model_stock-filter_wise": {"merge_method": "model_stock", "base_model": base, "dtype": "bfloat16",
+                                    "parameters": {"filter_wise": True}, "models": _models(ex, [{}] * 3)},
+        "sce": {"merge_method": "sce", "base_model": base, "dtype": "bfloat16", "parameters": {"select_topk": 0.5},
+                "models": _models(ex, [{}] * 3)},
+        "arcee_fusion": {"merge_method": "arcee_fusion", "base_model": base, "dtype": "bfloat16",
+                         "models": _models(ex[1:2], [{}])},
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(_vlm_cases("b", ["m0", "m1", "m2"])))
+def test_vision_language_merge_equals_mergekit(llava, tmp_path, case):
+    """A Llava merge: every tensor (vision tower, projector, language model) under its own
+    name, equal to mergekit-yaml's, with the reference's config and processor files; the
+    folder loads with transformers."""
+    base, experts = llava
+    config = _vlm_cases(base, experts)[case]
+    validated, recipe = read_merge_config(config)
+    out = export_merge(validated, recipe, tmp_path / "ours")
+    ours = load_file(str(out / "model.safetensors"))
+    theirs = _mergekit(config, tmp_path / "mergekit")
+    assert set(ours) == set(theirs) == set(load_file(f"{base}/model.safetensors"))
+    assert any("vision_tower" in n for n in ours) and any("multi_modal_projector" in n for n in ours)
+    assert_equal_to_mergekit(recipe, ours, theirs)
+    if config.get("base_model"):
+        assert (out / "preprocessor_config.json").is_file()
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(out)
+    assert torch.equal(model.get_input_embeddings().weight, ours["model.language_model.embed_tokens.weight"])
+
+
+def test_vision_language_models_are_not_scored_and_slices_over_two_stacks_are_refused(llava, tmp_path):
+    """eval refuses a Llava merge in one line before any weight loads (the runtimes load causal
+    language models); slices over a model with two stacks of layers are refused by name."""
+    base, experts = llava
     config = tmp_path / "merge.yaml"
-    config.write_text(yaml.safe_dump({"merge_method": "linear", "dtype": "bfloat16",
-                                      "models": _models(models, [{"weight": 1.0}] * 3)}))
-    out = tmp_path / "merged"
-    done = subprocess.run([sys.executable, "-m", "hotmerge", "export", str(config), str(out)],
-                          capture_output=True, text=True, timeout=300)
+    config.write_text(yaml.safe_dump(_vlm_cases(base, experts)["ties"]))
+    done = subprocess.run([sys.executable, "-m", "hotmerge", "eval", str(config), "--tasks", "toy_sum_mc_search",
+                           "--output", str(tmp_path / "eval.json")], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and "llava" in lines[0] and "AutoModelForCausalLM" in lines[0], lines
-    assert not out.exists()
+    assert len(lines) == 1 and "llava" in lines[0] and "hotmerge export" in lines[0], lines
+    assert not (tmp_path / "eval.json").exists()
+    sliced = {"merge_method": "linear", "dtype": "bfloat16", "slices": [
+        {"sources": [{"model": m, "layer_range": [0, 2], "parameters": {"weight": 0.5}} for m in experts[:2]]}]}
+    with pytest.raises(ConfigError, match="2 stacks of layers"):
+        read_merge_config(sliced)

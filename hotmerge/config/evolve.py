@@ -669,6 +669,12 @@ class ValidatedConfig:
     def genome(self) -> Genome:
         return Genome(self.config.genome, self.num_layers)
 
+    def require_scorable(self) -> None:
+        """Refuse in one line, before any weight loads, models the runtimes cannot score."""
+        from hotmerge.models.folder import require_causal_lm
+
+        require_causal_lm([*self.models, self.base])
+
 
 def validate_config(cfg: EvolveConfig, inputs_of=None, tokenizer_base: Optional[str] = None,
                     allow_crimes: bool = False) -> ValidatedConfig:

@@ -27,7 +27,7 @@ import yaml
 from hotmerge.config.evolve import ValidatedConfig, parse_config, resolve_model_path, validate_config
 from hotmerge.errors import ConfigError
 from hotmerge.config.genome import TensorLocation, TensorRecipe, is_pre_weight
-from hotmerge.models.folder import layer_index
+from hotmerge.models.folder import layer_index, layer_stack, layer_stacks
 from hotmerge.models.hub import resolve_reference
 from hotmerge.kernels.methods import METHOD_NAMES, METHODS, SUPPORTED_METHODS, MethodSpec, Sparsification, get_method
 
@@ -290,6 +290,13 @@ class _Reader:
             self.fail(f"{self.spec.name} merges {want} {what} per slice, slice {i} has {n}: list {want}")
 
     def _check_layers(self) -> None:
+        # mergekit places a layer within its own stack (a vision tower's layers by the
+        # tower's count): with several stacks, only a merge over whole models says which
+        self.stacks = layer_stacks(self.validated.reference.tensors)
+        if len(self.stacks) > 1 and self.slices[0].stop != ALL_LAYERS:
+            self.fail(f"slices: over a model with {len(self.stacks)} stacks of layers "
+                      f"({', '.join(p.rstrip('.') for p in self.stacks)}) is not supported: write the merge "
+                      "with models:")
         n = self.validated.num_layers
         if self.slices[0].stop == ALL_LAYERS:
             self.slices[0] = replace(self.slices[0], stop=n)
@@ -330,6 +337,9 @@ class _Reader:
         layer = layer_index(name)
         if layer is None:
             return (self.slices[0] if is_pre_weight(name) else self.slices[-1]), 0.0
+        if len(self.stacks) > 1:  # one slice over the whole models: t within the layer's stack
+            n = self.stacks[layer_stack(name)]
+            return self.slices[0], (layer / (n - 1) if n > 1 else 1.0)
         for sl in self.slices:
             if sl.start <= layer < sl.stop:
                 n = sl.stop - sl.start

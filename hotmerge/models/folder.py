@@ -26,6 +26,23 @@ def layer_index(tensor_name: str) -> Optional[int]:
     return int(m.group(1)) if m else None
 
 
+def layer_stack(tensor_name: str) -> Optional[str]:
+    """The name of the stack of numbered layers a tensor is in (`model.layers.`), else None."""
+    m = _LAYER_RE.search(tensor_name)
+    return tensor_name[: m.start(1)] if m else None
+
+
+def layer_stacks(tensor_names) -> dict[str, int]:
+    """{stack: layer count} of each stack of numbered layers (`model.layers.`; a
+    vision-language model also has its vision tower's), counted from the names."""
+    stacks: dict[str, int] = {}
+    for name in tensor_names:
+        stack = layer_stack(name)
+        if stack is not None:
+            stacks[stack] = max(stacks.get(stack, 0), layer_index(name) + 1)
+    return stacks
+
+
 def is_derived_buffer(tensor_name: str) -> bool:
     """Tensors some checkpoints store that are computed from config.json, not learned
     (rotary inverse frequencies): the same in every source, never merged."""
@@ -61,6 +78,9 @@ class ModelInfo:
     # mergekit's output vocabulary (models/vocab.py): embedding and output matrices are read
     # with their rows moved into it
     vocabulary: Optional[object] = None
+    # whether transformers' AutoModelForCausalLM builds it (the runtimes score only those;
+    # export merges any architecture transformers knows, tensor by tensor)
+    causal_lm: bool = True
 
     @property
     def reference(self) -> str:
@@ -105,7 +125,7 @@ class ModelInfo:
         tensors = _read_tensor_index(folder)
         _check_floating(folder, tensors)
         own_code = _own_code(folder, config)
-        _check_causal_lm(folder, config)
+        causal_lm = _is_causal_lm(folder, config)
         num_layers = _num_layers(config)
         if num_layers is None:
             raise ConfigError(
@@ -128,6 +148,7 @@ class ModelInfo:
             tie_word_embeddings=bool(tie),
             tensors=tensors,
             own_code=own_code,
+            causal_lm=causal_lm,
         )
 
     def layer_tensors(self, layer: int) -> list[str]:
@@ -194,23 +215,32 @@ def _own_code(folder: Path, config: dict) -> tuple[str, ...]:
     return tuple(found)
 
 
-def _check_causal_lm(folder: Path, config: dict) -> None:
-    """Refuse, before any weight is read, a model that transformers' AutoModelForCausalLM
-    cannot build (vision-language models such as Llava, encoders, unknown types): every
-    runtime and the export build the merged model with it."""
+def _is_causal_lm(folder: Path, config: dict) -> bool:
+    """Whether transformers' AutoModelForCausalLM builds the model (False for the other
+    architectures transformers knows, such as Llava's vision-language models); a model
+    type transformers does not know is refused before any weight is read."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     model_type = config.get("model_type")
     if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        return
-    archs = ", ".join(config.get("architectures") or []) or "no architectures listed"
+        return True
     if model_type in CONFIG_MAPPING_NAMES:
-        raise ConfigError(f"{folder} is a {model_type} model ({archs}), which transformers' AutoModelForCausalLM "
-                          "does not build: hotmerge merges and scores causal language models only; merge this one "
-                          "with mergekit-yaml")
+        return False
+    archs = ", ".join(config.get("architectures") or []) or "no architectures listed"
     raise ConfigError(f"{folder} has model_type {model_type!r} ({archs}), which this transformers does not know: "
                       "merge models of an architecture transformers supports")
+
+
+def require_causal_lm(infos) -> None:
+    """Refuse, before any weight is read, to score models that transformers'
+    AutoModelForCausalLM does not build: both runtimes load the merged model as one."""
+    for info in infos:
+        if info is not None and not info.causal_lm:
+            archs = ", ".join(info.architectures) or "no architectures listed"
+            raise ConfigError(f"{info.path} is a {info.model_type} model ({archs}), which hotmerge's runtimes do "
+                              "not score (they load causal language models): merge it with hotmerge export, "
+                              "or search models that AutoModelForCausalLM builds")
 
 
 _WARNED_OWN_CODE: set[str] = set()

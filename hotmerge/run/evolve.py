@@ -220,6 +220,7 @@ def evolve(config_path: Path, options: EvolveOptions, console=None) -> dict | No
     for task in check_benchmark_tasks(cfg, options.allow_benchmark_tasks):
         log(f"warning: task {task} is a common benchmark; its score measures the search, not the model")
     validated = validate_config(cfg, allow_crimes=options.allow_crimes)
+    validated.require_scorable()
     genome = validated.genome()
     # torch.distributed and pycma are imported once the config has passed: a config
     # error comes back in a second, not after the heavy imports.
