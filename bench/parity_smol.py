@@ -19,7 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-FUNCTIONAL = ["model_stock", "nuslerp-base", "nuslerp-base-row_wise", "nuslerp-no-base", "multislerp-base",
+FUNCTIONAL = ["model_stock", "model_stock-filter_wise", "nuslerp-base", "nuslerp-base-row_wise", "nuslerp-per-row-base",
+              "nuslerp-per-column-no-base", "nuslerp-no-base", "multislerp-base",
               "multislerp-no-base-unnormalized", "karcher", "nearswap-gradient", "sce-default",
               "sce-select-gradient", "ram", "ramplus_tl", "arcee_fusion"]
 
