@@ -324,7 +324,6 @@ def _functional(spec: R.MethodSpec, flat: FlatSources, p: dict, rows: np.ndarray
     nearswap's t; returns the table's kind and its per-row coefficients (or None).
     p["active"]: which models are this tensor's inputs (default all); shared parameters
     come as per-model values, read from the first active model."""
-
     S, M = coef.shape
     active = _expand(p.get("active", 1.0), rows, S, M, "active") != 0
     per_model = {q.name for q in spec.tensor_params}
@@ -389,7 +388,8 @@ def _functional_rows(spec: R.MethodSpec, flat: FlatSources, st, values: dict, in
         full = np.zeros((c.shape[0], M), dtype=np.float32)
         full[:, idx] = c
         shape = _whole_shape(flat, j) if modes[j] is not None else ()
-        row_coef.append((torch.from_numpy(full).to(flat.device), modes[j] is True, shape, tuple(int(i) for i in idx)))
+        row_coef.append((torch.from_numpy(full).to(flat.device), modes[j] is True, shape,
+                         tuple(int(i) for i in idx)))
         (weight if with_base else coef)[j] = np.abs(full).max(0) if len(full) else 0.0
     return ("rows" if with_base else "rows_combine"), row_coef
 
