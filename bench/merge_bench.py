@@ -125,7 +125,8 @@ def active_inputs(method: str, n_models: int) -> int:
 
 
 def host_sources(flat, device: torch.device):
-    """The same sources in host memory (page-locked beside a GPU), streamed to `device`."""
+    """The same sources in host memory (page-locked beside a GPU), streamed to `device`; on a
+    GPU the base stays there, as the runtimes keep it where it fits (models/plan.py)."""
     from hotmerge.kernels import FlatSources
 
     pin = device.type == "cuda"
@@ -135,7 +136,7 @@ def host_sources(flat, device: torch.device):
         return t.pin_memory() if pin else t.clone()
 
     return FlatSources(host(flat.models), flat.segments, None if flat.base is None else host(flat.base),
-                       flat.model_keys).stream_to(device)
+                       flat.model_keys).stream_to(device, base_on_device=pin)
 
 
 def run(preset: str, layers: int | None, n_models: int, dtype_name: str, methods: list[str],
@@ -192,7 +193,8 @@ def run(preset: str, layers: int | None, n_models: int, dtype_name: str, methods
             row["pinned_stats_once_s"] = time.perf_counter() - started
             table = build_table(method, host, params, normalize=True)
             pinned_s = timer(lambda: apply(host, table, out), repeats)
-            streamed = reads * total * elem  # what crosses the host link
+            base_stays = host.device_base is not None and REGISTRY[method].takes_base
+            streamed = (reads - base_stays) * total * elem  # what crosses the host link
             link_floor_s = streamed / link_bw
             row.update({"pinned_apply_s": pinned_s, "link_bytes": streamed, "link_floor_s": link_floor_s,
                         "pinned_to_link_floor": pinned_s / link_floor_s})

@@ -201,8 +201,8 @@ STRATEGIES = ("pool", "buffered", "serial")
 
 
 SOURCES_HELP = ("Where the sources and base live: device (beside the live model), pinned (page-locked host "
-                "memory, streamed to the device for every candidate; the same merge) or auto (device where "
-                "they fit, else pinned).")
+                "memory, streamed to the device for every candidate; the same merge; the base stays on the "
+                "device where it fits there) or auto (device where they fit, else pinned).")
 
 HUB_CACHE_HELP = ("Hugging Face cache for models given by hub name (default: HF_HUB_CACHE); "
                   "mergekit-evolve's is STORAGE_PATH/transformers_cache.")
@@ -282,7 +282,9 @@ def _print_gpu_plan(validated, *, gpus: int, gpu_memory: int, tp: int, sources: 
     for placement in ("device", "pinned"):
         table.add_column(placement + (" (chosen)" if placement == chosen else ""), justify="right")
     table.add_row("live model (shard)", _gib(p.live), _gib(p.live))
-    table.add_row("base and sources (shards)", _gib(p.sources), "host")
+    if p.base:
+        table.add_row("base (shard)", _gib(p.base), _gib(p.base) if p.base_on_device else "host")
+    table.add_row("sources (shards)", _gib(p.sources - p.base), "host")
     if p.statistics:
         from hotmerge.kernels.methods import get_method
 

@@ -92,11 +92,20 @@ def test_70b_at_tensor_parallel_8_chooses_pinned(families):
     assert abs(p.live - shard) / shard < 0.01  # 17.6 GB of live weights per GPU
     assert abs(p.sources - 4 * shard) / (4 * shard) < 0.01  # base and three sources: 70.5 GB
     assert p.live + p.sources > 80 * GiB - DEVICE_MARGIN  # cannot sit on the device
-    assert p.room("pinned") > 50 * GiB  # the KV cache's room with pinned sources
-    assert abs(p.host_pinned - 8 * 4 * shard) / (8 * 4 * shard) < 0.01  # 564 GB of page-locked memory
-    assert abs(p.floor_seconds("pinned") - 4 * shard / 50e9) < 0.02
+    # the base stays on the GPU beside the live model (17.6 GB each); the three sources stream
+    assert p.base_on_device and abs(p.base - shard) / shard < 0.01
+    assert abs(p.used("pinned") - (2 * shard + p.staging + DEVICE_MARGIN)) < 1
+    assert p.room("pinned") > 40 * GiB  # the KV cache's room with pinned sources
+    assert abs(p.host_pinned - 8 * 3 * shard) / (8 * 3 * shard) < 0.01  # 423 GB of page-locked memory
+    assert abs(p.floor_seconds("pinned") - 3 * shard / 50e9) < 0.02  # 52.9 GB per GPU: about 1 s
     with pytest.raises(ConfigError, match="--sources pinned"):
         gpu_plan(validated, gpus=8, gpu_memory=80 * GiB, tensor_parallel_size=8, sources="device")
+    # at size 2 the live shard (35 GB) leaves no room for the base's: it streams with the sources
+    p = gpu_plan(validated, gpus=2, gpu_memory=80 * GiB, tensor_parallel_size=2, sources="pinned")
+    shard = 2 * params / 2
+    assert not p.base_on_device and "stays" not in str(p.choice)
+    assert abs(p.host_pinned - 2 * 4 * shard) / (2 * 4 * shard) < 0.01
+    assert abs(p.floor_seconds("pinned") - 4 * shard / 50e9) < 0.05
 
 
 def test_mixtral_plans_and_refusals(families):
@@ -122,3 +131,18 @@ def test_plan_command_for_absent_gpus(families):
     res = CliRunner().invoke(app, ["plan", str(config), "--device", "cuda", "--gpus", "8", "--gpu-memory", "80",
                                    "--tensor-parallel-size", "8", "--sources", "device"])
     assert exit_code(res.exception) == 2 and "use --sources pinned" in str(res.exception)
+
+
+def test_pinned_keeps_the_base_on_the_device_where_it_fits():
+    from hotmerge.models.plan import choose_sources
+
+    one = 10 * GiB
+    fits = choose_sources("auto", resident_bytes=4 * one, free_bytes=one + DEVICE_MARGIN, device="cuda:0",
+                          base_bytes=one)
+    assert fits.placement == "pinned" and fits.base_on_device and "the base (10.0 GiB) stays" in fits.reason
+    tight = choose_sources("pinned", resident_bytes=4 * one, free_bytes=one, device="cuda:0", base_bytes=one)
+    assert tight.placement == "pinned" and not tight.base_on_device
+    unknown = choose_sources("pinned", resident_bytes=4 * one, free_bytes=None, device="cpu", base_bytes=one)
+    assert not unknown.base_on_device  # nothing is known to fit
+    assert not choose_sources("auto", resident_bytes=4 * one, free_bytes=8 * one, device="cuda:0",
+                              base_bytes=one).base_on_device  # everything fits: device, nothing streams

@@ -45,11 +45,12 @@ def layout(seed=0, dtype=torch.bfloat16, with_base=True):
     return flat
 
 
-def streamed_copy(flat, chunk):
-    """The same sources as a host-held layout that streams in chunks of `chunk` elements."""
+def streamed_copy(flat, chunk, base_on_device=False):
+    """The same sources as a host-held layout that streams in chunks of `chunk` elements
+    (base_on_device: the base kept on the device, only the sources streamed)."""
     host = F.FlatSources(flat.models.clone(), flat.segments, None if flat.base is None else flat.base.clone(),
                          flat.model_keys)
-    return host.stream_to("cpu", chunk)
+    return host.stream_to("cpu", chunk, base_on_device=base_on_device)
 
 
 def candidate(method, seed=0):
@@ -81,6 +82,19 @@ def test_streamed_equals_resident(method, chunk):
     host = streamed_copy(flat, chunk)
     (a, av), (b, bv) = both(flat, host, method, candidate(method, 1), normalize=True, lambda_=0.9, seed=4)
     assert torch.equal(a, b) and torch.equal(av, bv), (method, int((a != b).sum()))
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "della", "sce", "arcee_fusion"])
+def test_streamed_with_the_base_on_the_device_equals_resident(method):
+    """Pinned with the base kept on the device: only the sources are staged (no staging
+    buffer for the base), and the merge is bit-equal to the resident one."""
+    flat = layout(seed=11)
+    host = streamed_copy(flat, 48, base_on_device=True)
+    params = candidate(method, 3) if method in TASK_METHODS else {
+        "sce": {"select_topk": 0.5}, "arcee_fusion": {"active": [0, 1, 0]}}[method]
+    (a, av), (b, bv) = both(flat, host, method, params, normalize=True, seed=2)
+    assert torch.equal(a, b) and torch.equal(av, bv), (method, int((a != b).sum()))
+    assert all(base is None for base in streaming.staging(host, "cpu").base)
 
 
 @pytest.mark.parametrize("case", FUNCTIONAL, ids=lambda c: c[0])
@@ -167,12 +181,15 @@ def test_pinned_cuda_equals_resident_cuda():
     flat = layout(seed=17)
     pinned = F.FlatSources(flat.models.pin_memory(), flat.segments, flat.base.pin_memory(), flat.model_keys)
     pinned.stream_to("cuda", 64)
+    with_base = F.FlatSources(flat.models.pin_memory(), flat.segments, flat.base.pin_memory(), flat.model_keys)
+    with_base.stream_to("cuda", 64, base_on_device=True)  # only the sources cross the host link
     gpu = F.FlatSources(flat.models.cuda(), flat.segments, flat.base.cuda(), flat.model_keys)
     for method in TASK_METHODS:
         params = candidate(method, 5)
         want = torch.zeros(flat.total, dtype=flat.dtype, device="cuda")
         F.apply(gpu, F.build_table(method, gpu, params, normalize=True, seed=3), want)
-        got = torch.zeros_like(want)
-        F.apply(pinned, F.build_table(method, pinned, params, normalize=True, seed=3), got)
-        torch.cuda.synchronize()
-        assert torch.equal(got, want), method
+        for streamed in (pinned, with_base):
+            got = torch.zeros_like(want)
+            F.apply(streamed, F.build_table(method, streamed, params, normalize=True, seed=3), got)
+            torch.cuda.synchronize()
+            assert torch.equal(got, want), method

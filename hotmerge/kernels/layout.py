@@ -127,6 +127,7 @@ class FlatSources:
         # them to the output's device (streaming.py); None: resident beside the output.
         self.streamed: Optional[int] = None
         self.stream_device: Optional[torch.device] = None  # where statistics are computed then
+        self.device_base: Optional[torch.Tensor] = None  # streamed: the base kept on that device
         # Tensor-parallel shards: segment j holds shards[j] of its tensor, and the load-time
         # statistics are those of the whole tensors, computed across `group` (sharded.py).
         self.shards: Optional[list] = None
@@ -198,16 +199,20 @@ class FlatSources:
                 flat.write(None if m == len(models) else m, j, t)
         return flat
 
-    def stream_to(self, device, chunk: Optional[int] = None) -> "FlatSources":
+    def stream_to(self, device, chunk: Optional[int] = None, base_on_device: bool = False) -> "FlatSources":
         """Keep these host buffers where they are and stream them to `device` in chunks of
         `chunk` elements for every merge (streaming.py); the load-time statistics are
-        computed on `device` too, chunk by chunk."""
+        computed on `device` too, chunk by chunk. base_on_device: a copy of the base is kept
+        on `device` (where it fits there) and only the sources stream; the base must not
+        change afterwards."""
         from .streaming import default_chunk
 
         if self.device.type != "cpu":
             raise ValueError(f"streamed sources live in host memory, not on {self.device}")
         self.streamed = int(chunk or default_chunk(device))
         self.stream_device = torch.device(device)
+        self.device_base = (self.base.to(self.stream_device, copy=True)
+                            if base_on_device and self.base is not None else None)
         return self
 
     @property

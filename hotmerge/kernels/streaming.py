@@ -1,12 +1,14 @@
 """Sources in host memory, streamed to the merge in chunks: `--sources pinned`.
 
 When the device cannot hold the sources beside the live model, FlatSources keeps
-them (and the base) in page-locked host memory, allocated once at load
+them in page-locked host memory, allocated once at load
 (`FlatSources.allocate(..., pin_memory=True)`), and `flat.streamed` holds the chunk
-length in elements. Each candidate then walks the flat buffers in chunks: chunk
-k's slice of every source row (and of the base, and of DELLA's rank codes) is
-copied into a staging buffer on the output's device, and the same kernels
-(dispatch.apply) merge it from there. A chunk may end inside a tensor: each
+length in elements. The base stays on the device where it fits there
+(`stream_to(..., base_on_device=True)`: only the sources stream), else it streams too.
+Each candidate then walks the flat buffers in chunks: chunk k's slice of every source
+row (and of the base where it streams, and of DELLA's rank codes) is copied into a
+staging buffer on the output's device, and the same kernels (dispatch.apply) merge it
+from there. A chunk may end inside a tensor: each
 segment it cuts is seen as a shorter segment whose `elem_offset` keeps its random
 stream, with the whole tensor's row of the coefficient table and its whole-tensor
 statistics (histogram cuts, L1 norms, slerp constants, rank codes: computed once at
@@ -76,7 +78,8 @@ class _Staging:
         n_buffers = 2 if self.cuda else 1
         M = flat.n_models
         self.models = [torch.empty(M * chunk, dtype=flat.dtype, device=device) for _ in range(n_buffers)]
-        self.base = [torch.empty(chunk, dtype=flat.dtype, device=device) if flat.base is not None else None
+        staged_base = flat.base is not None and flat.device_base is None
+        self.base = [torch.empty(chunk, dtype=flat.dtype, device=device) if staged_base else None
                      for _ in range(n_buffers)]
         self.codes: list = [None] * n_buffers  # della's rank codes, allocated on first use
         self.chunks = self._chunks(flat, n_buffers)
@@ -110,7 +113,10 @@ class _Staging:
                 lo = hi
                 continue
             models = self.models[b][: M * n].view(M, n)
-            base = self.base[b][:n] if self.base[b] is not None else None
+            if flat.device_base is not None:  # the base on the device: the chunk's slice of it
+                base = flat.device_base[lo:hi]
+            else:
+                base = self.base[b][:n] if self.base[b] is not None else None
             view = FlatSources(models, parts, base, flat.model_keys)
             chunks.append(_Chunk(lo, hi, segments, starts, b, view))
             lo = hi
@@ -141,7 +147,7 @@ def staging(flat: FlatSources, device) -> _Staging:
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    key = ("staging", str(device), flat.streamed)
+    key = ("staging", str(device), flat.streamed, flat.device_base is not None)
     if key not in flat._launch:
         flat._launch[key] = _Staging(flat, device, flat.streamed)
     return flat._launch[key]
@@ -206,7 +212,7 @@ def _copy(flat: FlatSources, table: CoefficientTable, c: _Chunk, codes) -> None:
     view = c.view
     for m in range(flat.n_models):  # one contiguous copy per row
         view.models[m].copy_(flat.models[m, c.lo: c.hi], non_blocking=True)
-    if view.base is not None:
+    if view.base is not None and flat.device_base is None:
         view.base.copy_(flat.base[c.lo: c.hi], non_blocking=True)
     if codes is not None:
         for m in range(flat.n_models):

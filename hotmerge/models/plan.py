@@ -25,7 +25,8 @@ FLOAT64 = 8
 
 # Where the sources (and the base) live: beside the live model on its device, or in
 # page-locked host memory, streamed to the device in chunks for every merge
-# (kernels/streaming.py: the same bits). auto: device where they fit, else pinned.
+# (kernels/streaming.py: the same bits), the base staying on the device where it fits
+# there. auto: device where they fit, else pinned.
 SOURCES = ("device", "pinned", "auto")
 DEVICE_MARGIN = 2 << 30  # activations, allocator slack and staging kept free beside the sources
 
@@ -34,6 +35,7 @@ DEVICE_MARGIN = 2 << 30  # activations, allocator slack and staging kept free be
 class SourcesChoice:
     placement: str  # "device" or "pinned"
     reason: str
+    base_on_device: bool = False  # pinned: the base stays on the device, only the sources stream
 
     def __str__(self) -> str:
         return f"sources {self.placement}: {self.reason}"
@@ -43,10 +45,13 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def choose_sources(requested: str, *, resident_bytes: int, free_bytes: int | None, device: str) -> SourcesChoice:
-    """The placement of resident_bytes of sources (and base) beside a live model on `device`
-    with free_bytes free after it (None: unknown, as on the CPU). A placement asked for that
-    cannot fit is refused in one line naming the one that does."""
+def choose_sources(requested: str, *, resident_bytes: int, free_bytes: int | None, device: str,
+                   base_bytes: int = 0) -> SourcesChoice:
+    """The placement of resident_bytes of sources (and base_bytes of base among them) beside a
+    live model on `device` with free_bytes free after it (None: unknown, as on the CPU). A
+    placement asked for that cannot fit is refused in one line naming the one that does.
+    Pinned keeps the base on the device where it fits there (never where free_bytes is
+    unknown), so that only the sources stream."""
     if requested not in SOURCES:
         raise ConfigError(f"--sources {requested}: use one of {', '.join(SOURCES)}")
     fits = free_bytes is None or resident_bytes + DEVICE_MARGIN <= free_bytes
@@ -56,12 +61,17 @@ def choose_sources(requested: str, *, resident_bytes: int, free_bytes: int | Non
             raise ConfigError(f"--sources device: the sources need {_gib(resident_bytes)} on {device} but do not "
                               f"fit{room}: use --sources pinned (host memory, streamed) or --sources auto")
         return SourcesChoice("device", f"asked for; {_gib(resident_bytes)} beside the live model{room}")
-    if requested == "pinned":
-        return SourcesChoice("pinned", f"asked for; {_gib(resident_bytes)} in host memory, streamed to {device}")
-    if fits:
+    if requested != "pinned" and fits:
         return SourcesChoice("device", f"{_gib(resident_bytes)} fit beside the live model{room}")
-    return SourcesChoice("pinned", f"{_gib(resident_bytes)} do not fit beside the live model{room}: "
-                                   f"in host memory, streamed to {device}")
+    base_on_device = bool(base_bytes) and free_bytes is not None and base_bytes + DEVICE_MARGIN <= free_bytes
+    streamed = resident_bytes - base_bytes if base_on_device else resident_bytes
+    where = f"{_gib(streamed)} in host memory, streamed to {device}"
+    if base_on_device:
+        where += f"; the base ({_gib(base_bytes)}) stays on {device}"
+    if requested == "pinned":
+        return SourcesChoice("pinned", f"asked for; {where}", base_on_device)
+    return SourcesChoice("pinned", f"{_gib(resident_bytes)} do not fit beside the live model{room}: {where}",
+                         base_on_device)
 
 
 def default_popsize(genome_size: int) -> int:
@@ -167,7 +177,8 @@ class GpuPlan:
     host_memory: int | None
     live: int  # the live model's shard
     sources: int  # base and sources' shards (n_buffers copies)
-    staging: int  # pinned: two staged chunks of every buffer
+    base: int  # the base's shard among them (0 without a base)
+    staging: int  # pinned: two staged chunks of every streamed buffer
     statistics: int  # della's rank codes' shard (beside the sources)
     choice: SourcesChoice
 
@@ -175,8 +186,21 @@ class GpuPlan:
     def engines(self) -> int:
         return self.gpus // self.tp
 
+    @property
+    def base_on_device(self) -> bool:
+        """Under pinned: whether the base stays on the device (where it fits)."""
+        return self.choice.placement == "pinned" and self.choice.base_on_device
+
+    @property
+    def streamed(self) -> int:
+        """Pinned: the shards held in host memory and streamed for every merge."""
+        return self.sources - (self.base if self.base_on_device else 0)
+
     def used(self, placement: str) -> int:
-        held = self.sources + self.statistics if placement == "device" else self.staging
+        if placement == "device":
+            held = self.sources + self.statistics
+        else:
+            held = self.staging + (self.base if self.base_on_device else 0)
         return self.live + held + DEVICE_MARGIN
 
     def room(self, placement: str) -> int:
@@ -185,15 +209,15 @@ class GpuPlan:
 
     @property
     def host_pinned(self) -> int:
-        """Page-locked host memory of the machine for pinned: every GPU's shards."""
-        return self.gpus * (self.sources + self.statistics)
+        """Page-locked host memory of the machine for pinned: every GPU's streamed shards."""
+        return self.gpus * (self.streamed + self.statistics)
 
     def floor_seconds(self, placement: str) -> float:
         """An apply's floor: every buffer read and the live shard written at HBM speed, or
-        the buffers streamed over the host link."""
+        the streamed buffers over the host link."""
         if placement == "device":
             return (self.sources + 2 * self.live) / HBM_BANDWIDTH
-        return self.sources / HOST_LINK_BANDWIDTH
+        return self.streamed / HOST_LINK_BANDWIDTH
 
 
 def gpu_plan(validated: ValidatedConfig, *, gpus: int, gpu_memory: int, tensor_parallel_size: int,
@@ -211,15 +235,17 @@ def gpu_plan(validated: ValidatedConfig, *, gpus: int, gpu_memory: int, tensor_p
         parameters = sum(t.numel for t in validated.reference.tensors.values())
         shard = -(-parameters * BYTES_PER_ELEMENT // tp_)
         n_buffers = len(genome_cfg.models) + (genome_cfg.base_model is not None)
+        base = shard if genome_cfg.base_model is not None else 0
         method = get_method(genome_cfg.merge_method)
         codes = -(-len(genome_cfg.models) * parameters * method.rank_code_bytes_per_parameter // tp_)
-        p = GpuPlan(gpus=gpus, tp=tp_, gpu_memory=gpu_memory, host_memory=host_memory, live=shard,
-                    sources=n_buffers * shard, staging=2 * n_buffers * STAGING_CHUNK * BYTES_PER_ELEMENT,
-                    statistics=codes, choice=SourcesChoice("device", ""))
         free = gpu_memory - shard
-        p.choice = choose_sources(want, resident_bytes=p.sources + codes, free_bytes=free,
-                                  device=f"each of {gpus} GPUs at tensor-parallel size {tp_}")
-        return p
+        choice = choose_sources(want, resident_bytes=n_buffers * shard + codes, free_bytes=free,
+                                device=f"each of {gpus} GPUs at tensor-parallel size {tp_}", base_bytes=base)
+        streamed_buffers = n_buffers - (1 if choice.base_on_device else 0)
+        return GpuPlan(gpus=gpus, tp=tp_, gpu_memory=gpu_memory, host_memory=host_memory, live=shard,
+                       sources=n_buffers * shard, base=base,
+                       staging=2 * streamed_buffers * STAGING_CHUNK * BYTES_PER_ELEMENT, statistics=codes,
+                       choice=choice)
 
     def works(tp_: int, want: str) -> bool:
         try:

@@ -51,15 +51,16 @@ class Merger:
         shapes = [source_names[name].shape for name in self.names]
         device = self.live[0].device
         n_buffers = len(validated.models) + (validated.base is not None)
-        resident = n_buffers * dtype.itemsize * sum(math.prod(shape) for shape in shapes)
+        one = dtype.itemsize * sum(math.prod(shape) for shape in shapes)  # one model's tensors
         free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-        self.sources = choose_sources(sources, resident_bytes=resident, free_bytes=free, device=str(device))
+        self.sources = choose_sources(sources, resident_bytes=n_buffers * one, free_bytes=free, device=str(device),
+                                      base_bytes=one if validated.base is not None else 0)
         pinned = self.sources.placement == "pinned"
         self.flat = FlatSources.allocate(
             shapes, self.names, len(validated.models), with_base=validated.base is not None, dtype=dtype,
             device="cpu" if pinned else device, pin_memory=pinned and device.type == "cuda")
         if pinned:
-            self.flat.stream_to(device)
+            self.flat.stream_to(device, base_on_device=self.sources.base_on_device)
         index = {name: j for j, name in enumerate(self.names)}
         for m, info in [*enumerate(validated.models), (None, validated.base)]:
             if info is None:

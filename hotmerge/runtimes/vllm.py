@@ -130,7 +130,7 @@ ACTIVATION_MARGIN = 2 << 30  # GPU: activations, CUDA graphs, allocator slack
 
 
 def gpu_memory_plan(weight_bytes: int, n_resident: int, kv_bytes: int, tp: int,
-                    sources: str = "auto") -> tuple[Optional[float], SourcesChoice]:
+                    sources: str = "auto", with_base: bool = False) -> tuple[Optional[float], SourcesChoice]:
     """(gpu_memory_utilization for vLLM, where the sources live), from a plan of what each
     GPU must hold.
 
@@ -138,13 +138,15 @@ def gpu_memory_plan(weight_bytes: int, n_resident: int, kv_bytes: int, tp: int,
     fraction is its start-up guard (free memory >= fraction * total), so it is set to
     that need, which leaves the rest for hotmerge's resident sources (n_resident more
     copies of the weights' shard) when they fit there (models/plan.py choose_sources);
-    else, or when asked, they live in pinned host memory. The utilization is None when
-    the device's total memory cannot be read."""
+    else, or when asked, they live in pinned host memory (the base, with_base, staying on
+    the GPU where it fits). The utilization is None when the device's total memory cannot
+    be read."""
     resident = n_resident * weight_bytes // tp
+    base = weight_bytes // tp if with_base else 0
     try:
         total = vllm_compat.device_total_memory()
     except Exception:
-        return None, choose_sources(sources, resident_bytes=resident, free_bytes=None, device="cuda")
+        return None, choose_sources(sources, resident_bytes=resident, free_bytes=None, device="cuda", base_bytes=base)
     engine = weight_bytes / tp * 1.1 + kv_bytes + ACTIVATION_MARGIN
     if engine > 0.95 * total:
         raise ConfigError(
@@ -152,7 +154,7 @@ def gpu_memory_plan(weight_bytes: int, n_resident: int, kv_bytes: int, tp: int,
             f"({kv_bytes / 2**30:.1f} GiB) do not fit in {total / 2**30:.1f} GiB: use more tensor-parallel "
             "GPUs or a smaller kv_cache_bytes")
     choice = choose_sources(sources, resident_bytes=resident, free_bytes=int(0.95 * total - engine),
-                            device="each GPU")
+                            device="each GPU", base_bytes=base)
     return min(0.95, math.ceil(100 * engine / total) / 100), choice
 
 
@@ -199,7 +201,7 @@ class VLLMRuntime:
                                           free_bytes=None, device="cpu")
         else:
             utilization, self.sources = gpu_memory_plan(weight_bytes, n_resident, self.kv_cache_bytes, self.tp,
-                                                        sources)
+                                                        sources, with_base=self.base_model is not None)
             if utilization is not None:
                 engine_kwargs["gpu_memory_utilization"] = utilization
         started = time.perf_counter()
@@ -253,6 +255,7 @@ class VLLMRuntime:
             "method": self.method,
             "tp": self.tp,
             "sources": self.sources.placement,
+            "base_on_device": self.sources.base_on_device,
             "stats_cache": str(stats_cache.folder()) if stats_cache.folder() is not None else None,
         }
         layouts = self.llm.collective_rpc("hotmerge_setup", args=(spec,))

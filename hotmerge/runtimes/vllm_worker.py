@@ -408,8 +408,8 @@ class HotmergeWorkerExtension:
         state.flat = kernels.FlatSources(flat_models, segments, flat_base)
         if tp > 1:  # whole-tensor statistics reduced across the tensor-parallel ranks (kernels/sharded.py)
             state.flat.shards, state.flat.group = shards, vllm_compat.tp_group()
-        if pinned:
-            state.flat.stream_to(device)
+        if pinned:  # the base stays on the GPU where the plan found room for it
+            state.flat.stream_to(device, base_on_device=bool(spec.get("base_on_device")))
         if base is not None and spec["reference"] == base:
             state.reference_row = None
         else:
