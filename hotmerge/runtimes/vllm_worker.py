@@ -328,15 +328,18 @@ class HotmergeWorkerExtension:
             models = list(spec["models"])
             base = spec.get("base")
             n_buffers = len(models) + (1 if base is not None else 0)
-            need = n_buffers * total * torch.finfo(dtype).bits // 8
+            one = total * torch.finfo(dtype).bits // 8
             pinned = spec.get("sources", "device") == "pinned"
-            if device.type == "cuda" and not pinned:
+            base_stays = pinned and bool(spec.get("base_on_device"))
+            if device.type == "cuda" and (not pinned or base_stays):
                 free, _ = torch.cuda.mem_get_info(device)
+                need = one if base_stays else n_buffers * one
                 if need > free:
+                    what = "the base kept beside the model" if base_stays else "the resident sources"
                     raise MappingError(
-                        f"the resident sources need {need / 2**30:.2f} GiB on {device} but "
-                        f"{free / 2**30:.2f} GiB are free: use --sources pinned, lower the KV cache "
-                        "(kv_cache_bytes), merge fewer models, or raise --tensor-parallel-size")
+                        f"{what} need {need / 2**30:.2f} GiB on {device} but {free / 2**30:.2f} GiB are free: "
+                        f"{'' if pinned else 'use --sources pinned, '}lower the KV cache (kv_cache_bytes), merge "
+                        "fewer models, or raise --tensor-parallel-size")
             # pinned: page-locked host buffers, streamed to the device for every candidate
             home = "cpu" if pinned else device
             pin = pinned and device.type == "cuda"
