@@ -527,7 +527,8 @@ def eval_command(
     validated = validated.with_tasks([ReportedTask(t.name, t.weight, t.metric) for t in validated.config.tasks])
     worker = CandidateWorker(validated, backend="vllm" if vllm else "hf", device=device,
                              batch_size=batch_size, seed=random_seed, task_paths=list(task_search_path),
-                             tensor_parallel_size=tensor_parallel_size, sources=sources)
+                             tensor_parallel_size=tensor_parallel_size, sources=sources,
+                             chat_template=getattr(x, "chat_template", None))
     console.print(f"note: {worker.runtime.sources}", highlight=False)
     for note in worker.suite.notes:
         console.print(f"note: {note}", highlight=False)

@@ -175,6 +175,57 @@ def test_plain_merge_config_equals_mergekit(toy_family, tmp_path, case):
     assert_equal_to_mergekit(recipe, ours, theirs)
 
 
+@pytest.mark.slow
+def test_chat_template_is_written_as_mergekit_writes_it(toy_family, tmp_path):
+    """chat_template by one of mergekit's names, as a template, and "auto" (the template most
+    of the models' tokenizers carry): the merged tokenizer carries mergekit's template."""
+    import shutil
+
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+    from transformers import AutoTokenizer
+
+    base, experts = _family(toy_family)
+    templated = []  # copies of the experts whose tokenizers carry templates: two of A, one of B
+    for i, (expert, template) in enumerate(zip(experts, ["{{ 'A' }}{{ messages }}"] * 2 + ["{{ 'B' }}{{ messages }}"])):
+        shutil.copytree(expert, tmp_path / f"expert{i}")
+        tokenizer = AutoTokenizer.from_pretrained(tmp_path / f"expert{i}")
+        tokenizer.chat_template = template
+        tokenizer.save_pretrained(tmp_path / f"expert{i}")
+        templated.append(str(tmp_path / f"expert{i}"))
+    for i, template in enumerate(["chatml", "{% for m in messages %}{{ m['content'] }}{% endfor %}", "auto"]):
+        config = {"merge_method": "task_arithmetic", "base_model": base, "dtype": "bfloat16",
+                  "chat_template": template, "models": _models(templated, [{"weight": 0.5}] * 3)}
+        validated, recipe = read_merge_config(config)
+        ours = export_merge(validated, recipe, tmp_path / f"ours{i}")
+        run_merge(MergeConfiguration.model_validate(config), str(tmp_path / f"mergekit{i}"),
+                  MergeOptions(copy_tokenizer=True, lazy_unpickle=False, random_seed=0))
+        want = AutoTokenizer.from_pretrained(tmp_path / f"mergekit{i}").chat_template
+        assert want and AutoTokenizer.from_pretrained(ours).chat_template == want, template
+    assert "A" in want  # auto: the template two of the three tokenizers carry
+
+
+def test_eval_builds_its_requests_through_the_configs_chat_template(toy_family):
+    """eval of a merge config with chat_template scores the model its export writes: the
+    requests go through that template."""
+    from hotmerge.config.evolve import TaskConfig
+    from hotmerge.search.worker import CandidateWorker
+
+    base, experts = _family(toy_family)
+    template = "{{ 'MARKED:' }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    config = {**_cases(base, experts)["ties-lambda"], "chat_template": template}
+    validated, recipe = read_merge_config(config)
+    assert recipe.chat_template == template
+    validated = validated.with_tasks([TaskConfig(name="toy_sum_mc_search")])
+    worker = CandidateWorker(validated, chat_template=recipe.chat_template)
+    try:
+        contexts = [inst.arguments[0] for task in worker.suite.tasks.values() for inst in task.instances]
+        assert contexts and all(c.startswith("MARKED:") for c in contexts)
+    finally:
+        worker.close()
+
+
 def test_defaults_and_overrides_are_resolved_as_mergekit_does(toy_family):
     base, ex = _family(toy_family)
     cases = _cases(base, ex)
@@ -210,7 +261,7 @@ def test_defaults_and_overrides_are_resolved_as_mergekit_does(toy_family):
     ({"parameters": {"lamda": 0.5}}, "lamda"),
     ({"dtype": "float32"}, "dtype"),
     ({"modules": {"text": {}}}, "modules"),
-    ({"chat_template": "chatml"}, "chat_template"),
+    ({"chat_template": "nosuchtemplate"}, "chat_template"),
     ({"merge_mehtod": "ties"}, "merge_mehtod"),
     ({"merge_method": "arcee_fusion"}, "arcee_fusion merges exactly 1 models besides the base per slice"),
     ({"merge_method": "nuslerp"}, "nuslerp merges exactly 2 models besides the base per slice"),

@@ -63,6 +63,7 @@ class MergeConfigRecipe:
     dtype: str = "bfloat16"  # what the merge computes in (its sources' rounding)
     out_dtype: Optional[str] = None
     base_index: Optional[int] = None
+    chat_template: Optional[str] = None  # the merged tokenizer's template (Jinja text), as mergekit sets it
 
     def tensor(self, tensor_name: str) -> TensorRecipe:
         try:
@@ -136,18 +137,56 @@ class _Reader:
                                          allow_crimes=allow_crimes)
         self.dtype = self._merge_dtype(data.get("dtype"))
         self._check_layers()
+        self.chat_template = self._chat_template(data.get("chat_template"))
 
     def fail(self, message: str):
         raise ConfigError(f"{self.source}: {message}")
+
+    def _chat_template(self, value) -> Optional[str]:
+        """mergekit's chat_template as Jinja text: "auto" (the template most of the models'
+        tokenizers carry; none when none does), the name of one of mergekit's templates, or
+        a template itself."""
+        if not value:
+            return None
+        if not isinstance(value, str):
+            self.fail(f"chat_template is {value!r}: give auto, a template name or the template's text")
+        if value == "auto":
+            from collections import Counter
+
+            from transformers import AutoTokenizer
+
+            found = []
+            for folder in dict.fromkeys([m for m in (self.base_model, *self.models) if m]):
+                try:
+                    template = AutoTokenizer.from_pretrained(folder.partition("+")[0]).chat_template
+                except (OSError, ValueError):
+                    continue  # a model without a tokenizer takes no part, as in mergekit
+                if isinstance(template, dict):
+                    template = template.get("default")
+                if template:
+                    found.append(template.strip())
+            return Counter(found).most_common(1)[0][0] if found else None
+        if len(value) < 256 and "\n" not in value and "{" not in value:
+            try:  # a name: mergekit's own templates are the ones it names
+                import importlib.resources
+
+                from mergekit._data import chat_templates
+            except ImportError:
+                self.fail(f"chat_template {value} names one of mergekit's templates, which are read from the "
+                          "mergekit package: install mergekit, or give the template's Jinja text")
+            file = importlib.resources.files(chat_templates).joinpath(value + ".jinja")
+            if file.is_file():
+                return file.read_text()
+        if len(value) < 20 or "{" not in value:
+            self.fail(f"chat_template {value!r} is neither auto, one of mergekit's template names nor a Jinja "
+                      "template: fix it")
+        return value
 
     # -- structure ----------------------------------------------------------------
 
     def _check_unsupported(self, data: dict) -> None:
         if data.get("modules"):
             self.fail("modules: is not supported: write the merge with slices: or models:")
-        if data.get("chat_template") is not None:
-            self.fail("chat_template is not supported: remove it and set the template on the merged "
-                      "model's tokenizer")
         for key in ("dtype", "out_dtype"):
             if data.get(key) is not None and not isinstance(data[key], str):
                 self.fail(f"{key} is {data[key]!r}: use a dtype name such as bfloat16")
@@ -331,7 +370,8 @@ class _Reader:
             base_model=self.base_model if spec.takes_base else None,
             normalize=bool(value["normalize"]), rescale=bool(value["rescale"]),
             lambda_=float(value["lambda"]) if value["lambda"] is not None else 1.0,
-            int8_mask=bool(value["int8_mask"]), tensors=tensors, dtype=self.dtype, out_dtype=self.out_dtype)
+            int8_mask=bool(value["int8_mask"]), tensors=tensors, dtype=self.dtype, out_dtype=self.out_dtype,
+            chat_template=self.chat_template)
 
     def _where(self, name: str) -> tuple[_Slice, float]:
         layer = layer_index(name)

@@ -45,6 +45,7 @@ def export_merge(validated: ValidatedConfig, recipe, out_dir: str | Path, seed: 
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         write(validated, recipe, tmp, seed, dtype, OUT_DTYPES[out_dtype] if out_dtype is not None else None)
+        _set_chat_template(validated, getattr(recipe, "chat_template", None), tmp)
         shutil.rmtree(out_dir, ignore_errors=True)
         tmp.rename(out_dir)
     finally:
@@ -72,6 +73,22 @@ def _causal_lm(validated: ValidatedConfig, recipe, folder: Path, seed: int, dtyp
     tokenizer_source = validated.tokenizer_path
     if any(Path(tokenizer_source).glob("tokenizer*")):
         AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=False).save_pretrained(folder)
+
+
+def _set_chat_template(validated: ValidatedConfig, template, folder: Path) -> None:
+    """A merge config's chat_template, as mergekit writes it: the tokenizer of the merge
+    (its tokenizer source) saved with that template."""
+    if not template:
+        return
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(validated.tokenizer_path, trust_remote_code=False)
+    except (OSError, ValueError):
+        raise ConfigError(f"chat_template is set but {validated.tokenizer_path} has no tokenizer to carry it: "
+                          "add the tokenizer's files to that folder, or remove chat_template") from None
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(folder)
 
 
 def _tensor_by_tensor(validated: ValidatedConfig, recipe, folder: Path, seed: int, dtype, out_dtype) -> None:

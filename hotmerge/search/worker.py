@@ -21,7 +21,9 @@ MAX_TRACEBACK_CHARS = 32_000
 class CandidateWorker:
     def __init__(self, validated: ValidatedConfig, *, backend: str = "hf", device: str | None = None,
                  batch_size: int | None = None, seed: int = 0, task_paths: list[str] = (),
-                 tensor_parallel_size: int = 1, sources: str = "auto"):
+                 tensor_parallel_size: int = 1, sources: str = "auto", chat_template: str | None = None):
+        """chat_template: a merge config's template, which the merged model's tokenizer carries
+        (run/export.py), so the requests are built through it."""
         cfg = validated.config
         self.runtime_config = validated
         self.genome = validated.genome()
@@ -30,6 +32,9 @@ class CandidateWorker:
         self.runtime = start_runtime(validated, backend=backend, device=device, batch_size=batch_size,
                                      seed=seed, tensor_parallel_size=tensor_parallel_size, sources=sources)
         try:
+            if chat_template:
+                self.runtime.lm.tokenizer.chat_template = chat_template
+
             def suite(tasks, **only_search):
                 return TaskSuite(tasks, include_paths=[*cfg.task_paths, *task_paths], num_fewshot=cfg.num_fewshot,
                                  seed=seed, apply_chat_template=cfg.apply_chat_template,
