@@ -457,6 +457,25 @@ def test_vision_language_merge_equals_mergekit(llava, tmp_path, case):
     assert torch.equal(model.get_input_embeddings().weight, ours["model.language_model.embed_tokens.weight"])
 
 
+def test_vision_language_export_writes_shards_with_an_index(llava, tmp_path, monkeypatch):
+    """Above the shard size the tensors go to several safetensors files and an index that
+    transformers reads, holding the same tensors as one file."""
+    from hotmerge.run import export
+    from parity import folder_tensors
+
+    base, experts = llava
+    validated, recipe = read_merge_config(_vlm_cases(base, experts)["ties"])
+    whole = folder_tensors(export_merge(validated, recipe, tmp_path / "whole"))
+    monkeypatch.setattr(export, "SHARD_SIZE", "20KB")
+    sharded = export_merge(validated, recipe, tmp_path / "sharded")
+    assert len(list(sharded.glob("model-*.safetensors"))) > 1 and (sharded / "model.safetensors.index.json").is_file()
+    got = folder_tensors(sharded)
+    assert set(got) == set(whole) and all(torch.equal(got[n], whole[n]) for n in whole)
+    from transformers import LlavaForConditionalGeneration
+
+    LlavaForConditionalGeneration.from_pretrained(sharded)
+
+
 def test_vision_language_models_are_not_scored_and_slices_over_two_stacks_are_refused(llava, tmp_path):
     """eval refuses a Llava merge in one line before any weight loads (the runtimes load causal
     language models); slices over a model with two stacks of layers are refused by name."""
@@ -469,6 +488,14 @@ def test_vision_language_models_are_not_scored_and_slices_over_two_stacks_are_re
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "llava" in lines[0] and "hotmerge export" in lines[0], lines
     assert not (tmp_path / "eval.json").exists()
+    genome = tmp_path / "evolve.yaml"
+    genome.write_text(yaml.safe_dump({"genome": {"models": experts, "base_model": base, "merge_method": "ties"},
+                                      "tasks": ["toy_sum_mc_search"]}))
+    done = subprocess.run([sys.executable, "-m", "hotmerge", "evolve", str(genome), "--storage-path",
+                           str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and "llava" in lines[0], done.stderr
+    assert not (tmp_path / "run").exists()
     sliced = {"merge_method": "linear", "dtype": "bfloat16", "slices": [
         {"sources": [{"model": m, "layer_range": [0, 2], "parameters": {"weight": 0.5}} for m in experts[:2]]}]}
     with pytest.raises(ConfigError, match="2 stacks of layers"):
