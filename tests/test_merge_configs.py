@@ -206,6 +206,21 @@ def test_chat_template_is_written_as_mergekit_writes_it(toy_family, tmp_path):
     assert "A" in want  # auto: the template two of the three tokenizers carry
 
 
+@pytest.mark.parametrize("case", ["model_stock-filter_wise", "nuslerp-per-row-base", "nuslerp-per-column-no-base"])
+def test_per_row_merges_in_the_runtime_equal_the_export(toy_family, tmp_path, case):
+    """The transformers runtime's live weights after apply equal the exported merge, per-row
+    statistics included (eval scores the model export writes)."""
+    from hotmerge.runtimes.hf import HFRuntime
+
+    base, experts = _family(toy_family)
+    validated, recipe = read_merge_config(_cases(base, experts)[case])
+    exported = load_file(str(export_merge(validated, recipe, tmp_path / "out") / "model.safetensors"))
+    runtime = HFRuntime(validated, device="cpu", seed=0)
+    runtime.apply(recipe)
+    live = runtime.model.state_dict()
+    assert all(torch.equal(live[name], exported[name]) for name in exported)
+
+
 def test_eval_builds_its_requests_through_the_configs_chat_template(toy_family):
     """eval of a merge config with chat_template scores the model its export writes: the
     requests go through that template."""
