@@ -91,7 +91,7 @@ def layout(base, models, with_base, rank=None, world=None):
         flat.shards = [Shard(shape, bx) for (_, shape, _), bx in zip(tensors(), cut)]
         for seg, shard in zip(flat.segments, flat.shards):  # as the vLLM worker sets them
             seg.elem_offset, seg.elem_cols, seg.elem_stride = element_layout(shard)
-            seg.shape, seg.row_len, seg.last_dim = shard.shape, R.default_row_len(shard.shape), R.last_dim(shard.shape)
+            seg.shape, seg.row_len = shard.shape, R.default_row_len(shard.shape)
     for j, s in enumerate(flat.segments):
         s.param_row = j % 2
     return flat

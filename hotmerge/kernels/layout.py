@@ -48,7 +48,6 @@ class Segment:
     numel: int
     tensor_key: int = 0  # random-stream key (tensor_key_of(name) by default in from_tensors)
     row_len: int = 0  # della ranks within rows of this length (2-D: columns); 0: whole segment
-    last_dim: int = 0  # its tensor's last dimension (arcee_fusion's softmax rows); 0: whole segment
     elem_offset: int = 0  # index of the first element within its tensor's random stream
     # A block of rows of elem_cols elements each, elem_stride apart in its tensor (a column
     # shard under tensor parallelism): element i has index
@@ -57,7 +56,9 @@ class Segment:
     elem_stride: int = 0
     param_row: int = -1  # row of the parameter arrays this segment uses; -1: its own index
     name: str = ""
-    shape: tuple = ()  # its whole tensor's shape (the per-row methods' rows); (): one row
+    # its whole tensor's shape (arcee_fusion's softmax rows, the per-row methods' rows);
+    # (): one 1-D tensor of numel elements
+    shape: tuple = ()
 
     def last_element(self) -> int:
         """Index of its last element in its tensor's random stream (elem_offset - 1 if empty)."""
@@ -159,7 +160,7 @@ class FlatSources:
         for shape, name in zip(shapes, names):
             numel = int(np.prod(shape, dtype=np.int64))
             segments.append(Segment(offset=offset, numel=numel, tensor_key=tensor_key_of(name),
-                                    row_len=R.default_row_len(shape), last_dim=R.last_dim(shape), name=name,
+                                    row_len=R.default_row_len(shape), name=name,
                                     shape=tuple(int(d) for d in shape)))
             offset += -(-numel // align) * align
         models = torch.zeros((n_models, offset), dtype=dtype, device=device, pin_memory=pin_memory)

@@ -269,11 +269,12 @@ def _keys(flat, seg) -> torch.Tensor:
                         for m in range(flat.n_models)])
 
 
-def whole_numel(flat, j: int) -> int:
-    """Elements of segment j's whole tensor (its own, unsharded)."""
-    if flat.shards is None:
-        return flat.segments[j].numel
-    return int(np.prod(flat.shards[j].shape, dtype=np.int64))
+def whole_shape(flat, j: int) -> tuple:
+    """The shape of segment j's whole tensor (its shard's tensor under tensor parallelism; a
+    segment of unknown shape is one 1-D tensor)."""
+    if flat.shards is not None:
+        return tuple(flat.shards[j].shape)
+    return flat.segments[j].shape or (flat.segments[j].numel,)
 
 
 def summed_per_tensor(flat, local, shape) -> dict:

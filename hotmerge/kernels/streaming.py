@@ -107,8 +107,8 @@ class _Staging:
                 else:
                     elem = s.elem_offset + a - s.offset
                 parts.append(Segment(offset=a - lo, numel=e - a, tensor_key=s.tensor_key, row_len=s.row_len,
-                                     last_dim=s.last_dim, elem_offset=elem, elem_cols=s.elem_cols,
-                                     elem_stride=s.elem_stride, name=s.name, shape=s.shape))
+                                     elem_offset=elem, elem_cols=s.elem_cols, elem_stride=s.elem_stride,
+                                     name=s.name, shape=s.shape))
             if not parts:
                 lo = hi
                 continue

@@ -276,12 +276,6 @@ def _per_row(spec: R.MethodSpec, values: dict, inputs: list) -> list:
     return [None] * len(inputs)
 
 
-def _whole_shape(flat: FlatSources, j: int) -> tuple:
-    if flat.shards is not None:
-        return tuple(flat.shards[j].shape)
-    return flat.segments[j].shape or (flat.segments[j].numel,)
-
-
 def _row_grams(flat: FlatSources, st, inputs: list, modes: list, with_base: bool) -> dict:
     """{j: [R, M, M] float64 Gram matrices of segment j's rows (reference.row_grams) over its
     inputs' deltas (sources without a base)} for the per-row segments, of the whole tensors
@@ -293,7 +287,7 @@ def _row_grams(flat: FlatSources, st, inputs: list, modes: list, with_base: bool
         chunk = 1 << 18
 
         def shape(j):
-            rows = R.row_count(_whole_shape(flat, j), bool(modes[j])) if modes[j] is not None else 0
+            rows = R.row_count(sharded.whole_shape(flat, j), bool(modes[j])) if modes[j] is not None else 0
             return (rows, M, M)
 
         def grams(j):
@@ -308,7 +302,7 @@ def _row_grams(flat: FlatSources, st, inputs: list, modes: list, with_base: bool
                 if with_base:
                     v = (v.float() - flat.base[a:b].float()).to(flat.dtype)
                 v = v.double()
-                r = R.row_ids(seg.elements(lo, lo + (b - a)), _whole_shape(flat, j), modes[j]).to(v.device)
+                r = R.row_ids(seg.elements(lo, lo + (b - a)), sharded.whole_shape(flat, j), modes[j]).to(v.device)
                 sub = torch.zeros((out.shape[0], len(idx), len(idx)), dtype=torch.float64, device=v.device)
                 sub.index_add_(0, r, (v[:, None, :] * v[None, :, :]).permute(2, 0, 1))
                 out[:, pick[0], pick[1]] += sub.cpu()
@@ -387,7 +381,7 @@ def _functional_rows(spec: R.MethodSpec, flat: FlatSources, st, values: dict, in
             c = R.row_coefficients(spec.name, grams[j][np.ix_(range(grams[j].shape[0]), idx, idx)], params)
         full = np.zeros((c.shape[0], M), dtype=np.float32)
         full[:, idx] = c
-        shape = _whole_shape(flat, j) if modes[j] is not None else ()
+        shape = sharded.whole_shape(flat, j) if modes[j] is not None else ()
         row_coef.append((torch.from_numpy(full).to(flat.device), modes[j] is True, shape,
                          tuple(int(i) for i in idx)))
         (weight if with_base else coef)[j] = np.abs(full).max(0) if len(full) else 0.0
@@ -480,8 +474,8 @@ def _fusion_codes(flat: FlatSources, st, inputs: list, seed: int) -> torch.Tenso
             seg = flat.segments[j]
             if values.shape[1] == 0:
                 return torch.zeros(0, dtype=torch.bool, device=values.device)
-            row_len = R.last_dim(flat.shards[j].shape) if flat.shards is not None else seg.last_dim or seg.numel
-            return R.fusion_keep(values[0], values[1], row_len, R.fusion_generator(seed, seg.tensor_key))
+            return R.fusion_keep(values[0], values[1], R.last_dim(sharded.whole_shape(flat, j)),
+                                 R.fusion_generator(seed, seg.tensor_key))
 
         kept = sharded.whole_tensor_values(flat, lambda j: (-1, int(inputs[j][0])), keep)
         for j, (seg, idx) in enumerate(zip(flat.segments, inputs)):
@@ -520,7 +514,8 @@ def _elementwise(spec: R.MethodSpec, flat: FlatSources, p: dict, rows: np.ndarra
         if spec.engine == "sce":
             hist = histograms[j]
             c = R.sce_cut(hist, float(shared["select_topk"][j, first]))
-            weight[j, idx] = R.sce_weights(hist, c, sharded.whole_numel(flat, j), flat.dtype)
+            numel = int(np.prod(sharded.whole_shape(flat, j), dtype=np.int64))
+            weight[j, idx] = R.sce_weights(hist, c, numel, flat.dtype)
             lo[j], hi[j], p0[j], p1[j] = c.lo, c.hi, c.q_lo, c.q_hi
             continue
         lo[j] = thresholds[j]

@@ -405,7 +405,7 @@ class HotmergeWorkerExtension:
             shards.append(shard)
             segments.append(kernels.Segment(
                 offset=pl.offset, numel=pl.numel, tensor_key=kernels.tensor_key_of(pl.name),
-                row_len=R.default_row_len(shapes[pl.name]), last_dim=R.last_dim(shapes[pl.name]),
+                row_len=R.default_row_len(shapes[pl.name]),
                 elem_offset=elem_offset, elem_cols=elem_cols, elem_stride=elem_stride, name=pl.name,
                 shape=tuple(shapes[pl.name])))
         state.flat = kernels.FlatSources(flat_models, segments, flat_base)
